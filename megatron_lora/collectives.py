@@ -1,0 +1,178 @@
+"""Every collective the LoRA layers issue, in one place, so a reader can count them.
+
+Layers never call ``torch.distributed`` directly. Per forward / backward of one layer:
+
+| layer, mode                  | forward                         | backward                         |
+|------------------------------|---------------------------------|----------------------------------|
+| column, TP>1, no SP          | none                            | 1 all-reduce of ``[dX | dY_i B_i]``  |
+| column, SP                   | 1 all-gather of X (as base)     | 1 reduce-scatter of ``[dX | dY_i B_i]`` |
+| row, TP>1, no SP             | 1 all-reduce of ``[Y | X_i A_i^T]`` | none                         |
+| row, SP                      | 1 reduce-scatter of ``[Y | X_i A_i^T]`` | 1 all-gather of dY (as base) |
+
+That is exactly the base layer's count: the rank-r term the replicated factor's gradient needs
+rides in the base layer's own message (DESIGN §3). The one exception is a layer whose base issues
+no TP collective although TP > 1 (expert layers with explicit expert communication,
+``disable_grad_reduce``): there the dispatcher (or the caller) reduces the base output, so the
+rank-r term gets its own small all-reduce (``sum_rider``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group, in place; every rank receives the same bits."""
+    if group_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the ranks' tensors along dim 0 (the sequence dim in Megatron's [s, b, h])."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] * world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group, each rank keeping its chunk of dim 0."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.shape[0] % world:
+        raise ValueError(
+            f"sequence-parallel reduce-scatter needs dim 0 ({x.shape[0]}) divisible by the "
+            f"TP size {world}; make --seq-length a multiple of the TP size."
+        )
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out
+
+
+def reduce_with_rider(
+    main: torch.Tensor, rider: torch.Tensor, group, scatter_sequence: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ONE collective over ``[main | rider]`` (concatenated on the last dim), split afterwards.
+
+    ``scatter_sequence`` selects reduce-scatter along dim 0 (sequence parallel) instead of
+    all-reduce. The rider is the small rank-r activation whose TP sum completes the gradient of a
+    replicated LoRA factor; it costs ``r / hidden`` more bytes and no extra message.
+    """
+    message = torch.cat([main, rider.to(main.dtype)], dim=-1)
+    if scatter_sequence:
+        message = reduce_scatter_first_dim(message, group)
+    else:
+        message = all_reduce(message, group)
+    return message.split([main.shape[-1], rider.shape[-1]], dim=-1)
+
+
+def sum_rider(rider: torch.Tensor, group) -> torch.Tensor:
+    """The exception path: the base issues no TP collective, so the rank-r term is summed alone."""
+    return all_reduce(rider.clone(), group)
+
+
+def broadcast_from_group_source(x: torch.Tensor, group) -> None:
+    """In place: every rank of the group receives group rank 0's tensor."""
+    if group_size(group) > 1:
+        dist.broadcast(x, group=group, group_src=0)
+
+
+def scatter_from_group_source(out: torch.Tensor, chunks: Optional[list], group) -> None:
+    """In place: rank i of the group receives ``chunks[i]``; only group rank 0 passes chunks."""
+    if group_size(group) == 1:
+        out.copy_(chunks[0])
+        return
+    dist.scatter(out, [c.contiguous() for c in chunks] if chunks else None, group=group, group_src=0)
+
+
+# --------------------------------------------------------------------------- counting (debug tool)
+
+_COUNTED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
+            "reduce_scatter", "broadcast", "scatter", "_all_gather_base", "_reduce_scatter_base",
+            "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_to_all_single")
+
+
+class CollectiveLog:
+    """Calls and payload bytes of each collective seen inside ``count_collectives()``."""
+
+    def __init__(self):
+        self.calls: Dict[str, int] = {}
+        self.bytes: Dict[str, int] = {}
+
+    def record(self, name: str, tensor) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        nbytes = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+        self.bytes[name] = self.bytes.get(name, 0) + nbytes
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count every ``torch.distributed`` collective issued inside the block.
+
+    Megatron-Core binds ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to module globals at
+    import time (``dist_all_gather_func`` ...), so those aliases are wrapped as well: a count that
+    misses the base layer's own gathers would make any comparison meaningless.
+    Bytes are those of the tensor argument of each call (the payload a rank contributes).
+    """
+    log = CollectiveLog()
+    saved = []
+
+    def wrap(owner, attr, name):
+        original = getattr(owner, attr)
+
+        def counted(*args, **kwargs):
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if name in ("all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
+                        "_reduce_scatter_base") and len(args) > 1:
+                tensor = args[1]  # (output, input): the input is what a rank sends
+            log.record(name, tensor)
+            return original(*args, **kwargs)
+
+        saved.append((owner, attr, original))
+        setattr(owner, attr, counted)
+
+    for name in _COUNTED:
+        if hasattr(dist, name):
+            wrap(dist, name, name)
+    try:
+        from megatron.core.tensor_parallel import layers as mc_layers
+        from megatron.core.tensor_parallel import mappings as mc_mappings
+
+        for module in (mc_mappings, mc_layers):
+            for alias, name in (("dist_all_gather_func", "all_gather_into_tensor"),
+                                ("dist_reduce_scatter_func", "reduce_scatter_tensor")):
+                if hasattr(module, alias):
+                    wrap(module, alias, name)
+    except ImportError:  # counting plain torch code needs no Megatron
+        pass
+    try:
+        yield log
+    finally:
+        for owner, attr, original in reversed(saved):
+            setattr(owner, attr, original)

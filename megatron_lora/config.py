@@ -1,0 +1,93 @@
+"""`LoRAConfig`: the single source of truth for every LoRA knob.
+
+Layers receive it explicitly (never global args); the argparse group of the training script is
+generated from its fields, so each field's ``help`` metadata is the user-facing documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Tuple
+
+DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+INIT_METHODS = ("kaiming", "gaussian")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapter settings (Hu et al. 2021, rsLoRA: Kalajdzievski 2023)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (> 0)."})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA branch input, 0 <= p < 1."}
+    )
+    target_modules: Tuple[str, ...] = field(
+        default=DEFAULT_TARGET_MODULES,
+        metadata={"help": "Names of the Megatron parallel linears that get an adapter."},
+    )
+    init: str = field(
+        default="kaiming",
+        metadata={"help": "Init of lora_A: 'kaiming' (uniform, logical fan-in) or 'gaussian'."},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Scale by alpha / sqrt(r) (rank-stabilised LoRA)."}
+    )
+    seed: int = field(
+        default=1234,
+        metadata={"help": "Seed of lora_A; with the layer's name it fixes A for any TP/PP layout."},
+    )
+
+    def __post_init__(self):
+        # Accept any iterable of names (argparse gives a list) but store an immutable tuple.
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        object.__setattr__(self, "target_modules", tuple(targets))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}.")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}.")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoRAConfig.dropout must satisfy 0 <= dropout < 1, got {self.dropout!r}.")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"LoRAConfig.init must be one of {INIT_METHODS}, got {self.init!r}.")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(
+                "LoRAConfig.target_modules must be a non-empty list of module names such as "
+                f"{DEFAULT_TARGET_MODULES}, got {self.target_modules!r}."
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The factor s in dW = s * B @ A."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form, written beside saved adapters."""
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown LoRAConfig fields {unknown}; known fields: {sorted(names)}.")
+        return cls(**d)
+
+    def check_targets_exist(self, available: Iterable[str]) -> None:
+        """Fail early when a target name matches no parallel linear of the model."""
+        available = sorted(set(available))
+        missing = [t for t in self.target_modules if t not in available]
+        if missing:
+            raise ValueError(
+                f"LoRA target module(s) {missing} match no Megatron parallel linear in this model. "
+                f"Parallel linears that exist: {available}. Fix LoRAConfig.target_modules "
+                "(--lora-target-modules)."
+            )

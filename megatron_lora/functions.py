@@ -1,0 +1,121 @@
+"""The two fused LoRA linear operators: base GEMM + LoRA branch + the base layer's ONE collective.
+
+Why fused: the replicated factor's gradient needs a TP-sum of a rank-r activation (DESIGN §3).
+Autograd runs the base and LoRA backward nodes separately, so only an operator that owns both
+branches can put that rank-r term into the base layer's own message. Nothing has to run after
+backward, so any training loop (plain PyTorch, Megatron DDP, gradient accumulation) stays correct.
+
+Shapes use Megatron's ``[s, b, h]``; ``t`` = TP size, ``r`` = LoRA rank, ``s_`` = scaling.
+Dropout: ``mask`` is a bool tensor shaped like the LoRA branch input (or None); the layer draws it
+so that replicated inputs get the same mask on every TP rank (see ``layers.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_lora import collectives as C
+
+
+def _dropped(x: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    return x if mask is None else x * mask / (1.0 - p)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _weight_grad(needed: bool, dy: torch.Tensor, x: torch.Tensor):
+    # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
+    return _flat(dy).t().matmul(_flat(x)) if needed else None
+
+
+class LoRAColumnParallelFn(torch.autograd.Function):
+    """Column-parallel ``Y_i = X W_i^T + b_i + s (drop(X) A^T) B_i^T``.
+
+    | input X                 | [s, b, h] replicated, or [s/t, b, h] under SP          |
+    | W_i, b_i / A / B_i      | [o/t, h], [o/t] / [r, h] replicated / [o/t, r] sharded  |
+    | forward collective      | SP: all-gather X (the base layer's own); else none      |
+    | backward collective     | ONE all-reduce (SP: reduce-scatter) of [dX_i | dY_i B_i] |
+
+    ``dA = s (sum_i dY_i B_i)^T drop(X)`` is then complete and bitwise identical on every TP rank
+    (no SP); under SP each rank holds it for its sequence chunk only, so lora_A carries
+    ``sequence_parallel = True`` and Megatron's ``finalize_model_grads`` sums it over TP.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, p, group, mode):
+        # mode: "all_reduce" | "reduce_scatter" (SP) | "none" (TP=1) | "rider_only" (see collectives)
+        x_total = C.all_gather_first_dim(x, group) if mode == "reduce_scatter" else x
+        u = torch.matmul(_dropped(x_total, mask, p), lora_a.t())  # [s, b, r]
+        y = torch.matmul(x_total, weight.t())
+        y = y + scaling * torch.matmul(u, lora_b.t())  # summed before any collective
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x_total, weight, lora_a, lora_b, u, mask)
+        ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_total, weight, lora_a, lora_b, u, mask = ctx.saved_tensors
+        s, mode, group = ctx.scaling, ctx.mode, ctx.group
+        g = torch.matmul(dy, lora_b)  # [s, b, r]: rank i's term of dY B
+        dx_lora = _dropped(torch.matmul(g, lora_a) * s, mask, ctx.p)
+        dx = torch.matmul(dy, weight) + dx_lora
+        if mode in ("all_reduce", "reduce_scatter"):
+            dx, g_sum = C.reduce_with_rider(dx, g, group, scatter_sequence=mode == "reduce_scatter")
+        elif mode == "rider_only":
+            g_sum = C.sum_rider(g, group)
+        else:
+            g_sum = g
+        x_lora = _dropped(x_total, mask, ctx.p)
+        if mode == "reduce_scatter":  # keep the rows of this rank's sequence chunk
+            chunk = g_sum.shape[0]
+            x_lora = x_lora.narrow(0, C.group_rank(group) * chunk, chunk)
+        d_a = s * _flat(g_sum).t().matmul(_flat(x_lora))
+        d_b = s * _flat(dy).t().matmul(_flat(u))
+        d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[2] else None
+        return dx, _weight_grad(ctx.needs_input_grad[1], dy, x_total), d_bias, d_a, d_b, None, None, None, None, None
+
+
+class LoRARowParallelFn(torch.autograd.Function):
+    """Row-parallel ``Y = sum_i (X_i W_i^T + s (drop(X_i) A_i^T) B^T)`` (bias added by the layer).
+
+    | input X_i               | [s, b, h/t]                                            |
+    | W_i / A_i / B           | [o, h/t] / [r, h/t] sharded / [o, r] replicated         |
+    | forward collective      | ONE all-reduce (SP: reduce-scatter) of [Y_i | X_i A_i^T] |
+    | backward collective     | SP: all-gather dY (the base layer's own); else none      |
+
+    ``dB = s dY^T (sum_i drop(X_i) A_i^T)`` is then complete and bitwise identical on every TP rank
+    (no SP); under SP it covers this rank's sequence chunk, so lora_B carries
+    ``sequence_parallel = True`` and ``finalize_model_grads`` sums it over TP.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, mask, p, group, mode):
+        h = torch.matmul(_dropped(x, mask, p), lora_a.t())  # [s, b, r]: rank i's term
+        y = torch.matmul(x, weight.t()) + scaling * torch.matmul(h, lora_b.t())
+        if mode in ("all_reduce", "reduce_scatter"):
+            y, h_sum = C.reduce_with_rider(y, h, group, scatter_sequence=mode == "reduce_scatter")
+        elif mode == "rider_only":  # base output stays partial: the expert dispatcher reduces it
+            h_sum = C.sum_rider(h, group)
+        else:
+            h_sum = h
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum, mask)
+        ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, h_sum, mask = ctx.saved_tensors
+        s = ctx.scaling
+        d_b = s * _flat(dy).t().matmul(_flat(h_sum))  # SP: this chunk's part
+        if ctx.mode == "reduce_scatter":
+            dy = C.all_gather_first_dim(dy, ctx.group)
+        g = torch.matmul(dy, lora_b)  # [s, b, r]: identical on every rank
+        dx = torch.matmul(dy, weight) + _dropped(torch.matmul(g, lora_a) * s, mask, ctx.p)
+        d_a = s * _flat(g).t().matmul(_flat(_dropped(x, mask, ctx.p)))
+        return dx, _weight_grad(ctx.needs_input_grad[1], dy, x), d_a, d_b, None, None, None, None, None

@@ -1,0 +1,61 @@
+"""TP-aware initialisation of LoRA factors (DESIGN §4).
+
+The logical ``lora_A`` is drawn ONCE, on the TP group's source rank, from a generator seeded by
+(user seed, the module's qualified name with its GLOBAL layer number); it is then broadcast when A
+is replicated (column layers) or scattered when A is sharded (row layers). Non-source ranks only
+ever hold their own shard. Hence A depends on the seed and the layer only: not on TP size, PP
+size, construction order or rank. ``lora_B`` starts at zero, so the adapted model starts exactly
+at the base model.
+
+The kaiming bound uses the LOGICAL fan-in (``in``, not ``in/t``): computing it from a row shard
+inflates A by sqrt(t) (LESSONS 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from megatron_lora import collectives as C
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed (Python's ``hash`` is salted per process, so it cannot be used)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def logical_lora_a(shape, init: str, seed: int, name: str) -> torch.Tensor:
+    """The full ``[r, in]`` A in fp32 on CPU: identical on every machine and device."""
+    gen = torch.Generator().manual_seed(name_seed(seed, name))
+    rank, fan_in = shape
+    if init == "kaiming":
+        # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT do: bound = 1 / sqrt(fan_in).
+        bound = 1.0 / math.sqrt(fan_in)
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    if init == "gaussian":
+        return torch.empty(shape).normal_(0.0, 1.0 / rank, generator=gen)
+    raise ValueError(f"unknown LoRA init {init!r}; expected 'kaiming' or 'gaussian'")
+
+
+@torch.no_grad()
+def init_lora_factors(layer, name: str) -> None:
+    """Fill ``layer.lora_A`` (TP-aware) and zero ``layer.lora_B``; collective over the TP group."""
+    cfg, layout, group = layer.lora_config, layer.lora_layout, layer.tp_group
+    world, rank = C.group_size(group), C.group_rank(group)
+    a = layer.lora_A
+    if layout.a_dim is None:
+        if rank == 0:
+            a.copy_(logical_lora_a(layer.lora_logical_shape("lora_A"), cfg.init, cfg.seed, name))
+        C.broadcast_from_group_source(a, group)
+    else:
+        chunks = None
+        if rank == 0:
+            full = logical_lora_a(layer.lora_logical_shape("lora_A"), cfg.init, cfg.seed, name)
+            full = full.to(device=a.device, dtype=a.dtype)
+            chunks = [layout.shard("lora_A", full, r, world) for r in range(world)]
+        C.scatter_from_group_source(a, chunks, group)
+    layer.lora_B.zero_()
+    layer.lora_init_name = name

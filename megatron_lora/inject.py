@@ -1,0 +1,200 @@
+"""Putting LoRA into a model: a spec rewrite (preferred) or in-place surgery on a built model.
+
+Both paths end in ``apply_lora``, which initialises every LoRA layer TP-aware under its global
+name (so A does not depend on the PP layout), freezes all non-LoRA parameters, and logs a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from typing import Dict, Iterable, Iterator, List, Union
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_lora.config import LoRAConfig
+from megatron_lora.init import init_lora_factors
+from megatron_lora.layers import LORA_FACTORS, LoRAColumnParallelLinear, LoRARowParallelLinear
+
+logger = logging.getLogger(__name__)
+
+_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
+_LORA_TYPES = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+
+
+# ------------------------------------------------------------------------------------ spec path
+
+def lora_layer_spec(spec, cfg: LoRAConfig):
+    """A copy of a Megatron ``ModuleSpec`` whose target parallel linears are LoRA layers.
+
+    Works on any spec tree (GPT layer, block, MoE experts): every submodule field named in
+    ``cfg.target_modules`` that holds a ColumnParallelLinear / RowParallelLinear is swapped.
+    """
+    found = set()
+    new = _rewrite(copy.copy(spec), cfg, found)
+    if not found:
+        raise ValueError(
+            f"lora_layer_spec: none of {list(cfg.target_modules)} is a Megatron ColumnParallelLinear"
+            " / RowParallelLinear in this spec (Transformer Engine specs are not supported yet: "
+            "build with get_gpt_layer_local_spec)."
+        )
+    return new
+
+
+def get_gpt_lora_layer_spec(cfg: LoRAConfig, **local_spec_kwargs) -> ModuleSpec:
+    """``get_gpt_layer_local_spec(**kwargs)`` with LoRA on ``cfg.target_modules``."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return lora_layer_spec(get_gpt_layer_local_spec(**local_spec_kwargs), cfg)
+
+
+def _rewrite(node, cfg, found, name=None):
+    if isinstance(node, ModuleSpec):
+        base = node.module
+        if name in cfg.target_modules and base in _LORA_FOR_BASE:
+            found.add(name)
+            return dataclasses.replace(node, module=_LORA_FOR_BASE[base],
+                                       params={**node.params, "lora_config": cfg})
+        if node.submodules is not None:
+            node = dataclasses.replace(node, submodules=_rewrite(node.submodules, cfg, found))
+        return node
+    if isinstance(node, type):
+        if name in cfg.target_modules and node in _LORA_FOR_BASE:
+            found.add(name)
+            return ModuleSpec(module=_LORA_FOR_BASE[node], params={"lora_config": cfg})
+        return node
+    if dataclasses.is_dataclass(node):
+        changes = {f.name: _rewrite(getattr(node, f.name), cfg, found, f.name)
+                   for f in dataclasses.fields(node)}
+        return dataclasses.replace(node, **changes)
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rewrite(n, cfg, found, name) for n in node)
+    return node
+
+
+# ----------------------------------------------------------------------------- built-model path
+
+def global_module_names(model: torch.nn.Module) -> Dict[torch.nn.Module, str]:
+    """Qualified names with each transformer layer's GLOBAL index (``layer_number - 1``).
+
+    Under PP every stage numbers its local layers from 0; the global index makes the LoRA seed,
+    and so A, independent of the pipeline layout.
+    """
+    names = {}
+
+    def walk(module, prefix):
+        for child_name, child in module.named_children():
+            part = child_name
+            layer_number = getattr(child, "layer_number", None)
+            if child_name.isdigit() and isinstance(layer_number, int):
+                part = str(layer_number - 1)
+            name = f"{prefix}{part}"
+            names[child] = name
+            walk(child, name + ".")
+
+    walk(model, "")
+    return names
+
+
+def apply_lora(model, cfg: LoRAConfig):
+    """Add LoRA to ``cfg.target_modules`` in place, initialise it, freeze the rest; returns model.
+
+    Accepts a module or a list of modules (virtual-pipeline model chunks). Call it before wrapping
+    the model in DDP. Base weights are not copied: base layers are turned into LoRA layers in place.
+    A model built from ``lora_layer_spec`` already holds LoRA layers; this then initialises them.
+    """
+    chunks = model if isinstance(model, list) else [model]
+    wrapped: Dict[str, int] = {}
+    for chunk in chunks:
+        _check_targets(chunk, cfg)
+        names = global_module_names(chunk)
+        for module, name in list(names.items()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in cfg.target_modules:
+                continue
+            if isinstance(module, _LORA_TYPES):
+                if module.lora_config != cfg:
+                    raise ValueError(f"{name} already has LoRA with {module.lora_config}, not {cfg}.")
+            else:
+                gated = leaf == "linear_fc1" and module.config.gated_linear_unit
+                _LORA_FOR_BASE[type(module)].from_base(module, cfg, gated=gated)
+            if module.lora_init_name is None:
+                init_lora_factors(module, name)
+            wrapped[leaf] = wrapped.get(leaf, 0) + 1
+        _freeze_all_but_lora(chunk)
+    trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    total = sum(p.numel() for c in chunks for p in c.parameters())
+    logger.info("LoRA r=%d alpha=%g on %s; trainable %d / %d parameters on this rank (%.3f%%)",
+                cfg.rank, cfg.alpha, dict(sorted(wrapped.items())), trainable, total,
+                100.0 * trainable / max(total, 1))
+    return model
+
+
+def _check_targets(model: torch.nn.Module, cfg: LoRAConfig) -> None:
+    available, unsupported = set(), {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if type(module) in _LORA_FOR_BASE or isinstance(module, _LORA_TYPES):
+                available.add(leaf)
+            else:
+                unsupported[leaf] = type(module).__name__
+        elif leaf in cfg.target_modules and "Linear" in type(module).__name__:
+            unsupported[leaf] = type(module).__name__
+    bad = {t: unsupported[t] for t in cfg.target_modules if t in unsupported and t not in available}
+    if bad:
+        raise TypeError(
+            f"LoRA targets {bad} are not Megatron-Core ColumnParallelLinear / RowParallelLinear "
+            "(Transformer Engine or custom subclasses are not supported yet). Build the model with "
+            "get_gpt_layer_local_spec / get_gpt_lora_layer_spec, or drop these targets."
+        )
+    cfg.check_targets_exist(available)
+
+
+def _freeze_all_but_lora(model: torch.nn.Module) -> None:
+    keep = {id(p) for p in lora_parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+
+
+# -------------------------------------------------------------------------------- model helpers
+
+def lora_modules(model) -> Iterator[torch.nn.Module]:
+    for chunk in (model if isinstance(model, list) else [model]):
+        yield from (m for m in chunk.modules() if isinstance(m, _LORA_TYPES))
+
+
+def lora_parameters(model) -> List[torch.nn.Parameter]:
+    return [getattr(m, f) for m in lora_modules(model) for f in LORA_FACTORS]
+
+
+def set_adapters_enabled(model, enabled: bool) -> None:
+    """Switch every adapter on or off; off gives the exact base output."""
+    for m in lora_modules(model):
+        m.lora_enabled = enabled
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """``with adapters_disabled(model):`` runs the frozen base model (e.g. a reference loss)."""
+    previous = [(m, m.lora_enabled) for m in lora_modules(model)]
+    set_adapters_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for m, enabled in previous:
+            m.lora_enabled = enabled
+
+
+def merge_lora(model) -> None:
+    for m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_lora(model) -> None:
+    for m in lora_modules(model):
+        m.unmerge()

@@ -1,0 +1,235 @@
+"""LoRA subclasses of Megatron-Core's ColumnParallelLinear / RowParallelLinear.
+
+    X ──► [frozen W_i] ───────────────┐
+    │                                 (+) ──► base layer's ONE collective ──► Y
+    └─► dropout ─► A ─► B_i ─► × s ───┘          (the rank-r u = drop(X)A^T rides along)
+
+Drop-in: same constructor arguments (plus ``lora_config``), same ``(output, bias)`` return, same
+bias / skip_bias_add / gather_output / input_is_parallel / sequence-parallel semantics, and the
+layer's own ``tp_group`` (expert layers get the expert-TP group from the base class).
+
+| layer  | lora_A                       | lora_B                       | TP attributes on      |
+|--------|------------------------------|------------------------------|-----------------------|
+| column | [r, in] replicated           | [out/t, r] sharded on dim 0  | lora_B only           |
+| row    | [r, in/t] sharded on dim 1   | [out, r] replicated          | lora_A only           |
+
+Replicated-factor gradient (DESIGN §3, LESSONS 2): the TP sum the replicated factor's gradient
+needs is computed INSIDE the base layer's one collective (``functions.py``), so without SP the
+gradient is complete and bitwise identical on all TP ranks in any training loop; under SP the
+replicated factor carries ``sequence_parallel = True`` and Megatron's ``finalize_model_grads``
+sums it in the all-reduce it already issues for sequence-parallel norm weights. Replicated
+factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping counts them once
+(LESSONS 8).
+
+Dropout rule: the mask is drawn for the LOGICAL (unsharded, full-sequence) branch input from the
+default generator, which Megatron keeps in sync across the TP group, and each rank keeps its own
+slice. Replicated inputs therefore see the same mask on every TP rank, and the mask does not
+depend on the TP size at all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from megatron_lora import collectives as C
+from megatron_lora import compat
+from megatron_lora.config import LoRAConfig
+from megatron_lora.functions import LoRAColumnParallelFn, LoRARowParallelFn
+from megatron_lora.init import init_lora_factors
+from megatron_lora.layout import AdapterLayout
+
+LORA_FACTORS = ("lora_A", "lora_B")
+
+
+class _LoRAMixin:
+    """State and helpers shared by both LoRA layers; the subclasses define layout and forward."""
+
+    def _setup_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name: Optional[str]):
+        if not isinstance(lora_config, LoRAConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs lora_config=LoRAConfig(...), got {type(lora_config).__name__}."
+            )
+        self.lora_config = lora_config
+        self.lora_scaling = lora_config.scaling
+        self.lora_layout = self._lora_layout(gated)
+        self.lora_enabled = True
+        self.lora_merged = False
+        self.lora_init_name = None  # set by init_lora_factors
+        world = C.group_size(self.tp_group)
+        ref = self.weight
+        device = ref.device if ref is not None else compat.default_param_device(self.config)
+        dtype = ref.dtype if ref is not None else self.config.params_dtype
+        for factor in LORA_FACTORS:
+            shape = self.lora_layout.local_shape(factor, self.lora_logical_shape(factor), world)
+            param = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+            dim = self.lora_layout.partition_dim(factor)
+            if dim is not None:
+                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+            else:
+                # Only the replicated factor holds a per-sequence-chunk partial gradient under SP.
+                param.sequence_parallel = self.sequence_parallel
+            # Expert params are reduced over the expert-data-parallel group, like the base weight.
+            param.allreduce = not (self.is_expert and self.expert_parallel)
+            setattr(self, factor, param)
+        if lora_init_name is not None:
+            init_lora_factors(self, lora_init_name)
+
+    def lora_logical_shape(self, factor: str):
+        return self.lora_layout.logical_shapes(self.input_size, self.output_size, self.lora_config.rank)[factor]
+
+    def _lora_active(self) -> bool:
+        if self.lora_init_name is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: LoRA factors were never initialised. After building a model "
+                "from a LoRA layer spec call megatron_lora.apply_lora(model, cfg), which initialises "
+                "them TP-aware and freezes the base; or pass lora_init_name= to the constructor."
+            )
+        return self.lora_enabled and not self.lora_merged
+
+    def _lora_dropout_mask(self, logical_shape, keep_slice=None) -> Optional[torch.Tensor]:
+        """Mask of the logical branch input (see the module docstring); None when inactive."""
+        p = self.lora_config.dropout
+        if p == 0.0 or not self.training:
+            return None
+        mask = torch.rand(logical_shape, device=self.lora_A.device) >= p
+        if keep_slice is not None:
+            dim, start, length = keep_slice
+            mask = mask.narrow(dim, start, length)
+        return mask
+
+    @torch.no_grad()
+    def lora_delta(self) -> torch.Tensor:
+        """``s * B @ A`` for this rank's base shard (local by construction, DESIGN §1)."""
+        delta = self.lora_B.float() @ self.lora_A.float()
+        return (delta * self.lora_scaling).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the local base shard; forward then runs the plain base path."""
+        if not self.lora_merged:
+            self.weight.add_(self.lora_delta())
+            self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (exact up to one rounding of the base dtype)."""
+        if self.lora_merged:
+            self.weight.sub_(self.lora_delta())
+            self.lora_merged = False
+
+    @classmethod
+    def from_base(cls, base, lora_config: LoRAConfig, gated: bool = False, lora_init_name=None):
+        """Turn a built base layer into this LoRA layer in place: base weights are not copied."""
+        expected = cls._base_class
+        if type(base) is not expected:
+            raise TypeError(f"{cls.__name__}.from_base expects a {expected.__name__}, got {type(base).__name__}.")
+        base.__class__ = cls
+        base._setup_lora(lora_config, gated, lora_init_name)
+        return base
+
+    def __repr__(self):
+        c = self.lora_config
+        return (f"{super().__repr__()[:-1]}, lora_rank={c.rank}, lora_alpha={c.alpha}, "
+                f"lora_dropout={c.dropout}, merged={self.lora_merged}, enabled={self.lora_enabled})")
+
+
+class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
+    """ColumnParallelLinear + LoRA: ``Y_i = X W_i^T + s (drop(X) A^T) B_i^T`` then the base gather.
+
+    Collectives (exactly the base layer's): forward all-gather of X under SP and of Y when
+    ``gather_output``; backward ONE all-reduce (reduce-scatter under SP) of ``[dX | dY_i B_i]``.
+    """
+
+    _base_class = ColumnParallelLinear
+
+    def __init__(self, input_size, output_size, *, lora_config: LoRAConfig,
+                 lora_init_name: Optional[str] = None, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        # Megatron's MLP builds linear_fc1 with tp_comm_buffer_name="fc1"; gated MLPs store [gate; up].
+        gated = kwargs.get("tp_comm_buffer_name") == "fc1" and getattr(self.config, "gated_linear_unit", False)
+        self._setup_lora(lora_config, gated, lora_init_name)
+
+    def _lora_layout(self, gated: bool) -> AdapterLayout:
+        return AdapterLayout.column(gated=gated)
+
+    def _comm_mode(self) -> str:
+        if C.group_size(self.tp_group) == 1:
+            return "none"
+        if self.sequence_parallel and not self.explicit_expert_comm:
+            return "reduce_scatter"
+        if self.explicit_expert_comm or self.disable_grad_reduce:
+            return "rider_only"
+        return "all_reduce"
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        if not self._lora_active():
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        if weight is None:
+            if self.weight is None:
+                raise RuntimeError("weight was not supplied to LoRAColumnParallelLinear forward and "
+                                   "skip_weight_param_allocation is True.")
+            weight = self.weight
+        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
+                               f"{(self.output_size_per_partition, self.input_size)} as expected")
+        mode = self._comm_mode()
+        full_shape = list(input_.shape)
+        if mode == "reduce_scatter":
+            full_shape[0] *= C.group_size(self.tp_group)  # the mask covers the gathered sequence
+        mask = self._lora_dropout_mask(full_shape)
+        bias = self.bias if not self.skip_bias_add else None
+        output = LoRAColumnParallelFn.apply(
+            input_, weight, bias, self.lora_A, self.lora_B, self.lora_scaling, mask,
+            self.lora_config.dropout, self.tp_group, mode)
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            output = compat.gather_from_tensor_model_parallel_region(output, self.tp_group)
+        return output, (self.bias if self.skip_bias_add else None)
+
+
+class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
+    """RowParallelLinear + LoRA: ``Y = sum_i X_i W_i^T + s (drop(X_i) A_i^T) B^T``, then bias.
+
+    Collectives (exactly the base layer's): forward ONE all-reduce (reduce-scatter under SP) of
+    ``[Y_i | drop(X_i) A_i^T]``; backward all-gather of dY under SP, nothing otherwise.
+    """
+
+    _base_class = RowParallelLinear
+
+    def __init__(self, input_size, output_size, *, lora_config: LoRAConfig,
+                 lora_init_name: Optional[str] = None, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        self._setup_lora(lora_config, False, lora_init_name)
+
+    def _lora_layout(self, gated: bool) -> AdapterLayout:
+        return AdapterLayout.row()
+
+    def _comm_mode(self) -> str:
+        if C.group_size(self.tp_group) == 1:
+            return "none"
+        if self.explicit_expert_comm:
+            return "rider_only"
+        return "reduce_scatter" if self.sequence_parallel else "all_reduce"
+
+    def forward(self, input_: torch.Tensor):
+        if not self._lora_active():
+            return super().forward(input_)
+        if self.input_is_parallel:
+            x = input_
+        else:
+            x = compat.scatter_to_tensor_model_parallel_region(input_, self.tp_group)
+        mode = self._comm_mode()
+        width = self.input_size_per_partition
+        mask = self._lora_dropout_mask(
+            list(x.shape[:-1]) + [self.input_size], (-1, C.group_rank(self.tp_group) * width, width))
+        output = LoRARowParallelFn.apply(
+            x, self.weight, self.lora_A, self.lora_B, self.lora_scaling, mask,
+            self.lora_config.dropout, self.tp_group, mode)
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None

@@ -1,0 +1,21 @@
+"""megatron_lora: LoRA for Megatron-Core under tensor, sequence, data and pipeline parallelism."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_lora",
+    version="0.1.0",
+    description="Exact, communication-free LoRA for NVIDIA Megatron-Core parallel models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_lora", "megatron_lora.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately a range: pin the build you want (e.g. the CPU wheel) before installing.
+    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.17", "packaging"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "hf": ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],
+        "te": ["transformer-engine[pytorch]"],
+        "apex": [],  # apex is not on the package index: build it from source (see README)
+    },
+)
