@@ -1,0 +1,41 @@
+import math
+
+import pytest
+
+from megatron_lora import LoRAConfig
+
+
+def test_scaling_is_alpha_over_rank_and_rslora_uses_sqrt():
+    assert LoRAConfig(rank=8, alpha=16).scaling == 2.0
+    assert LoRAConfig(rank=16, alpha=8, use_rslora=True).scaling == pytest.approx(8 / math.sqrt(16))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(rank=-2), "rank must be a positive integer"),
+    (dict(rank=2.5), "rank must be a positive integer"),
+    (dict(alpha=0), "alpha must be > 0"),
+    (dict(dropout=1.0), "0 <= dropout < 1"),
+    (dict(dropout=-0.1), "0 <= dropout < 1"),
+    (dict(init="xavier"), "init must be one of"),
+    (dict(target_modules=()), "non-empty list"),
+])
+def test_invalid_values_fail_at_construction(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        LoRAConfig(**kwargs)
+
+
+def test_targets_are_normalised_to_a_tuple_and_round_trip_through_dict():
+    cfg = LoRAConfig(target_modules=["linear_qkv"], rank=4)
+    assert cfg.target_modules == ("linear_qkv",)
+    assert LoRAConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown LoRAConfig fields"):
+        LoRAConfig.from_dict({**cfg.to_dict(), "r": 4})
+
+
+def test_unknown_target_lists_the_parallel_linears_that_exist():
+    cfg = LoRAConfig(target_modules=("linear_qkv", "q_proj"))
+    with pytest.raises(ValueError) as err:
+        cfg.check_targets_exist(["linear_qkv", "linear_proj", "linear_fc1"])
+    message = str(err.value)
+    assert "['q_proj']" in message and "linear_fc1" in message and "--lora-target-modules" in message
