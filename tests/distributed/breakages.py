@@ -1,0 +1,46 @@
+"""Deliberately broken variants, one invariant each, applied inside a spawned rank.
+
+The harness tests run the normal oracles with one of these patched in and assert that the oracle
+FAILS: a harness that passes a broken implementation proves nothing.
+"""
+
+import math
+
+import torch
+
+from megatron_lora import collectives, init, layers
+
+
+def no_rider_sum():
+    """Reduce the base message but leave the replicated factor's rank-r term unsummed."""
+
+    def broken(main, rider, group, scatter_sequence):
+        if scatter_sequence:
+            main = collectives.reduce_scatter_first_dim(main, group)
+            chunk = main.shape[0]
+            rider = rider.narrow(0, collectives.group_rank(group) * chunk, chunk)
+        else:
+            main = collectives.all_reduce(main.clone(), group)
+        return main, rider
+
+    collectives.reduce_with_rider = broken
+
+
+def shard_fan_in_init():
+    """Initialise each rank's own shard of A from the SHARD's fan-in with a per-rank stream."""
+
+    @torch.no_grad()
+    def broken(layer, name):
+        a = layer.lora_A
+        gen = torch.Generator().manual_seed(init.name_seed(layer.lora_config.seed, name))
+        bound = 1.0 / math.sqrt(a.shape[1])  # in/t for row layers: the LESSONS 1 bug
+        for _ in range(collectives.group_rank(layer.tp_group) + 1):
+            full = torch.empty(a.shape).uniform_(-bound, bound, generator=gen)
+        a.copy_(full)
+        layer.lora_B.zero_()
+        layer.lora_init_name = name
+
+    layers.init_lora_factors = broken
+    import megatron_lora.inject as inject
+
+    inject.init_lora_factors = broken

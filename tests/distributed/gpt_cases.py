@@ -1,0 +1,148 @@
+"""Model-level worker: a tiny GQA + SwiGLU + RMSNorm GPT with LoRA on all four targets.
+
+Every layout starts from the SAME base weights (one TP=1 state dict, sliced per rank by the
+declared layout: ``linear_fc1`` as [gate_i; up_i], QKV by whole query groups) because Megatron's
+own initialisation differs between layouts (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.distributed.models import SEQ_LEN, VOCAB_SIZE, build_tiny_gpt, tiny_gpt_config
+
+MODEL = dict(num_attention_heads=8, num_query_groups=4)  # GQA that still divides by TP=4
+BATCH = 2
+
+
+def lora_cfg():
+    from megatron_lora import LoRAConfig
+
+    return LoRAConfig(rank=4, alpha=8, seed=99)
+
+
+def base_state_worker():
+    """TP=1: the reference base weights (Megatron init, fixed seed)."""
+    model = build_tiny_gpt(tiny_gpt_config(**MODEL))
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _base_partition(name: str, param):
+    """(dim, gated) of a base parameter, from Megatron's TP attributes and the MLP layout."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None, False
+    return param.partition_dim, name.endswith("linear_fc1.weight")
+
+
+def load_base(model, full_state: dict, fc1_layout: str = "gated", qkv_layout: str = "grouped"):
+    """Copy this rank's slice of each logical base tensor into ``model``.
+
+    ``fc1_layout="naive"`` / ``qkv_layout="thirds"`` are deliberately wrong slicings the harness
+    tests use to prove that a layout bug is caught.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora.layout import shard_tensor
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                continue
+            full = full_state[name]
+            dim, gated = _base_partition(name, param)
+            if name.endswith("linear_qkv.weight") and qkv_layout == "thirds" and tp > 1:
+                # The classic mistake: read the fused rows as [Q; K; V] blocks and shard each.
+                c = model.config
+                q_rows, kv_rows = c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels
+                blocks = full.split([q_rows, kv_rows, kv_rows])
+                param.copy_(torch.cat([b.chunk(tp, 0)[rank] for b in blocks]))
+                continue
+            param.copy_(shard_tensor(full, dim, rank, tp, gated=gated and fc1_layout == "gated"))
+
+
+def batches(steps):
+    """Two fixed batches, cycled: the adapter can fit them, so the loss visibly falls."""
+    g = torch.Generator().manual_seed(2024)
+    tokens = torch.randint(0, VOCAB_SIZE, (2, BATCH, SEQ_LEN + 1), generator=g)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens[torch.arange(steps) % 2]]
+
+
+def _loss(model, inputs, labels):
+    position_ids = torch.arange(SEQ_LEN).unsqueeze(0).expand(BATCH, -1)
+    return model(inputs, position_ids, None, labels=labels).float().mean()
+
+
+def local_adapter(model):
+    """{qualified name: local tensor} of every LoRA factor on this rank."""
+    from megatron_lora.inject import lora_modules
+
+    out = {}
+    for m in lora_modules(model):
+        for f in ("lora_A", "lora_B"):
+            out[f"{m.lora_init_name}.{f}"] = (getattr(m, f).detach().clone(),
+                                              m.lora_layout.partition_dim(f), m.lora_layout.gated)
+    return out
+
+
+def train_worker(full_state, options):
+    """``train(full_state, **options)`` for run_distributed (whose kwargs go to Megatron)."""
+    return train(full_state, **options)
+
+
+def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout="gated",
+          qkv_layout="grouped", patch=None, lr=1e-2):
+    """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import apply_lora, get_gpt_lora_layer_spec, lora_parameters
+
+    if patch is not None:
+        from tests.distributed import breakages
+
+        getattr(breakages, patch)()
+    tp = ps.get_tensor_model_parallel_world_size()
+    cfg = lora_cfg()
+    config = tiny_gpt_config(tp=tp, sp=sp, **MODEL)
+    spec = get_gpt_lora_layer_spec(cfg, normalization="RMSNorm") if path == "spec" else None
+    model = build_tiny_gpt(config, layer_spec=spec)
+    load_base(model, full_state, fc1_layout, qkv_layout)
+    apply_lora(model, cfg)
+    losses, norms = [], []
+    if loop == "plain":
+        opt = torch.optim.AdamW(lora_parameters(model), lr=lr, weight_decay=0.01)
+        for inputs, labels in batches(steps):
+            opt.zero_grad()
+            loss = _loss(model, inputs, labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    else:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), module=model)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, clip_grad=0.0), [ddp])
+        for inputs, labels in batches(steps):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            loss = _loss(ddp, inputs, labels)
+            loss.backward()
+            finalize_model_grads([ddp])
+            _, grad_norm, _ = opt.step()
+            losses.append(loss.item())
+            norms.append(float(grad_norm))
+    return dict(losses=losses, norms=norms, adapter=local_adapter(model))
+
+
+def logical_adapter(per_rank: list, unshard_gated: bool = True):
+    """Gather the ranks' local adapters into logical tensors by each factor's declared layout."""
+    from megatron_lora.layout import unshard_tensors
+
+    out = {}
+    for name, (_, dim, gated) in per_rank[0]["adapter"].items():
+        shards = [r["adapter"][name][0] for r in per_rank]
+        out[name] = unshard_tensors(shards, dim, gated=gated and unshard_gated)
+    return out

@@ -1,0 +1,194 @@
+"""Shared worker code for layer-level tests: build one LoRA layer from logical weights, run it.
+
+Everything is derived from logical (unsharded) tensors made in the parent, so the parent can
+compute an independent plain-torch reference and reassemble the ranks' shards by the DESIGN §1
+layout. Kept out of the test modules so the benchmark-free tests and the "harness must bite"
+tests share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+S, B, H_IN, H_OUT, RANK = 8, 2, 16, 24, 4  # s divisible by TP=4; out and in divisible by 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str  # "column" | "row"
+    sp: bool = False
+    gather_output: bool = False
+    input_is_parallel: bool = True
+    bias: bool = True
+    skip_bias_add: bool = False
+    dropout: float = 0.0
+
+    def __str__(self):
+        flags = [k for k, v in dataclasses.asdict(self).items()
+                 if v is True and not (k == "input_is_parallel" and self.kind == "column")]
+        return f"{self.kind}[{','.join(flags)}{',p=%g' % self.dropout if self.dropout else ''}]"
+
+
+def all_cases():
+    cases = []
+    for sp in (False, True):
+        for bias in (False, True):
+            for gather in (False, True):
+                cases.append(Case("column", sp=sp, gather_output=gather, bias=bias))
+            for parallel in (False, True):
+                if sp and not parallel:
+                    continue  # Megatron refuses SP without input_is_parallel
+                cases.append(Case("row", sp=sp, input_is_parallel=parallel, bias=bias))
+    cases.append(Case("column", bias=True, skip_bias_add=True))
+    cases.append(Case("row", bias=True, skip_bias_add=True))
+    return cases
+
+
+def logical_tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return dict(x=r(S, B, H_IN), dy=r(S, B, H_OUT), weight=r(H_OUT, H_IN) / 4, bias=r(H_OUT),
+                lora_A=r(RANK, H_IN) / 4, lora_B=r(H_OUT, RANK) / 4)
+
+
+def reference(case: Case, t: dict, scaling: float, mask: Optional[torch.Tensor] = None):
+    """Unsharded plain-torch forward/backward: Y = X W^T + b + s (drop(X) A^T) B^T."""
+    x = t["x"].clone().requires_grad_(True)
+    a = t["lora_A"].clone().requires_grad_(True)
+    b = t["lora_B"].clone().requires_grad_(True)
+    xd = x if mask is None else x * mask / (1 - case.dropout)
+    y = x @ t["weight"].t() + scaling * (xd @ a.t()) @ b.t()
+    if case.bias and not case.skip_bias_add:
+        y = y + t["bias"]
+    (y * t["dy"]).sum().backward()
+    return dict(y=y.detach(), dx=x.grad, dA=a.grad, dB=b.grad)
+
+
+def build_layer(case: Case, tp: int, lora_config, break_init: bool = False):
+    from megatron.core import ModelParallelConfig
+
+    from megatron_lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+
+    cfg = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=case.sp and tp > 1,
+                              use_cpu_initialization=True, perform_initialization=False)
+    common = dict(config=cfg, init_method=torch.nn.init.zeros_, bias=case.bias,
+                  skip_bias_add=case.skip_bias_add, lora_config=lora_config,
+                  lora_init_name="decoder.layers.0.test")
+    if case.kind == "column":
+        return LoRAColumnParallelLinear(H_IN, H_OUT, gather_output=case.gather_output, **common)
+    return LoRARowParallelLinear(H_IN, H_OUT, input_is_parallel=case.input_is_parallel, **common)
+
+
+def run_case(case: Case, t: dict, lora_config, seed: int = 7):
+    """On every rank: load this rank's shard of ``t``, forward + backward with dY, return locals."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    layer = build_layer(case, tp, dataclasses.replace(lora_config, dropout=case.dropout))
+    layout = layer.lora_layout
+    with torch.no_grad():
+        w_dim = 0 if case.kind == "column" else 1
+        layer.weight.copy_(t["weight"].chunk(tp, w_dim)[rank])
+        if case.bias:
+            layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if case.kind == "column" else t["bias"])
+        for f in ("lora_A", "lora_B"):
+            getattr(layer, f).copy_(layout.shard(f, t[f], rank, tp))
+    for p in (layer.weight, layer.bias):
+        if p is not None:
+            p.requires_grad_(False)  # frozen base, as apply_lora leaves it
+    x = t["x"]
+    if case.sp and tp > 1 and case.kind == "column":
+        x = x.chunk(tp, 0)[rank]
+    if case.kind == "row" and case.input_is_parallel:
+        x = x.chunk(tp, -1)[rank]
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the dropout mask comes from the TP-synchronised default generator
+    y, out_bias = layer(x)
+    dy = t["dy"]
+    if case.kind == "column" and not case.gather_output:
+        dy = dy.chunk(tp, -1)[rank]
+    if case.kind == "row" and case.sp and tp > 1:
+        dy = dy.chunk(tp, 0)[rank]
+    y.backward(dy)
+    return dict(y=y.detach(), bias_out=None if out_bias is None else out_bias.detach(), dx=x.grad,
+                dA=layer.lora_A.grad, dB=layer.lora_B.grad, weight_grad=layer.weight.grad,
+                lora_A=layer.lora_A.detach())
+
+
+def assemble(case: Case, per_rank: list, tp: int, layout_gated: bool = False):
+    """Logical tensors from all ranks' locals, by the DESIGN §1 layout (SP partials summed)."""
+    from megatron_lora.layout import AdapterLayout
+
+    layout = AdapterLayout.column(layout_gated) if case.kind == "column" else AdapterLayout.row()
+    sp = case.sp and tp > 1
+    pick = lambda k: [r[k] for r in per_rank]  # noqa: E731
+    if case.kind == "column":
+        y = pick("y")[0] if case.gather_output else torch.cat(pick("y"), -1)
+        dx = torch.cat(pick("dx"), 0) if sp else pick("dx")[0]
+        dA = sum(pick("dA")) if sp else pick("dA")[0]
+        dB = layout.unshard("lora_B", pick("dB"))
+    else:
+        y = torch.cat(pick("y"), 0) if sp else pick("y")[0]
+        dx = torch.cat(pick("dx"), -1) if case.input_is_parallel else pick("dx")[0]
+        dA = layout.unshard("lora_A", pick("dA"))
+        dB = sum(pick("dB")) if sp else pick("dB")[0]
+    return dict(y=y, dx=dx, dA=dA, dB=dB)
+
+
+def worker_all_cases(cases, t, lora_config, patch: Optional[str] = None):
+    """Entry point for run_distributed: every case in one process group (spawning is slow)."""
+    if patch is not None:
+        from tests.distributed import breakages
+
+        getattr(breakages, patch)()
+    return [run_case(c, t, lora_config) for c in cases]
+
+
+def worker_count_collectives(cases):
+    """Collectives per forward and per backward, base layer vs LoRA layer, same settings."""
+    from megatron.core import ModelParallelConfig, parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_lora import LoRAConfig
+    from megatron_lora.collectives import count_collectives
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = []
+    for case in cases:
+        counts = {}
+        for variant in ("base", "lora", "naive"):
+            if variant == "naive" and case.sp:
+                continue  # the naive baseline has no SP path
+            if variant == "lora":
+                layer = build_layer(case, tp, LoRAConfig(rank=RANK, alpha=8))
+                torch.nn.init.normal_(layer.lora_B)
+            else:
+                cfg = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=case.sp,
+                                          use_cpu_initialization=True)
+                kw = dict(config=cfg, init_method=torch.nn.init.normal_, bias=case.bias,
+                          skip_bias_add=case.skip_bias_add)
+                layer = (ColumnParallelLinear(H_IN, H_OUT, gather_output=case.gather_output, **kw)
+                         if case.kind == "column" else
+                         RowParallelLinear(H_IN, H_OUT, input_is_parallel=case.input_is_parallel, **kw))
+            for p in (layer.weight, layer.bias):
+                if p is not None:
+                    p.requires_grad_(False)  # frozen base in every variant
+            if variant == "naive":
+                from benchmarks.naive_lora import NaiveLoRA
+
+                layer = NaiveLoRA(layer, RANK, 8)
+            s = S // tp if (case.sp and case.kind == "column") else S
+            h = H_IN // tp if (case.kind == "row" and case.input_is_parallel) else H_IN
+            x = torch.randn(s, B, h, requires_grad=True)
+            with count_collectives() as fwd:
+                y, _ = layer(x)
+            with count_collectives() as bwd:
+                y.sum().backward()
+            counts[variant] = dict(fwd=dict(fwd.calls), bwd=dict(bwd.calls),
+                                   fwd_bytes=fwd.total_bytes, bwd_bytes=bwd.total_bytes)
+        out.append(counts)
+    return out
