@@ -122,7 +122,9 @@ class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
         if name not in self.states_:
             raise Exception(f"cpu rng state {name} is not added")
         outer_state = torch.get_rng_state()
-        outer_name, self._current_state_name = self._current_state_name, name
+        # _current_state_name exists from megatron-core 0.14; keeping it is harmless before.
+        outer_name = getattr(self, "_current_state_name", None)
+        self._current_state_name = name
         torch.set_rng_state(self.states_[name])
         try:
             yield

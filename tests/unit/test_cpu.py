@@ -178,7 +178,10 @@ def test_tensor_type_conversion_still_converts():
 
 def test_rng_tracker_is_the_cpu_tracker_even_after_a_forced_reset():
     assert isinstance(_seed_tracker(7), cpu.CpuRNGStatesTracker)
-    assert isinstance(_seed_tracker(7, force_reset_rng=True), cpu.CpuRNGStatesTracker)
+    # initialize_rng_tracker(force_reset=True) is what force_reset_rng (>= 0.14) calls; it exists
+    # on every supported megatron-core.
+    mrandom.initialize_rng_tracker(force_reset=True)
+    assert isinstance(mrandom.get_cuda_rng_tracker(), cpu.CpuRNGStatesTracker)
 
 
 def test_model_parallel_seed_seeds_the_default_generator():
