@@ -25,6 +25,13 @@ class Case:
     bias: bool = True
     skip_bias_add: bool = False
     dropout: float = 0.0
+    expert: bool = False  # explicit expert communication: the dispatcher reduces, not the layer
+    disable_grad_reduce: bool = False  # column only: the caller reduces dX
+
+    @property
+    def caller_reduces(self) -> bool:
+        """The base layer issues no TP collective: its partial output / dX is summed outside."""
+        return self.expert or self.disable_grad_reduce
 
     def __str__(self):
         flags = [k for k, v in dataclasses.asdict(self).items()
@@ -44,6 +51,9 @@ def all_cases():
                 cases.append(Case("row", sp=sp, input_is_parallel=parallel, bias=bias))
     cases.append(Case("column", bias=True, skip_bias_add=True))
     cases.append(Case("row", bias=True, skip_bias_add=True))
+    cases.append(Case("column", bias=False, expert=True))
+    cases.append(Case("row", bias=True, skip_bias_add=True, expert=True))
+    cases.append(Case("column", bias=True, disable_grad_reduce=True))
     return cases
 
 
@@ -76,9 +86,10 @@ def build_layer(case: Case, tp: int, lora_config, break_init: bool = False):
                               use_cpu_initialization=True, perform_initialization=False)
     common = dict(config=cfg, init_method=torch.nn.init.zeros_, bias=case.bias,
                   skip_bias_add=case.skip_bias_add, lora_config=lora_config,
-                  lora_init_name="decoder.layers.0.test")
+                  lora_init_name="decoder.layers.0.test", is_expert=case.expert)
     if case.kind == "column":
-        return LoRAColumnParallelLinear(H_IN, H_OUT, gather_output=case.gather_output, **common)
+        return LoRAColumnParallelLinear(H_IN, H_OUT, gather_output=case.gather_output,
+                                        disable_grad_reduce=case.disable_grad_reduce, **common)
     return LoRARowParallelLinear(H_IN, H_OUT, input_is_parallel=case.input_is_parallel, **common)
 
 
@@ -128,11 +139,11 @@ def assemble(case: Case, per_rank: list, tp: int, layout_gated: bool = False):
     pick = lambda k: [r[k] for r in per_rank]  # noqa: E731
     if case.kind == "column":
         y = pick("y")[0] if case.gather_output else torch.cat(pick("y"), -1)
-        dx = torch.cat(pick("dx"), 0) if sp else pick("dx")[0]
+        dx = torch.cat(pick("dx"), 0) if sp else (sum(pick("dx")) if case.caller_reduces else pick("dx")[0])
         dA = sum(pick("dA")) if sp else pick("dA")[0]
         dB = layout.unshard("lora_B", pick("dB"))
     else:
-        y = torch.cat(pick("y"), 0) if sp else pick("y")[0]
+        y = torch.cat(pick("y"), 0) if sp else (sum(pick("y")) if case.caller_reduces else pick("y")[0])
         dx = torch.cat(pick("dx"), -1) if case.input_is_parallel else pick("dx")[0]
         dA = layout.unshard("lora_A", pick("dA"))
         dB = sum(pick("dB")) if sp else pick("dB")[0]
