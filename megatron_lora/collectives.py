@@ -13,7 +13,7 @@ That is exactly the base layer's count: the rank-r term the replicated factor's 
 rides in the base layer's own message (DESIGN §3). The one exception is a layer whose base issues
 no TP collective although TP > 1 (expert layers with explicit expert communication,
 ``disable_grad_reduce``): there the dispatcher (or the caller) reduces the base output, so the
-rank-r term gets its own small all-reduce (``sum_rider``).
+rank-r term gets its own small all-reduce (mode ``"rider_only"``).
 """
 
 from __future__ import annotations
@@ -67,26 +67,31 @@ def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def reduce_with_rider(
-    main: torch.Tensor, rider: torch.Tensor, group, scatter_sequence: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ONE collective over ``[main | rider]`` (concatenated on the last dim), split afterwards.
+MODES = ("all_reduce", "reduce_scatter", "rider_only", "none")
 
-    ``scatter_sequence`` selects reduce-scatter along dim 0 (sequence parallel) instead of
-    all-reduce. The rider is the small rank-r activation whose TP sum completes the gradient of a
-    replicated LoRA factor; it costs ``r / hidden`` more bytes and no extra message.
+
+def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The base layer's ONE collective over ``[main | rider]``, split afterwards.
+
+    ``mode``: ``"all_reduce"``; ``"reduce_scatter"`` along dim 0 (sequence parallel);
+    ``"rider_only"`` when the base issues no TP collective although TP > 1 (the caller reduces
+    ``main``, the rank-r rider gets its own small all-reduce); ``"none"`` at TP = 1.
+    The rider is the rank-r activation whose TP sum completes the gradient of a replicated LoRA
+    factor; it costs ``r / hidden`` more bytes and no extra message.
     """
+    if mode == "none":
+        return main, rider
+    if mode == "rider_only":
+        return main, all_reduce(rider.clone(), group)
     message = torch.cat([main, rider.to(main.dtype)], dim=-1)
-    if scatter_sequence:
+    if mode == "reduce_scatter":
         message = reduce_scatter_first_dim(message, group)
-    else:
+    elif mode == "all_reduce":
         message = all_reduce(message, group)
+    else:
+        raise ValueError(f"unknown communication mode {mode!r}; expected one of {MODES}")
     return message.split([main.shape[-1], rider.shape[-1]], dim=-1)
-
-
-def sum_rider(rider: torch.Tensor, group) -> torch.Tensor:
-    """The exception path: the base issues no TP collective, so the rank-r term is summed alone."""
-    return all_reduce(rider.clone(), group)
 
 
 def broadcast_from_group_source(x: torch.Tensor, group) -> None:

@@ -47,7 +47,7 @@ class LoRAColumnParallelFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, p, group, mode):
-        # mode: "all_reduce" | "reduce_scatter" (SP) | "none" (TP=1) | "rider_only" (see collectives)
+        # mode: see collectives.reduce_with_rider
         x_total = C.all_gather_first_dim(x, group) if mode == "reduce_scatter" else x
         u = torch.matmul(_dropped(x_total, mask, p), lora_a.t())  # [s, b, r]
         y = torch.matmul(x_total, weight.t())
@@ -65,12 +65,7 @@ class LoRAColumnParallelFn(torch.autograd.Function):
         g = torch.matmul(dy, lora_b)  # [s, b, r]: rank i's term of dY B
         dx_lora = _dropped(torch.matmul(g, lora_a) * s, mask, ctx.p)
         dx = torch.matmul(dy, weight) + dx_lora
-        if mode in ("all_reduce", "reduce_scatter"):
-            dx, g_sum = C.reduce_with_rider(dx, g, group, scatter_sequence=mode == "reduce_scatter")
-        elif mode == "rider_only":
-            g_sum = C.sum_rider(g, group)
-        else:
-            g_sum = g
+        dx, g_sum = C.reduce_with_rider(dx, g, group, mode)
         x_lora = _dropped(x_total, mask, ctx.p)
         if mode == "reduce_scatter":  # keep the rows of this rank's sequence chunk
             chunk = g_sum.shape[0]
@@ -98,12 +93,8 @@ class LoRARowParallelFn(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, scaling, mask, p, group, mode):
         h = torch.matmul(_dropped(x, mask, p), lora_a.t())  # [s, b, r]: rank i's term
         y = torch.matmul(x, weight.t()) + scaling * torch.matmul(h, lora_b.t())
-        if mode in ("all_reduce", "reduce_scatter"):
-            y, h_sum = C.reduce_with_rider(y, h, group, scatter_sequence=mode == "reduce_scatter")
-        elif mode == "rider_only":  # base output stays partial: the expert dispatcher reduces it
-            h_sum = C.sum_rider(h, group)
-        else:
-            h_sum = h
+        # "rider_only": the base output stays partial, the expert dispatcher reduces it.
+        y, h_sum = C.reduce_with_rider(y, h, group, mode)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum, mask)
         ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
         return y

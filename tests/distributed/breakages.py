@@ -14,12 +14,12 @@ from megatron_lora import collectives, init, layers
 def no_rider_sum():
     """Reduce the base message but leave the replicated factor's rank-r term unsummed."""
 
-    def broken(main, rider, group, scatter_sequence):
-        if scatter_sequence:
+    def broken(main, rider, group, mode):
+        if mode == "reduce_scatter":
             main = collectives.reduce_scatter_first_dim(main, group)
             chunk = main.shape[0]
             rider = rider.narrow(0, collectives.group_rank(group) * chunk, chunk)
-        else:
+        elif mode == "all_reduce":
             main = collectives.all_reduce(main.clone(), group)
         return main, rider
 
