@@ -27,6 +27,14 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _add_lora_input_grad(dx, g, lora_a, scaling, mask, p):
+    """``dx += s * drop'(g @ A)`` in place: no full-size temporaries when there is no dropout."""
+    if mask is None:
+        _flat(dx).addmm_(_flat(g), lora_a, alpha=scaling)
+    else:
+        dx += _dropped(torch.matmul(g, lora_a) * scaling, mask, p)
+
+
 def _weight_grad(needed: bool, dy: torch.Tensor, x: torch.Tensor):
     # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
     return _flat(dy).t().matmul(_flat(x)) if needed else None
@@ -51,29 +59,31 @@ class LoRAColumnParallelFn(torch.autograd.Function):
         x_total = C.all_gather_first_dim(x, group) if mode == "reduce_scatter" else x
         u = torch.matmul(_dropped(x_total, mask, p), lora_a.t())  # [s, b, r]
         y = torch.matmul(x_total, weight.t())
-        y = y + scaling * torch.matmul(u, lora_b.t())  # summed before any collective
+        _flat(y).addmm_(_flat(u), lora_b.t(), alpha=scaling)  # summed before any collective
         if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x_total, weight, lora_a, lora_b, u, mask)
+            y += bias
+        # Under SP the frozen base needs no input and dA only this rank's sequence chunk, so the
+        # gathered input is kept only for a trainable base weight.
+        keep_total = mode == "reduce_scatter" and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x, x_total if keep_total else None, weight, lora_a, lora_b, u, mask)
         ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_total, weight, lora_a, lora_b, u, mask = ctx.saved_tensors
+        x, x_total, weight, lora_a, lora_b, u, mask = ctx.saved_tensors
         s, mode, group = ctx.scaling, ctx.mode, ctx.group
         g = torch.matmul(dy, lora_b)  # [s, b, r]: rank i's term of dY B
-        dx_lora = _dropped(torch.matmul(g, lora_a) * s, mask, ctx.p)
-        dx = torch.matmul(dy, weight) + dx_lora
+        dx = torch.matmul(dy, weight)
+        _add_lora_input_grad(dx, g, lora_a, s, mask, ctx.p)
         dx, g_sum = C.reduce_with_rider(dx, g, group, mode)
-        x_lora = _dropped(x_total, mask, ctx.p)
-        if mode == "reduce_scatter":  # keep the rows of this rank's sequence chunk
-            chunk = g_sum.shape[0]
-            x_lora = x_lora.narrow(0, C.group_rank(group) * chunk, chunk)
-        d_a = s * _flat(g_sum).t().matmul(_flat(x_lora))
+        if mode == "reduce_scatter" and mask is not None:  # this rank's sequence chunk
+            mask = mask.narrow(0, C.group_rank(group) * x.shape[0], x.shape[0])
+        d_a = s * _flat(g_sum).t().matmul(_flat(_dropped(x, mask, ctx.p)))
         d_b = s * _flat(dy).t().matmul(_flat(u))
         d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[2] else None
-        return dx, _weight_grad(ctx.needs_input_grad[1], dy, x_total), d_bias, d_a, d_b, None, None, None, None, None
+        d_w = _weight_grad(ctx.needs_input_grad[1], dy, x if x_total is None else x_total)
+        return dx, d_w, d_bias, d_a, d_b, None, None, None, None, None
 
 
 class LoRARowParallelFn(torch.autograd.Function):
@@ -92,10 +102,12 @@ class LoRARowParallelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling, mask, p, group, mode):
         h = torch.matmul(_dropped(x, mask, p), lora_a.t())  # [s, b, r]: rank i's term
-        y = torch.matmul(x, weight.t()) + scaling * torch.matmul(h, lora_b.t())
+        y = torch.matmul(x, weight.t())
+        _flat(y).addmm_(_flat(h), lora_b.t(), alpha=scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = C.reduce_with_rider(y, h, group, mode)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum, mask)
+        # A view would keep the whole reduced message alive until backward: copy the r columns.
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum.contiguous(), mask)
         ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
         return y
 
@@ -107,6 +119,7 @@ class LoRARowParallelFn(torch.autograd.Function):
         if ctx.mode == "reduce_scatter":
             dy = C.all_gather_first_dim(dy, ctx.group)
         g = torch.matmul(dy, lora_b)  # [s, b, r]: identical on every rank
-        dx = torch.matmul(dy, weight) + _dropped(torch.matmul(g, lora_a) * s, mask, ctx.p)
+        dx = torch.matmul(dy, weight)
+        _add_lora_input_grad(dx, g, lora_a, s, mask, ctx.p)
         d_a = s * _flat(g).t().matmul(_flat(_dropped(x, mask, ctx.p)))
         return dx, _weight_grad(ctx.needs_input_grad[1], dy, x), d_a, d_b, None, None, None, None, None
