@@ -17,7 +17,8 @@ instead of re-importing Megatron-Core (~8 s of CPU on a 2-core host) for every r
 Failures are loud and never leave processes behind: an exception on any rank becomes a
 ``RuntimeError`` in the caller naming the rank and carrying the child's traceback; a rank that dies
 silently or a run that exceeds ``timeout`` seconds raises too; all children are killed on exit.
-Ranks are daemonic, so ``fn`` cannot start processes of its own (e.g. DataLoader workers).
+Ranks are not daemonic, so ``fn`` may start processes of its own (Megatron's checkpoint writer does);
+the launcher kills every rank it started on exit, whatever happened.
 """
 
 import os
@@ -86,7 +87,7 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, *
         init_kwargs=init_kwargs, environ=dict(os.environ),
     )
     procs = [
-        ctx.Process(target=_rank_main, args=(rank, setup, fn, args, results_q), daemon=True)
+        ctx.Process(target=_rank_main, args=(rank, setup, fn, args, results_q), daemon=False)
         for rank in range(world_size)
     ]
     results = {}
