@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["megatron_lora", "megatron_lora.*"]),
     python_requires=">=3.10",
     # torch is deliberately a range: pin the build you want (e.g. the CPU wheel) before installing.
-    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.17", "packaging"],
+    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.17", "packaging", "safetensors>=0.4", "psutil"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
         "hf": ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],

@@ -6,6 +6,8 @@ the public ColumnParallelLinear / RowParallelLinear and rely on their ``tp_group
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from packaging.version import Version
 
@@ -36,3 +38,32 @@ def gather_from_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Te
 def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Forward split along the last dim, backward all-gather: input_is_parallel=False."""
     return mappings.scatter_to_tensor_model_parallel_region(x, group=group)
+
+
+def _accepts(fn, name: str) -> bool:
+    """Feature test by signature: forks may backport a keyword without changing the version."""
+    return name in inspect.signature(fn).parameters
+
+
+def make_sharded_tensors_for_checkpoint(state_dict, prefix, axis_map, sharded_offsets, tp_group,
+                                        metadata):
+    """Megatron's helper; from 0.16 it takes the TP and DP(+CP) groups explicitly."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint as make
+
+    if not _accepts(make, "tp_group"):
+        return make(state_dict, prefix, axis_map, sharded_offsets)
+    dp_cp_group = (metadata or {}).get("dp_cp_group")
+    if dp_cp_group is None:
+        dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return make(state_dict, prefix, axis_map, sharded_offsets, tp_group=tp_group, dp_cp_group=dp_cp_group)
+
+
+def apply_swiglu_sharded_factory(sharded_tensor, sharded_offsets, metadata):
+    """Megatron's [gate; up] factory for gated linear_fc1 tensors (its MLP uses it for the base)."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory as factory
+
+    if _accepts(factory, "singleton_local_shards"):
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        return factory(sharded_tensor, sharded_offsets, singleton)
+    return factory(sharded_tensor, sharded_offsets)

@@ -121,6 +121,26 @@ class _LoRAMixin:
             self.weight.sub_(self.lora_delta())
             self.lora_merged = False
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Base tensors as Megatron shards them, LoRA factors by their declared layout.
+
+        The inherited version would save the sharded factor as if it were replicated (one TP
+        shard kept, LESSONS 3). A gated ``linear_fc1`` gets Megatron's [gate; up] factory for
+        ``lora_B``, exactly as its MLP does for the base weight, so TP can change (LESSONS 5).
+        """
+        axes = dict(self._base_tp_axes)
+        for factor in LORA_FACTORS:
+            dim = self.lora_layout.partition_dim(factor)
+            if dim is not None:
+                axes[factor] = dim
+        state = self.state_dict(prefix="", keep_vars=True)
+        sharded = compat.make_sharded_tensors_for_checkpoint(
+            state, prefix, axes, sharded_offsets, self.tp_group, metadata)
+        if self.lora_layout.gated:
+            key = f"{prefix}lora_B"
+            sharded[key] = compat.apply_swiglu_sharded_factory(sharded[key], sharded_offsets, metadata)
+        return sharded
+
     @classmethod
     def from_base(cls, base, lora_config: LoRAConfig, gated: bool = False, lora_init_name=None):
         """Turn a built base layer into this LoRA layer in place: base weights are not copied."""
@@ -145,6 +165,7 @@ class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
     """
 
     _base_class = ColumnParallelLinear
+    _base_tp_axes = {"weight": 0, "bias": 0}
 
     def __init__(self, input_size, output_size, *, lora_config: LoRAConfig,
                  lora_init_name: Optional[str] = None, **kwargs):
@@ -200,6 +221,7 @@ class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
     """
 
     _base_class = RowParallelLinear
+    _base_tp_axes = {"weight": 1}
 
     def __init__(self, input_size, output_size, *, lora_config: LoRAConfig,
                  lora_init_name: Optional[str] = None, **kwargs):

@@ -42,11 +42,15 @@ def load_base(model, full_state: dict, fc1_layout: str = "gated", qkv_layout: st
     """
     from megatron.core import parallel_state as ps
 
+    from megatron_lora.inject import global_module_names
     from megatron_lora.layout import shard_tensor
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    # PP stages number their layers from 0: name every parameter by its GLOBAL layer index.
+    params = {f"{module_name}.{p_name}": p for module, module_name in global_module_names(model).items()
+              for p_name, p in module.named_parameters(recurse=False)}
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in params.items():
             if name.endswith(("lora_A", "lora_B")):
                 continue
             full = full_state[name]
@@ -85,38 +89,54 @@ def local_adapter(model):
     return out
 
 
+def build_lora_gpt(full_state, sp=False, path="apply", cfg=None, fc1_layout="gated",
+                   qkv_layout="grouped", **gpt_kwargs):
+    """The tiny GPT at this process group's TP/PP layout, base loaded, LoRA applied."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import apply_lora, get_gpt_lora_layer_spec
+
+    cfg = cfg or lora_cfg()
+    config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(),
+                             pp=ps.get_pipeline_model_parallel_world_size(), sp=sp, **MODEL)
+    spec = get_gpt_lora_layer_spec(cfg, normalization="RMSNorm") if path == "spec" else None
+    model = build_tiny_gpt(config, layer_spec=spec, **gpt_kwargs)
+    load_base(model, full_state, fc1_layout, qkv_layout)
+    return apply_lora(model, cfg)
+
+
 def train_worker(full_state, options):
     """``train(full_state, **options)`` for run_distributed (whose kwargs go to Megatron)."""
     return train(full_state, **options)
 
 
+def plain_train(model, steps, lr=1e-2, first_step=0):
+    """AdamW on the LoRA factors in a plain PyTorch loop; returns the losses."""
+    from megatron_lora import lora_parameters
+
+    opt = torch.optim.AdamW(lora_parameters(model), lr=lr, weight_decay=0.01)
+    losses = []
+    for inputs, labels in batches(first_step + steps)[first_step:]:
+        opt.zero_grad()
+        loss = _loss(model, inputs, labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout="gated",
           qkv_layout="grouped", patch=None, lr=1e-2):
     """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_lora import apply_lora, get_gpt_lora_layer_spec, lora_parameters
-
     if patch is not None:
         from tests.distributed import breakages
 
         getattr(breakages, patch)()
-    tp = ps.get_tensor_model_parallel_world_size()
-    cfg = lora_cfg()
-    config = tiny_gpt_config(tp=tp, sp=sp, **MODEL)
-    spec = get_gpt_lora_layer_spec(cfg, normalization="RMSNorm") if path == "spec" else None
-    model = build_tiny_gpt(config, layer_spec=spec)
-    load_base(model, full_state, fc1_layout, qkv_layout)
-    apply_lora(model, cfg)
+    model = build_lora_gpt(full_state, sp=sp, path=path, fc1_layout=fc1_layout, qkv_layout=qkv_layout)
+    config = model.config
     losses, norms = [], []
     if loop == "plain":
-        opt = torch.optim.AdamW(lora_parameters(model), lr=lr, weight_decay=0.01)
-        for inputs, labels in batches(steps):
-            opt.zero_grad()
-            loss = _loss(model, inputs, labels)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = plain_train(model, steps, lr)
     else:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
