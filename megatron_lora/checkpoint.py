@@ -15,14 +15,16 @@ Two formats:
    LESSONS 11).
 
 The frozen base is never written here: it loads from its own checkpoint.
-Nothing here unpickles arbitrary objects: safetensors for full adapters, and torch's
-``weights_only`` default for the small objects of a dist checkpoint.
+Nothing here unpickles arbitrary objects: full adapters are safetensors; a dist checkpoint holds
+only tensors (RNG state included), its ``.metadata`` is screened with an allow-list unpickler
+and any pickled byte item is refused before Megatron / torch read the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from typing import Dict, List, Optional, Union
 
@@ -135,14 +137,67 @@ def lora_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     return out
 
 
-def _rng_sharded_object():
-    from megatron.core.dist_checkpointing import ShardedObject
+def _rng_sharded_tensors() -> dict:
+    """This rank's RNG states as ShardedTensors [world, n] (tensors, so nothing is pickled)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return ShardedObject("rng_state", state, (_world(),), (_rank(),), replica_id=0)
+        states["cuda"] = torch.cuda.get_rng_state()
+    states.update({f"tracker.{k}": v for k, v in get_cuda_rng_tracker().get_states().items()})
+    return {name: ShardedTensor.from_rank_offsets(f"rng_state.{name}", state.clone(), (0, _rank(), _world()),
+                                                  replica_id=0, prepend_axis_num=1)
+            for name, state in states.items()}
+
+
+def _restore_rng(loaded: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(loaded["torch"])
+    if "cuda" in loaded and torch.cuda.is_available():
+        torch.cuda.set_rng_state(loaded["cuda"])
+    tracker = {k[len("tracker."):]: v for k, v in loaded.items() if k.startswith("tracker.")}
+    get_cuda_rng_tracker().set_states(tracker)
+
+
+# torch DCP unpickles ``.metadata`` with plain pickle and byte items with weights_only=False:
+# check both before Megatron touches a checkpoint, so loading cannot run code from the files.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem")
+_ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = (module, name) in _ALLOWED_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)))
+        if module in _DCP_MODULES:
+            obj = super().find_class(module, name)
+            allowed = isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING"
+        if not allowed:
+            raise AdapterCheckpointError(
+                f"checkpoint metadata references {module}.{name}, which a megatron_lora adapter "
+                "checkpoint never contains; refusing to load it (it could run code).")
+        return super().find_class(module, name)
+
+
+def _check_no_pickled_code(ckpt_dir: str) -> None:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = os.path.join(ckpt_dir, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise AdapterCheckpointError(f"{path} is missing or corrupted ({err}); load an earlier checkpoint.")
+    objects = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    if objects:
+        raise AdapterCheckpointError(
+            f"{ckpt_dir} holds pickled objects {objects[:4]}, which megatron_lora never writes and "
+            "torch would unpickle without restriction; refusing to load it.")
 
 
 def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng: bool = False) -> str:
@@ -164,7 +219,7 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(sharded)
     if save_rng:
-        state["rng"] = _rng_sharded_object()
+        state["rng"] = _rng_sharded_tensors()
     dist_checkpointing.save(state, tmp)
     shapes = _logical_shapes(model)
     if _rank() == 0:
@@ -253,12 +308,13 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", load_rng)):
         if wanted and not descriptor[flag]:
             raise AdapterCheckpointError(f"{ckpt_dir} was saved without {flag[4:]} state.")
+    _check_no_pickled_code(ckpt_dir)
     sharded = lora_sharded_state_dict(model)
     state = {"model": sharded}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
     if load_rng:
-        state["rng"] = _rng_sharded_object()
+        state["rng"] = _rng_sharded_tensors()
     loaded = dist_checkpointing.load(state, ckpt_dir)
     with torch.no_grad():
         # Megatron keys stack the layers (the layer index is a sharded offset), so map each
@@ -274,15 +330,6 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
         _restore_rng(loaded["rng"])
     _barrier()
     return iteration
-
-
-def _restore_rng(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 # ------------------------------------------------------------------------- full (unsharded) adapter

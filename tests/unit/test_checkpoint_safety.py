@@ -1,0 +1,44 @@
+"""Loading must never run code from checkpoint files (DESIGN §5)."""
+
+import os
+import pickle
+
+import pytest
+
+from megatron_lora.checkpoint import AdapterCheckpointError, _check_no_pickled_code, read_full_adapter
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creating a file stands in for any code
+
+
+def test_metadata_referencing_code_is_refused_without_running_it(tmp_path):
+    marker = str(tmp_path / "pwned")
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(AdapterCheckpointError, match="io.open.*refusing to load"):
+        _check_no_pickled_code(str(tmp_path))
+    assert not os.path.exists(marker)
+
+
+def test_missing_metadata_is_a_readable_error(tmp_path):
+    with pytest.raises(AdapterCheckpointError, match="missing or corrupted"):
+        _check_no_pickled_code(str(tmp_path))
+
+
+def test_checkpoint_with_pickled_object_items_is_refused(tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata({"rng_state": BytesStorageMetadata()})))
+    with pytest.raises(AdapterCheckpointError, match="holds pickled objects \\['rng_state'\\]"):
+        _check_no_pickled_code(str(tmp_path))
+
+
+def test_non_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    path.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(AdapterCheckpointError, match="truncated or corrupted"):
+        read_full_adapter(str(path))
