@@ -174,7 +174,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         allowed = (module, name) in _ALLOWED_GLOBALS or (
             module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                           torch.memory_format)))
-        if module in _DCP_MODULES:
+        if module in _DCP_MODULES or module.startswith("megatron.core.dist_checkpointing."):
+            # Plain data classes of torch DCP / Megatron (e.g. MCoreSavePlan): types, no functions.
             obj = super().find_class(module, name)
             allowed = isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING"
         if not allowed:
