@@ -316,7 +316,15 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
         state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
     if load_rng:
         state["rng"] = _rng_sharded_tensors()
-    loaded = dist_checkpointing.load(state, ckpt_dir)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded = dist_checkpointing.load(state, ckpt_dir)
+    except (Exception, CheckpointException) as err:  # the latter is a BaseException; torch
+        # raises it on every rank when any rank cannot read its part
+        raise AdapterCheckpointError(
+            f"{ckpt_dir}: the checkpoint files could not be read ({type(err).__name__}); a file is "
+            "truncated or corrupted. Load an earlier checkpoint (load_adapter(..., iteration=N)).") from err
     with torch.no_grad():
         # Megatron keys stack the layers (the layer index is a sharded offset), so map each
         # loaded tensor back through the parameter its sharded entry was built from. Plain

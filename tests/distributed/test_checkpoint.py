@@ -5,6 +5,7 @@ logical adapter. Every layout loads from the same base weights (gpt_cases.load_b
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -149,7 +150,16 @@ def bad_input_worker(full_state, root):
     truncated = os.path.join(root, f"truncated-{torch.distributed.get_rank()}.safetensors")
     data = open(os.path.join(root, "full.safetensors"), "rb").read()
     open(truncated, "wb").write(data[: len(data) // 2])
+    damaged = os.path.join(root, f"damaged-{torch.distributed.get_rank()}")
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(root, os.path.join(root, "damaged"), ignore=shutil.ignore_patterns("damaged*", "*.safetensors"))
+        data_file = os.path.join(root, "damaged", f"iter_{TRAIN_STEPS:07d}", "__0_0.distcp")
+        data = open(data_file, "rb").read()
+        open(data_file, "wb").write(data[: len(data) // 2])
+    torch.distributed.barrier()
+    damaged = os.path.join(root, "damaged")
     for label, call in {
+        "truncated dist checkpoint": lambda: load_adapter(model, damaged),
         "truncated safetensors": lambda: load_full_adapter(model, truncated),
         "other config (full)": lambda: load_full_adapter(G.build_lora_gpt(full_state, cfg=LoRAConfig(rank=4, alpha=32, seed=99)),
                                                          os.path.join(root, "full.safetensors")),
@@ -176,6 +186,7 @@ def bad_input_errors(saved):
     ("size not divisible by TP", ["(65, 4)", "TP=2", "does not divide by TP=2"]),
     ("transposed", ["(32, 4)", "looks transposed"]),
     ("truncated safetensors", ["truncated or corrupted"]),
+    ("truncated dist checkpoint", ["could not be read", "truncated or corrupted", "iteration=N"]),
     ("other config (full)", ["another LoRA config", "alpha: model has 32, checkpoint has 8"]),
     ("other config (dist)", ["another LoRA config", "alpha"]),
     ("other rank (dist)", ["another LoRA config", "rank: model has 8, checkpoint has 4"]),
