@@ -126,6 +126,7 @@ def apply_lora(model, cfg: LoRAConfig):
                 init_lora_factors(module, name)
             wrapped[leaf] = wrapped.get(leaf, 0) + 1
         _freeze_all_but_lora(chunk)
+        _keep_full_recompute_differentiable(chunk)
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     total = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info("LoRA r=%d alpha=%g on %s; trainable %d / %d parameters on this rank (%.3f%%)",
@@ -153,6 +154,24 @@ def _check_targets(model: torch.nn.Module, cfg: LoRAConfig) -> None:
             "get_gpt_layer_local_spec / get_gpt_lora_layer_spec, or drop these targets."
         )
     cfg.check_targets_exist(available)
+
+
+def _keep_full_recompute_differentiable(model: torch.nn.Module) -> None:
+    """Make the embedding output require grad when the model recomputes full layers.
+
+    Megatron's full recomputation is a reentrant checkpoint: with a frozen embedding none of its
+    inputs requires grad, so its output has no grad_fn and backward fails. Marking the embedding
+    output restores the graph (PEFT's enable_input_require_grads does the same); it costs only
+    layer 0's input gradient, so it is done only when full recomputation is on.
+    """
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+
+    if getattr(getattr(model, "config", None), "recompute_granularity", None) != "full":
+        return
+    for module in model.modules():
+        if isinstance(module, LanguageModelEmbedding) and not getattr(module, "_lora_requires_grad_hook", None):
+            module._lora_requires_grad_hook = module.register_forward_hook(
+                lambda _module, _inputs, output: output.requires_grad_(True) if torch.is_grad_enabled() else output)
 
 
 def _freeze_all_but_lora(model: torch.nn.Module) -> None:

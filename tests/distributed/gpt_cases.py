@@ -90,7 +90,7 @@ def local_adapter(model):
 
 
 def build_lora_gpt(full_state, sp=False, path="apply", cfg=None, fc1_layout="gated",
-                   qkv_layout="grouped", **gpt_kwargs):
+                   qkv_layout="grouped", config_overrides=None, **gpt_kwargs):
     """The tiny GPT at this process group's TP/PP layout, base loaded, LoRA applied."""
     from megatron.core import parallel_state as ps
 
@@ -98,7 +98,8 @@ def build_lora_gpt(full_state, sp=False, path="apply", cfg=None, fc1_layout="gat
 
     cfg = cfg or lora_cfg()
     config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(),
-                             pp=ps.get_pipeline_model_parallel_world_size(), sp=sp, **MODEL)
+                             pp=ps.get_pipeline_model_parallel_world_size(), sp=sp,
+                             **{**MODEL, **(config_overrides or {})})
     spec = get_gpt_lora_layer_spec(cfg, normalization="RMSNorm") if path == "spec" else None
     model = build_tiny_gpt(config, layer_spec=spec, **gpt_kwargs)
     load_base(model, full_state, fc1_layout, qkv_layout)
