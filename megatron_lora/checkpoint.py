@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from megatron_lora import collectives as C
 from megatron_lora.config import LoRAConfig
-from megatron_lora.inject import lora_modules
+from megatron_lora.inject import lora_modules, model_chunks
+from megatron_lora.layers import LORA_FACTORS
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
@@ -48,10 +49,6 @@ class AdapterCheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-def _chunks(model) -> list:
-    return model if isinstance(model, list) else [model]
-
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -90,7 +87,7 @@ def _named_factors(model) -> Dict[str, tuple]:
         if m.lora_init_name is None:
             raise AdapterCheckpointError(
                 f"{type(m).__name__} has no name yet: call apply_lora(model, cfg) before saving or loading.")
-        for factor in ("lora_A", "lora_B"):
+        for factor in LORA_FACTORS:
             out[f"{m.lora_init_name}.{factor}"] = (m, factor)
     return out
 
@@ -129,7 +126,7 @@ def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
 def lora_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     """The LoRA entries of the model's Megatron sharded state dict (all chunks)."""
     out = {}
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
         for key, value in module.sharded_state_dict(metadata=metadata).items():
             if key.endswith((".lora_A", ".lora_B")):
@@ -171,18 +168,18 @@ _ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        allowed = (module, name) in _ALLOWED_GLOBALS or (
-            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)))
         if module in _DCP_MODULES or module.startswith("megatron.core.dist_checkpointing."):
             # Plain data classes of torch DCP / Megatron (e.g. MCoreSavePlan): types, no functions.
             obj = super().find_class(module, name)
-            allowed = isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING"
-        if not allowed:
-            raise AdapterCheckpointError(
-                f"checkpoint metadata references {module}.{name}, which a megatron_lora adapter "
-                "checkpoint never contains; refusing to load it (it could run code).")
-        return super().find_class(module, name)
+            if isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING":
+                return obj
+        elif (module, name) in _ALLOWED_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None),
+                                                 (torch.dtype, torch.layout, torch.memory_format))):
+            return super().find_class(module, name)
+        raise AdapterCheckpointError(
+            f"checkpoint metadata references {module}.{name}, which a megatron_lora adapter "
+            "checkpoint never contains; refusing to load it (it could run code).")
 
 
 def _check_no_pickled_code(ckpt_dir: str) -> None:
@@ -348,12 +345,10 @@ def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
     full = {}
     for name, (m, factor) in _named_factors(model).items():
         local = getattr(m, factor).detach()
-        world = C.group_size(m.tp_group)
-        shards = [torch.empty_like(local) for _ in range(world)]
-        if world > 1:
+        shards = [local]
+        if C.group_size(m.tp_group) > 1:
+            shards = [torch.empty_like(local) for _ in range(C.group_size(m.tp_group))]
             dist.all_gather(shards, local.contiguous(), group=m.tp_group)
-        else:
-            shards = [local]
         full[name] = m.lora_layout.unshard(factor, shards).cpu().contiguous()
     merged = {}
     for part in _all_ranks(full):  # PP stages hold different layers

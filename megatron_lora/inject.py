@@ -107,7 +107,7 @@ def apply_lora(model, cfg: LoRAConfig):
     the model in DDP. Base weights are not copied: base layers are turned into LoRA layers in place.
     A model built from ``lora_layer_spec`` already holds LoRA layers; this then initialises them.
     """
-    chunks = model if isinstance(model, list) else [model]
+    chunks = model_chunks(model)
     wrapped: Dict[str, int] = {}
     for chunk in chunks:
         _check_targets(chunk, cfg)
@@ -182,8 +182,13 @@ def _freeze_all_but_lora(model: torch.nn.Module) -> None:
 
 # -------------------------------------------------------------------------------- model helpers
 
+def model_chunks(model) -> list:
+    """A model, or its list of virtual-pipeline chunks, as a list of chunks."""
+    return model if isinstance(model, list) else [model]
+
+
 def lora_modules(model) -> Iterator[torch.nn.Module]:
-    for chunk in (model if isinstance(model, list) else [model]):
+    for chunk in model_chunks(model):
         yield from (m for m in chunk.modules() if isinstance(m, _LORA_TYPES))
 
 
