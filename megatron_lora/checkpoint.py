@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import shutil
 from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from megatron_lora import checkpoint_io as io
 from megatron_lora import collectives as C
+from megatron_lora.checkpoint_io import CheckpointError
 from megatron_lora.config import LoRAConfig
 from megatron_lora.inject import lora_modules, model_chunks
 from megatron_lora.layers import LORA_FACTORS
@@ -44,32 +44,7 @@ LATEST_FILE = "latest_adapter_iteration.txt"
 CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules")
 
 
-class AdapterCheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message says what to do."""
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_ranks(obj) -> list:
-    """``obj`` from every rank (small Python objects only)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+AdapterCheckpointError = CheckpointError  # the name callers of this module catch
 
 
 def _model_config(model) -> LoRAConfig:
@@ -96,18 +71,9 @@ def _logical_shapes(model) -> Dict[str, List[int]]:
     """Logical shape of every LoRA tensor of the WHOLE model (all PP stages)."""
     mine = {name: list(m.lora_logical_shape(f)) for name, (m, f) in _named_factors(model).items()}
     merged = {}
-    for shapes in _all_ranks(mine):
+    for shapes in io.all_ranks(mine):
         merged.update(shapes)
     return merged
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
@@ -134,70 +100,6 @@ def lora_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     return out
 
 
-def _rng_sharded_tensors() -> dict:
-    """This rank's RNG states as ShardedTensors [world, n] (tensors, so nothing is pickled)."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    states.update({f"tracker.{k}": v for k, v in get_cuda_rng_tracker().get_states().items()})
-    return {name: ShardedTensor.from_rank_offsets(f"rng_state.{name}", state.clone(), (0, _rank(), _world()),
-                                                  replica_id=0, prepend_axis_num=1)
-            for name, state in states.items()}
-
-
-def _restore_rng(loaded: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    torch.set_rng_state(loaded["torch"])
-    if "cuda" in loaded and torch.cuda.is_available():
-        torch.cuda.set_rng_state(loaded["cuda"])
-    tracker = {k[len("tracker."):]: v for k, v in loaded.items() if k.startswith("tracker.")}
-    get_cuda_rng_tracker().set_states(tracker)
-
-
-# torch DCP unpickles ``.metadata`` with plain pickle and byte items with weights_only=False:
-# check both before Megatron touches a checkpoint, so loading cannot run code from the files.
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
-_ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module in _DCP_MODULES or module.startswith("megatron.core.dist_checkpointing."):
-            # Plain data classes of torch DCP / Megatron (e.g. MCoreSavePlan): types, no functions.
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING":
-                return obj
-        elif (module, name) in _ALLOWED_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None),
-                                                 (torch.dtype, torch.layout, torch.memory_format))):
-            return super().find_class(module, name)
-        raise AdapterCheckpointError(
-            f"checkpoint metadata references {module}.{name}, which a megatron_lora adapter "
-            "checkpoint never contains; refusing to load it (it could run code).")
-
-
-def _check_no_pickled_code(ckpt_dir: str) -> None:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    path = os.path.join(ckpt_dir, ".metadata")
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise AdapterCheckpointError(f"{path} is missing or corrupted ({err}); load an earlier checkpoint.")
-    objects = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
-    if objects:
-        raise AdapterCheckpointError(
-            f"{ckpt_dir} holds pickled objects {objects[:4]}, which megatron_lora never writes and "
-            "torch would unpickle without restriction; refusing to load it.")
-
-
 def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng: bool = False) -> str:
     """Save the adapter (and optionally optimizer / RNG state) as ``root/iter_XXXXXXX``.
 
@@ -206,44 +108,26 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
     from megatron.core import dist_checkpointing
 
     cfg = _model_config(model)
-    final = os.path.join(root, f"iter_{iteration:07d}")
-    tmp = final + ".tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
-        os.makedirs(tmp)
-    _barrier()
+    tmp = io.begin_save(root, iteration)
     sharded = lora_sharded_state_dict(model)
     state = {"model": sharded}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(sharded)
     if save_rng:
-        state["rng"] = _rng_sharded_tensors()
+        state["rng"] = io.rng_sharded_tensors()
     dist_checkpointing.save(state, tmp)
     shapes = _logical_shapes(model)
-    if _rank() == 0:
+    if io.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),
                           tensors=shapes, has_optimizer=optimizer is not None, has_rng=save_rng,
-                          world_size=_world(), iteration=iteration)
-        _atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(descriptor, indent=2))
-        if os.path.exists(final):  # re-saving one iteration: swap, keeping one complete copy
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _atomic_write_text(os.path.join(root, LATEST_FILE), str(iteration))
-    _barrier()
-    return final
+                          world_size=io.world(), iteration=iteration)
+        io.atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(descriptor, indent=2))
+    return io.commit_save(root, iteration, LATEST_FILE)
 
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE adapter checkpoint under ``root``, or None."""
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.exists(path):
-        return None
-    return int(open(path, encoding="utf-8").read().strip())
+    return io.latest_iteration(root, LATEST_FILE)
 
 
 def read_descriptor(ckpt_dir: str) -> dict:
@@ -288,53 +172,35 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     ``iteration=None`` takes the latest complete checkpoint. Collective over all ranks.
     Returns the iteration loaded.
     """
-    from megatron.core import dist_checkpointing
-
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
             raise AdapterCheckpointError(
                 f"no complete adapter checkpoint under {root} ({LATEST_FILE} is missing).")
-    ckpt_dir = os.path.join(root, f"iter_{iteration:07d}")
+    ckpt_dir = io.iteration_dir(root, iteration)
     descriptor = read_descriptor(ckpt_dir)
     _check_config(descriptor["lora_config"], _model_config(model), ckpt_dir)
     _check_tensors(_logical_shapes(model), descriptor["tensors"], ckpt_dir)
-    if load_rng and descriptor["world_size"] != _world():
+    if load_rng and descriptor["world_size"] != io.world():
         raise AdapterCheckpointError(
             f"{ckpt_dir}: RNG state was saved by {descriptor['world_size']} ranks, this run has "
-            f"{_world()}; resume RNG only on the same layout, or load without load_rng.")
+            f"{io.world()}; resume RNG only on the same layout, or load without load_rng.")
     for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", load_rng)):
         if wanted and not descriptor[flag]:
             raise AdapterCheckpointError(f"{ckpt_dir} was saved without {flag[4:]} state.")
-    _check_no_pickled_code(ckpt_dir)
     sharded = lora_sharded_state_dict(model)
     state = {"model": sharded}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
     if load_rng:
-        state["rng"] = _rng_sharded_tensors()
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        loaded = dist_checkpointing.load(state, ckpt_dir)
-    except (Exception, CheckpointException) as err:  # the latter is a BaseException; torch
-        # raises it on every rank when any rank cannot read its part
-        raise AdapterCheckpointError(
-            f"{ckpt_dir}: the checkpoint files could not be read ({type(err).__name__}); a file is "
-            "truncated or corrupted. Load an earlier checkpoint (load_adapter(..., iteration=N)).") from err
-    with torch.no_grad():
-        # Megatron keys stack the layers (the layer index is a sharded offset), so map each
-        # loaded tensor back through the parameter its sharded entry was built from. Plain
-        # entries are loaded in place already; factories (SwiGLU lora_B) return a new tensor.
-        for key, entry in sharded.items():
-            value = loaded["model"][key]
-            if value.data_ptr() != entry.data.data_ptr():
-                entry.data.copy_(value)
+        state["rng"] = io.rng_sharded_tensors()
+    loaded = io.load_dist(state, ckpt_dir, "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
+    io.copy_loaded(sharded, loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:
-        _restore_rng(loaded["rng"])
-    _barrier()
+        io.restore_rng(loaded["rng"])
+    io.barrier()
     return iteration
 
 
@@ -351,7 +217,7 @@ def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
             dist.all_gather(shards, local.contiguous(), group=m.tp_group)
         full[name] = m.lora_layout.unshard(factor, shards).cpu().contiguous()
     merged = {}
-    for part in _all_ranks(full):  # PP stages hold different layers
+    for part in io.all_ranks(full):  # PP stages hold different layers
         merged.update(part)
     return merged
 
@@ -361,13 +227,13 @@ def save_full_adapter(model, path: str) -> None:
     from safetensors.torch import save_file
 
     tensors = gather_full_adapter(model)
-    if _rank() == 0:
+    if io.rank() == 0:
         tmp = f"{path}.tmp-{os.getpid()}"
         meta = dict(format=FORMAT, format_version=str(FORMAT_VERSION),
                     lora_config=json.dumps(_model_config(model).to_dict()))
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
-    _barrier()
+    io.barrier()
 
 
 def read_full_adapter(path: str):
@@ -403,7 +269,7 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
     named = _named_factors(model)
     if strict:
         known = set()
-        for names in _all_ranks(sorted(named)):
+        for names in io.all_ranks(sorted(named)):
             known.update(names)
         unexpected = sorted(set(tensors) - known)
         if unexpected:

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
-from typing import Dict, Iterable, Iterator, List, Union
+from typing import Dict, Iterator, List
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear

@@ -5,7 +5,8 @@ import pickle
 
 import pytest
 
-from megatron_lora.checkpoint import AdapterCheckpointError, _check_no_pickled_code, read_full_adapter
+from megatron_lora.checkpoint import AdapterCheckpointError, read_full_adapter
+from megatron_lora.checkpoint_io import check_no_pickled_code as _check_no_pickled_code
 
 
 class _Exploit:

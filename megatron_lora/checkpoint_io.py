@@ -1,0 +1,190 @@
+"""Low-level checkpoint I/O shared by adapter and base-model checkpoints.
+
+Saves are atomic: a checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed into place, and
+only then does the tracker file (``latest_*.txt``) move, so a crash mid-save leaves the previous
+checkpoint as the latest. RNG state is stored as tensors, never pickled, and every load first
+screens the dist checkpoint's ``.metadata`` so that reading it cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model, or cannot be read; the message says what to do."""
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_ranks(obj) -> list:
+    """``obj`` from every rank (small Python objects only)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str, tracker: str) -> Optional[int]:
+    """The iteration named by ``root/tracker`` (the newest COMPLETE checkpoint), or None."""
+    path = os.path.join(root, tracker)
+    if not os.path.exists(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} holds {text!r}, expected an iteration number; delete it to "
+                              "start over or write the iteration of a complete checkpoint into it.")
+    return int(text)
+
+
+def begin_save(root: str, iteration: int) -> str:
+    """Create the temporary directory ``save`` writes into (rank 0; collective)."""
+    tmp = iteration_dir(root, iteration) + ".tmp"
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+        os.makedirs(tmp)
+    barrier()
+    return tmp
+
+
+def commit_save(root: str, iteration: int, tracker: str) -> str:
+    """Rename the finished temporary directory into place, then move the tracker (rank 0)."""
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank() == 0:
+        if os.path.exists(final):  # re-saving one iteration: swap, keeping one complete copy
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, tracker), str(iteration))
+    barrier()
+    return final
+
+
+def rng_sharded_tensors() -> dict:
+    """This rank's RNG states as ShardedTensors [world, n] (tensors, so nothing is pickled)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    states.update({f"tracker.{k}": v for k, v in get_cuda_rng_tracker().get_states().items()})
+    return {name: ShardedTensor.from_rank_offsets(f"rng_state.{name}", state.clone(), (0, rank(), world()),
+                                                  replica_id=0, prepend_axis_num=1)
+            for name, state in states.items()}
+
+
+def restore_rng(loaded: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(loaded["torch"])
+    if "cuda" in loaded and torch.cuda.is_available():
+        torch.cuda.set_rng_state(loaded["cuda"])
+    tracker = {k[len("tracker."):]: v for k, v in loaded.items() if k.startswith("tracker.")}
+    get_cuda_rng_tracker().set_states(tracker)
+
+
+# torch DCP unpickles ``.metadata`` with plain pickle and byte items with weights_only=False:
+# check both before Megatron touches a checkpoint, so loading cannot run code from the files.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem")
+_ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module in _DCP_MODULES or module.startswith("megatron.core.dist_checkpointing."):
+            # Plain data classes of torch DCP / Megatron (e.g. MCoreSavePlan): types, no functions.
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) or name == "_MEM_FORMAT_ENCODING":
+                return obj
+        elif (module, name) in _ALLOWED_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None),
+                                                 (torch.dtype, torch.layout, torch.memory_format))):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"checkpoint metadata references {module}.{name}, which a megatron_lora adapter "
+            "checkpoint never contains; refusing to load it (it could run code).")
+
+
+def check_no_pickled_code(ckpt_dir: str) -> None:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = os.path.join(ckpt_dir, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise CheckpointError(f"{path} is missing or corrupted ({err}); load an earlier checkpoint.")
+    objects = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    if objects:
+        raise CheckpointError(
+            f"{ckpt_dir} holds pickled objects {objects[:4]}, which megatron_lora never writes and "
+            "torch would unpickle without restriction; refusing to load it.")
+
+
+def copy_loaded(sharded: dict, loaded: dict) -> None:
+    """Copy loaded values into the parameters their sharded entries were built from.
+
+    Megatron keys stack the layers (the layer index is a sharded offset), so names do not map
+    back to modules; the entries do. Plain entries are loaded in place already; factories (the
+    SwiGLU ``linear_fc1`` split) return a new tensor.
+    """
+    with torch.no_grad():
+        for key, entry in sharded.items():
+            value = loaded[key]
+            if value.data_ptr() != entry.data.data_ptr():
+                entry.data.copy_(value)
+
+
+def load_dist(state: dict, ckpt_dir: str, retry_hint: str = "Load an earlier checkpoint.") -> dict:
+    """``dist_checkpointing.load`` after the safety screen, with one readable error."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_no_pickled_code(ckpt_dir)
+    try:
+        return dist_checkpointing.load(state, ckpt_dir)
+    except (Exception, CheckpointException) as err:  # the latter is a BaseException; torch
+        # raises it on every rank when any rank cannot read its part
+        raise CheckpointError(
+            f"{ckpt_dir}: the checkpoint files could not be read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}); a file is truncated or "
+            f"corrupted, or the checkpoint lacks tensors this model needs. {retry_hint}") from err
