@@ -11,9 +11,11 @@ setup(
     packages=find_packages(include=["megatron_lora", "megatron_lora.*"]),
     python_requires=">=3.10",
     # torch is deliberately a range: pin the build you want (e.g. the CPU wheel) before installing.
-    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.17", "packaging", "safetensors>=0.4", "psutil"],
+    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.17", "packaging", "safetensors>=0.4", "psutil",
+                      "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "tensorboard"],
+        "tensorboard": ["tensorboard"],
         "hf": ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],
         "te": ["transformer-engine[pytorch]"],
         "apex": [],  # apex is not on the package index: build it from source (see README)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lora import checkpoint_io as io
+from megatron_lora import compat
 from megatron_lora import collectives as C
 from megatron_lora.checkpoint_io import CheckpointError
 from megatron_lora.config import LoRAConfig
@@ -112,7 +113,7 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
     sharded = lora_sharded_state_dict(model)
     state = {"model": sharded}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(sharded)
+        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded)
     if save_rng:
         state["rng"] = io.rng_sharded_tensors()
     dist_checkpointing.save(state, tmp)
@@ -191,7 +192,7 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     sharded = lora_sharded_state_dict(model)
     state = {"model": sharded}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
     if load_rng:
         state["rng"] = io.rng_sharded_tensors()
     loaded = io.load_dist(state, ckpt_dir, "Load an earlier checkpoint (load_adapter(..., iteration=N)).")

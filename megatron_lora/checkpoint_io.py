@@ -174,6 +174,17 @@ def copy_loaded(sharded: dict, loaded: dict) -> None:
                 entry.data.copy_(value)
 
 
+def _missing_keys(err: BaseException) -> list:
+    """Tensor names a failed torch DCP load did not find (its per-rank KeyErrors)."""
+    failures = getattr(err, "failures", None) or {}
+    found = set()
+    for failure in failures.values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, KeyError) and exc.args:
+            found.add(repr(exc.args[0]))
+    return sorted(found)
+
+
 def load_dist(state: dict, ckpt_dir: str, retry_hint: str = "Load an earlier checkpoint.") -> dict:
     """``dist_checkpointing.load`` after the safety screen, with one readable error."""
     from megatron.core import dist_checkpointing
@@ -184,6 +195,12 @@ def load_dist(state: dict, ckpt_dir: str, retry_hint: str = "Load an earlier che
         return dist_checkpointing.load(state, ckpt_dir)
     except (Exception, CheckpointException) as err:  # the latter is a BaseException; torch
         # raises it on every rank when any rank cannot read its part
+        missing = _missing_keys(err)
+        if missing:
+            raise CheckpointError(
+                f"{ckpt_dir} has no tensor {', '.join(missing[:4])}, which this model needs: the "
+                "checkpoint was saved from a model with other flags (tied / untied embeddings "
+                "--untie-embeddings-and-output-weights, layer count, LoRA targets).") from err
         raise CheckpointError(
             f"{ckpt_dir}: the checkpoint files could not be read ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200] if str(err) else ''}); a file is truncated or "

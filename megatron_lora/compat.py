@@ -67,3 +67,18 @@ def apply_swiglu_sharded_factory(sharded_tensor, sharded_offsets, metadata):
         singleton = (metadata or {}).get("singleton_local_shards", False)
         return factory(sharded_tensor, sharded_offsets, singleton)
     return factory(sharded_tensor, sharded_offsets)
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, is_loading=False):
+    """The optimizer's sharded state, in a format that loads at another TP / PP / DP layout.
+
+    The distributed optimizer's default format ('fully_sharded_model_space') relies on
+    ``ShardedTensor.flattened_range``, which 0.16 refuses; releases that have the
+    'fully_reshardable' format get it (LoRA state is small, so gathering it on save is cheap).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    metadata = None
+    if hasattr(DistributedOptimizer, "sharded_param_state_fully_reshardable"):
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)

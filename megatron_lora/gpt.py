@@ -1,0 +1,98 @@
+"""Building a Megatron-Core ``GPTModel`` stage, with or without LoRA layers, on CPU or GPU.
+
+One builder for the training script, the tests and the Megatron-LM wrapper, so every one of them
+gets the same module tree (and so the same checkpoint keys):
+
+* Megatron's local GPT layer spec (``get_gpt_layer_local_spec``), rewritten by
+  ``lora_layer_spec`` when a ``LoRAConfig`` is given;
+* :class:`TorchNorm` for the two per-layer norms and the final norm. Without Apex, Megatron's
+  local spec falls back to ``WrappedTorchNorm``, which refuses ``sequence_parallel=True``; this
+  norm is the same torch module with its weights marked the way Megatron's ``FusedLayerNorm``
+  marks them, so sequence parallelism works on CPU too. The parameter names (``weight``,
+  ``bias``) and so the checkpoint keys are Megatron's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_lora.config import LoRAConfig
+
+
+class TorchNorm:
+    """``torch.nn.RMSNorm`` / ``LayerNorm`` behind Megatron's norm constructor, SP-capable.
+
+    Under SP each TP rank normalises its own sequence chunk, so the weight gradient is a partial
+    sum; marking the weights ``sequence_parallel`` makes ``finalize_model_grads`` all-reduce it
+    over TP.
+    """
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **unused_megatron_kwargs):
+        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}[config.normalization]
+        norm = norm_cls(hidden_size, eps=eps, device=torch.cuda.current_device())
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def with_torch_norms(layer_spec):
+    """A copy of a GPT layer spec whose two norms are :class:`TorchNorm`."""
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm))
+
+
+def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRAConfig] = None,
+                   qk_layernorm: bool = False):
+    """Megatron's local GPT layer spec with SP-capable norms and, given a config, LoRA layers."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_lora.inject import lora_layer_spec
+
+    spec = with_torch_norms(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+    return lora_layer_spec(spec, lora_config) if lora_config is not None else spec
+
+
+def gpt_block_spec(config, layer_spec):
+    """The transformer block of this pipeline stage: its share of layers, then the final norm."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
+                                      layer_norm=TorchNorm)
+
+
+def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
+                    lora_config: Optional[LoRAConfig] = None, layer_spec=None,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    **gpt_kwargs):
+    """This rank's ``GPTModel`` stage (embedding on the first stage, output layer on the last).
+
+    ``layer_spec`` (a local GPT layer spec; its norms become :class:`TorchNorm`) defaults to
+    :func:`gpt_layer_spec` for ``config.normalization``; ``lora_config`` puts LoRA layers into it
+    (call ``apply_lora(model, cfg)`` afterwards to initialise them).
+    ``gpt_kwargs`` go to ``GPTModel`` (e.g. ``position_embedding_type``,
+    ``share_embeddings_and_output_weights``).
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    if layer_spec is None:
+        layer_spec = gpt_layer_spec(config.normalization, lora_config)
+    else:
+        layer_spec = with_torch_norms(layer_spec)
+        if lora_config is not None:
+            from megatron_lora.inject import lora_layer_spec
+
+            layer_spec = lora_layer_spec(layer_spec, lora_config)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    return GPTModel(config=config, transformer_layer_spec=gpt_block_spec(config, layer_spec),
+                    vocab_size=vocab_size, max_sequence_length=max_sequence_length,
+                    pre_process=pre_process, post_process=post_process, **gpt_kwargs)

@@ -1,0 +1,110 @@
+"""Base-model checkpoints: the whole model (pretraining) or its merged / frozen base weights.
+
+Layout, Megatron-LM's: ``root/iter_XXXXXXX/`` is a ``torch_dist`` checkpoint of the model's
+``sharded_state_dict`` (the same keys Megatron-LM writes for the same architecture), and
+``root/latest_checkpointed_iteration.txt`` names the newest complete one. Besides the tensors:
+
+* ``model_args.json``: the architecture flags (``pretrain_args.MODEL_ARG_NAMES``), so a run that
+  loads the checkpoint with other sizes fails with the flag that differs, not a shape error;
+* optionally the optimizer and RNG state (as tensors) for resuming pretraining.
+
+LoRA tensors are never part of a base checkpoint (see ``checkpoint.py`` for adapters); entries
+Megatron stores as pickled objects (``_extra_state``) are left out, so loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from megatron_lora import checkpoint_io as io
+from megatron_lora import compat
+from megatron_lora.checkpoint_io import CheckpointError
+from megatron_lora.inject import model_chunks
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_ARGS_FILE = "model_args.json"
+
+
+def base_sharded_state_dict(model) -> dict:
+    """Every base tensor of the model's sharded state dict (all chunks), LoRA factors left out."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out = {}
+    for chunk in model_chunks(model):
+        module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
+        for key, value in module.sharded_state_dict().items():
+            if key.endswith((".lora_A", ".lora_B", "_extra_state")) or isinstance(value, ShardedObject):
+                continue
+            out[key] = value
+    return out
+
+
+def resolve(path: str) -> str:
+    """The iteration directory ``path`` means: itself, or its tracker's latest under a root."""
+    if os.path.exists(os.path.join(path, ".metadata")):
+        return path
+    iteration = io.latest_iteration(path, TRACKER)
+    if iteration is None:
+        raise CheckpointError(f"{path}: no checkpoint ({TRACKER} and .metadata are both missing); "
+                              "pass a directory written by --save.")
+    return io.iteration_dir(path, iteration)
+
+
+def read_model_args(path: str) -> Optional[dict]:
+    """The architecture flags saved with a checkpoint, or None when it has none (e.g. Megatron-LM)."""
+    file = os.path.join(resolve(path), MODEL_ARGS_FILE)
+    if not os.path.exists(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_model(model, root: str, iteration: int, model_args: dict, optimizer=None,
+               save_rng: bool = False) -> str:
+    """Write the base weights (and optionally optimizer / RNG state); collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    tmp = io.begin_save(root, iteration)
+    sharded = base_sharded_state_dict(model)
+    state = {"model": sharded}
+    if optimizer is not None:
+        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded)
+    if save_rng:
+        state["rng"] = io.rng_sharded_tensors()
+    dist_checkpointing.save(state, tmp)
+    if io.rank() == 0:
+        record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
+                      has_rng=save_rng, world_size=io.world())
+        io.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
+    return io.commit_save(root, iteration, TRACKER)
+
+
+def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
+    """Load base weights (any TP / PP layout) from ``path`` (a root or an iteration directory).
+
+    Returns the checkpoint's iteration (0 when it does not record one). Collective.
+    """
+    ckpt_dir = resolve(path)
+    saved = read_model_args(ckpt_dir) or {}
+    for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", load_rng)):
+        if wanted and not saved.get(flag):
+            raise CheckpointError(f"{ckpt_dir} was saved without {flag[4:]} state.")
+    if load_rng and saved.get("world_size") != io.world():
+        raise CheckpointError(f"{ckpt_dir}: RNG state was saved by {saved.get('world_size')} ranks, "
+                              f"this run has {io.world()}; resume on the same layout.")
+    sharded = base_sharded_state_dict(model)
+    state = {"model": sharded}
+    if optimizer is not None:
+        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
+    if load_rng:
+        state["rng"] = io.rng_sharded_tensors()
+    loaded = io.load_dist(state, ckpt_dir)
+    io.copy_loaded(sharded, loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if load_rng:
+        io.restore_rng(loaded["rng"])
+    io.barrier()
+    return int(saved.get("iteration", 0))

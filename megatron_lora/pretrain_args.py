@@ -1,0 +1,270 @@
+"""Flags of ``scripts/pretrain_gpt_lora.py``: Megatron-LM's names, checked before any work starts.
+
+The model, parallel-layout, optimizer, data and checkpoint flags keep Megatron-LM's spelling and
+meaning (``--tensor-model-parallel-size``, ``--num-query-groups``, ``--global-batch-size``, ...)
+so an existing launch line carries over; the LoRA group comes from ``megatron_lora.arguments``.
+
+``validate_args`` runs on every rank before the process group exists and before anything is
+written: a bad flag combination is a :class:`UsageError` whose message is one line naming the
+flag, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from megatron_lora.arguments import add_lora_args, lora_config_from_args
+from megatron_lora.config import DEFAULT_TARGET_MODULES
+
+# The architecture flags a checkpoint records (``model_args.json``) and a run must match.
+MODEL_ARG_NAMES = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "swiglu", "normalization", "norm_epsilon", "position_embedding_type",
+    "rotary_base", "max_position_embeddings", "untie_embeddings_and_output_weights",
+    "add_bias_linear", "add_qkv_bias", "padded_vocab_size", "tokenizer_type",
+)
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work; the message is the one line the user sees."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="GPT pretraining / LoRA fine-tuning on Megatron-Core (Megatron-LM flag names).",
+        allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=128)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 4 * hidden size.")
+    g.add_argument("--num-attention-heads", type=int, default=8)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="Accepted for Megatron-LM compatibility; --num-query-groups decides.")
+    g.add_argument("--num-query-groups", type=int, default=None, help="Default: one per head (MHA).")
+    g.add_argument("--kv-channels", type=int, default=None, help="Default: hidden size / heads.")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (linear_fc1 holds [gate; up]).")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
+                   default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="Default: --seq-length.")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA + NCCL when a GPU is present, else CPU + gloo.")
+    g.add_argument("--nproc-per-node", type=int, default=None,
+                   help="Start this many local ranks (instead of torchrun). Default: 1, or the "
+                        "launcher's ranks when started by torchrun / srun.")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Default: micro batch size * data-parallel size.")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="linear")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Default: --train-iters.")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Save and exit once this much wall time has passed.")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="Save and exit after an iteration divisible by this number.")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="Indexed dataset prefix(es), optionally weighted: [W1] PREFIX1 [W2 PREFIX2].")
+    g.add_argument("--split", default="969,30,1", help="Train,valid,test document split weights.")
+    g.add_argument("--tokenizer-type", choices=("ByteLevel",), default="ByteLevel")
+    g.add_argument("--data-cache-path", default=None)
+
+    g = p.add_argument_group("checkpointing and evaluation")
+    g.add_argument("--save", default=None, help="Checkpoint directory (LoRA runs: the adapter only).")
+    g.add_argument("--load", default=None, help="Resume from the latest checkpoint here, if any.")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="Base model checkpoint to start from (loaded frozen under LoRA).")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--no-progress-bar", action="store_true",
+                   help="No progress bar (it is only drawn when stderr is a terminal).")
+    add_lora_args(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _fail(message: str) -> None:
+    raise UsageError(message)
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Check every flag combination and fill derived values; raises UsageError (one line)."""
+    from megatron_lora.data import DataError, check_data_prefixes
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--num-layers", args.num_layers), ("--hidden-size", args.hidden_size),
+                        ("--num-attention-heads", args.num_attention_heads),
+                        ("--micro-batch-size", args.micro_batch_size), ("--seq-length", args.seq_length),
+                        ("--train-iters", args.train_iters)):
+        if value < 1:
+            _fail(f"{flag} must be >= 1, found {value}.")
+    if world_size % (tp * pp):
+        _fail(f"{world_size} ranks do not divide into TP={tp} x PP={pp}; start a multiple of "
+              f"{tp * pp} ranks (--nproc-per-node / torchrun --nproc-per-node).")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // (tp * pp)
+    heads = args.num_attention_heads
+    args.num_query_groups = args.num_query_groups or heads
+    if heads % tp:
+        _fail(f"--num-attention-heads {heads} does not divide by --tensor-model-parallel-size {tp}; "
+              f"pick a TP size that divides {heads}.")
+    if args.num_query_groups % tp or heads % args.num_query_groups:
+        _fail(f"--num-query-groups {args.num_query_groups} must divide --num-attention-heads {heads} "
+              f"and divide by --tensor-model-parallel-size {tp}.")
+    if args.kv_channels is None and args.hidden_size % heads:
+        _fail(f"--hidden-size {args.hidden_size} does not divide by --num-attention-heads {heads}; "
+              "set --kv-channels or change the sizes.")
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    if args.ffn_hidden_size % tp:
+        _fail(f"--ffn-hidden-size {args.ffn_hidden_size} does not divide by TP={tp}.")
+    if args.num_layers % pp:
+        _fail(f"--num-layers {args.num_layers} does not divide by --pipeline-model-parallel-size {pp}.")
+    if args.sequence_parallel and tp == 1:
+        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
+              "over the TP ranks); drop the flag or raise the TP size.")
+    if args.sequence_parallel and args.seq_length % tp:
+        _fail(f"--seq-length {args.seq_length} does not divide by TP={tp}, which --sequence-parallel needs.")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    step = args.micro_batch_size * args.data_parallel_size
+    args.global_batch_size = args.global_batch_size or step
+    if args.global_batch_size % step:
+        _fail(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+              f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}.")
+    args.num_microbatches = args.global_batch_size // step
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.save_interval is not None and args.save_interval < 1:
+        _fail(f"--save-interval must be >= 1, found {args.save_interval}.")
+    if args.data_path is None:
+        _fail("--data-path is required: an indexed dataset prefix made by scripts/preprocess_data.py.")
+    try:
+        check_data_prefixes(args.data_path)
+    except DataError as err:
+        _fail(str(err))
+    for flag, path in (("--pretrained-checkpoint", args.pretrained_checkpoint),):
+        if path is not None and not os.path.isdir(path):
+            _fail(f"{flag} {path}: no such directory; pass a checkpoint saved with --save.")
+    if args.lora_load is not None and not os.path.exists(args.lora_load):
+        _fail(f"--lora-load {args.lora_load}: no such file; pass a full adapter (.safetensors).")
+    try:
+        args.lora = lora_config_from_args(args)
+    except ValueError as err:
+        _fail(str(err))
+    if args.lora is not None:
+        unknown = [t for t in args.lora.target_modules if t not in DEFAULT_TARGET_MODULES]
+        if unknown:
+            _fail(f"--lora-target-modules {' '.join(unknown)}: no such module in a GPT layer; "
+                  f"choose from {' '.join(DEFAULT_TARGET_MODULES)}.")
+    elif args.lora_load or args.lora_save_merged:
+        _fail("--lora-load / --lora-save-merged need --lora-rank (the adapter's rank).")
+    from megatron_lora.data import build_tokenizer
+
+    args.padded_vocab_size = padded_vocab_size(build_tokenizer(args.tokenizer_type).vocab_size, args)
+    if args.padded_vocab_size % tp:
+        _fail(f"the padded vocabulary ({args.padded_vocab_size}) does not divide by TP={tp}; set "
+              f"--make-vocab-size-divisible-by to a multiple of {tp}.")
+    if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        _fail("--tensorboard-dir needs the tensorboard package: pip install 'megatron_lora[tensorboard]'.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA device is visible; use --device cpu (gloo) or auto.")
+    args.use_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    return args
+
+
+def transformer_config_from_args(args: argparse.Namespace):
+    """Megatron's ``TransformerConfig`` for these flags (fusions off on CPU: they need CUDA)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    fuse = not args.use_cpu
+    recompute = {}
+    if args.recompute_granularity == "full":
+        recompute = dict(recompute_granularity="full", recompute_method=args.recompute_method,
+                         recompute_num_layers=args.recompute_num_layers)
+    elif args.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels, gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu, normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon, add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel, bf16=args.bf16, params_dtype=dtype,
+        pipeline_dtype=dtype, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        bias_activation_fusion=fuse and args.add_bias_linear, persist_layer_norm=False,
+        **recompute)
+
+
+def model_args(args: argparse.Namespace) -> dict:
+    """The architecture flags a checkpoint records (and a later run must match)."""
+    return {name: getattr(args, name) for name in MODEL_ARG_NAMES}
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Round up to a multiple of --make-vocab-size-divisible-by.
+
+    Megatron-LM multiplies that by the TP size, so the embedding's shape (and every checkpoint)
+    would depend on TP; here it does not, and a vocabulary that does not divide by TP is an error.
+    """
+    multiple = args.make_vocab_size_divisible_by
+    return -(-vocab_size // multiple) * multiple
+
+
+def describe_mismatch(saved: dict, current: dict) -> Optional[str]:
+    """``--flag saved vs current`` for each differing architecture flag, or None."""
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {current[k]!r}"
+             for k in current if k in saved and saved[k] != current[k]]
+    return "; ".join(diffs) or None

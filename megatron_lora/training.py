@@ -1,0 +1,422 @@
+"""The training loop of ``scripts/pretrain_gpt_lora.py``, on Megatron-Core's own machinery.
+
+Per iteration it does what Megatron-LM's ``train_step`` does, with Megatron-Core parts only:
+``DistributedDataParallel`` grad buffers, the pipeline schedule of ``get_forward_backward_func``
+(which calls ``finalize_model_grads``: DP reduce-scatter / all-reduce, the TP all-reduce of
+sequence-parallel and replicated-LoRA partial grads, tied-embedding sync over PP), then
+``get_megatron_optimizer``'s step and an ``OptimizerParamScheduler`` step.
+
+Data order is Megatron's: sample ``iteration * global_batch + k`` in a fixed shuffle, so a
+resumed run (adapter / model + optimizer + RNG state, see ``checkpoint`` / ``model_checkpoint``)
+sees exactly the batches an uninterrupted run sees. Validation always reads the SAME first
+``eval_iters`` batches of the validation split, so losses at different iterations (and of the
+frozen base against the adapter) compare like with like.
+
+With ``--lora-rank`` the base comes from ``--pretrained-checkpoint`` and stays frozen; ``--save``
+receives only the adapter (dist checkpoint for resume, plus ``adapter.safetensors`` at the end).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_lora.checkpoint_io import atomic_write_text
+from megatron_lora.pretrain_args import (
+    UsageError,
+    describe_mismatch,
+    model_args,
+    transformer_config_from_args,
+)
+
+FULL_ADAPTER_FILE = "adapter.safetensors"
+METRICS_FILE = "metrics.json"  # this run's losses, for scripts (rank 0 writes it into --save)
+
+
+class Log:
+    """Rank 0 prints lines; a progress bar on stderr when it is a terminal; optional TensorBoard."""
+
+    def __init__(self, args):
+        self.rank0 = dist.get_rank() == 0
+        self.bar = self.rank0 and not args.no_progress_bar and sys.stderr.isatty()
+        self.writer = None
+        if self.rank0 and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # validate_args checked it exists
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+
+    def line(self, text: str) -> None:
+        if self.rank0:
+            if self.bar:
+                sys.stderr.write("\r\033[K")
+            print(text, flush=True)
+
+    def progress(self, iteration: int, total: int, elapsed: float) -> None:
+        if self.bar:
+            done = int(30 * iteration / total)
+            eta = elapsed / max(iteration, 1) * (total - iteration)
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {iteration}/{total} eta {eta:5.0f}s")
+            sys.stderr.flush()
+
+    def scalars(self, iteration: int, values: dict) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, iteration)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.bar:
+            sys.stderr.write("\r\033[K")
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+def initialize(args) -> None:
+    """Process group (NCCL, or gloo on CPU), Megatron's parallel state and seeds."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if args.use_cpu:
+        from megatron_lora.cpu import enable_cpu
+
+        enable_cpu()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("gloo" if args.use_cpu else "nccl")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    # Megatron-LM's rule: one seed per pipeline stage; TP ranks share it (the tracker adds the
+    # TP rank for the model-parallel stream), DP replicas share it.
+    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def gpt_stage_from_args(args, lora_config=None):
+    """This rank's ``GPTModel`` stage for the flags, freshly initialised (LoRA layers optional)."""
+    from megatron_lora.gpt import build_gpt_stage
+
+    return build_gpt_stage(
+        transformer_config_from_args(args), args.padded_vocab_size, args.max_position_embeddings,
+        lora_config=lora_config, position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+
+
+def build_model(args, log: Log):
+    """This rank's model stage: base loaded (frozen under LoRA), LoRA applied; unwrapped."""
+    from megatron_lora import apply_lora
+    from megatron_lora.checkpoint import load_full_adapter
+    from megatron_lora.model_checkpoint import load_model, read_model_args
+
+    model = gpt_stage_from_args(args, args.lora)
+    config = model.config
+    if args.pretrained_checkpoint:
+        saved = read_model_args(args.pretrained_checkpoint)
+        mismatch = saved and describe_mismatch(saved, model_args(args))
+        if mismatch:
+            raise UsageError(f"--pretrained-checkpoint {args.pretrained_checkpoint} has another "
+                             f"architecture ({mismatch}); use the checkpoint's flags.")
+        load_model(model, args.pretrained_checkpoint)
+        log.line(f"loaded base weights from {args.pretrained_checkpoint}")
+    elif args.lora is not None:
+        log.line("warning: LoRA on a randomly initialised base (no --pretrained-checkpoint)")
+    if args.lora is not None:
+        apply_lora(model, args.lora)
+        if args.lora_load:
+            load_full_adapter(model, args.lora_load)
+            log.line(f"loaded adapter from {args.lora_load}")
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        return model, Float16Module(config, model)
+    return model, model
+
+
+def build_optimizer(args, config, ddp):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------- one step
+
+def _forward_step(data_iterator, model):
+    """Megatron's forward_step contract: (output, loss function of that output)."""
+    batch = {k: v.to(torch.cuda.current_device()) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _masked_mean_loss(loss_mask, per_token_loss):
+    mask = loss_mask.reshape(-1).float()
+    loss = (per_token_loss.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _run_schedule(args, ddp, data_iterator, forward_only: bool) -> float:
+    """One global batch through the pipeline schedule; the batch's mean loss on every rank."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reduced = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=data_iterator, model=[ddp],
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length,
+        forward_only=forward_only)
+    # Only the last stage has losses; average them over micro-batches, then over DP replicas.
+    mine = 0.0
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        mine = sum(float(r["lm loss"]) for r in reduced) / len(reduced)
+    total = torch.tensor([mine], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / args.data_parallel_size
+
+
+def _batches(args, dataset, consumed_samples: int):
+    from megatron.core import parallel_state
+
+    from megatron_lora.data import micro_batches
+
+    return micro_batches(dataset, consumed_samples, args.micro_batch_size,
+                         parallel_state.get_data_parallel_rank(), args.data_parallel_size)
+
+
+def evaluate(args, model, ddp, valid) -> float:
+    """Mean loss over the first ``eval_iters`` global batches of the validation split."""
+    iterator = _batches(args, valid, 0)
+    model.eval()
+    with torch.no_grad():
+        losses = [_run_schedule(args, ddp, iterator, forward_only=True) for _ in range(args.eval_iters)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def save(args, model, optimizer, iteration: int, final: bool) -> None:
+    from megatron_lora.checkpoint import save_adapter, save_full_adapter
+    from megatron_lora.model_checkpoint import save_model
+
+    optim = None if args.no_save_optim else optimizer
+    if args.lora is not None:
+        save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng)
+        if final:
+            save_full_adapter(model, os.path.join(args.save, FULL_ADAPTER_FILE))
+    else:
+        save_model(model, args.save, iteration, model_args(args), optimizer=optim,
+                   save_rng=not args.no_save_rng)
+
+
+def resume(args, model, optimizer, log: Log) -> int:
+    """Load the latest checkpoint under ``--load``; the iteration to continue from (0 if none)."""
+    from megatron_lora import checkpoint, model_checkpoint
+
+    if not args.load:
+        return 0
+    if args.lora is not None:
+        if checkpoint.latest_iteration(args.load) is None:
+            log.line(f"no adapter checkpoint under --load {args.load}; starting at iteration 0")
+            return 0
+        iteration = checkpoint.load_adapter(model, args.load, optimizer=optimizer, load_rng=True)
+    else:
+        if model_checkpoint.io.latest_iteration(args.load, model_checkpoint.TRACKER) is None:
+            log.line(f"no checkpoint under --load {args.load}; starting at iteration 0")
+            return 0
+        mismatch = describe_mismatch(model_checkpoint.read_model_args(args.load) or {}, model_args(args))
+        if mismatch:
+            raise UsageError(f"--load {args.load} has another architecture ({mismatch}).")
+        iteration = model_checkpoint.load_model(model, args.load, optimizer=optimizer, load_rng=True)
+    log.line(f"resumed from {args.load} at iteration {iteration}")
+    return iteration
+
+
+def save_merged(args, model, log: Log) -> None:
+    """Fold the adapter into the base and write a plain (no-LoRA) model checkpoint."""
+    from megatron_lora import merge_lora, unmerge_lora
+    from megatron_lora.model_checkpoint import save_model
+
+    merge_lora(model)
+    try:
+        plain_args = dict(model_args(args))
+        save_model(model, args.lora_save_merged, 0, plain_args)
+    finally:
+        unmerge_lora(model)
+    log.line(f"saved the merged model (base + adapter) to {args.lora_save_merged}")
+
+
+# ----------------------------------------------------------------------------------- train
+
+def _replicated_factors_identical(model) -> tuple:
+    """(identical, total) over replicated LoRA factors, compared bitwise across each TP group.
+
+    They must be identical by construction (DESIGN §3); a run that prints less than total/total
+    has a bug, so the script reports it at the end of every TP > 1 LoRA run.
+    """
+    from megatron_lora import collectives as C
+    from megatron_lora import lora_modules
+
+    same = total = 0
+    for m in lora_modules(model):
+        for factor in ("lora_A", "lora_B"):
+            if m.lora_layout.partition_dim(factor) is None and C.group_size(m.tp_group) > 1:
+                mine = getattr(m, factor).detach().contiguous()
+                copies = [torch.empty_like(mine) for _ in range(C.group_size(m.tp_group))]
+                dist.all_gather(copies, mine, group=m.tp_group)
+                same += all(torch.equal(c, copies[0]) for c in copies)
+                total += 1
+    counts = torch.tensor([same, total])
+    dist.all_reduce(counts)  # every stage and replica: identical means everywhere
+    return int(counts[0]), int(counts[1])
+
+
+def _time_is_up(args, start: float) -> bool:
+    """--exit-duration-in-mins, decided by rank 0 for everyone (ranks must agree)."""
+    if args.exit_duration_in_mins is None:
+        return False
+    flag = torch.tensor([float((time.time() - start) / 60.0 > args.exit_duration_in_mins)])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def pretrain(args) -> dict:
+    """Run the job the flags describe; returns {"losses": {iteration: loss}, "valid": ...}."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megatron_lora import adapters_disabled
+    from megatron_lora.data import build_gpt_datasets, build_tokenizer
+
+    start = time.time()
+    initialize(args)
+    log = Log(args)
+    dp, tp, pp = args.data_parallel_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    log.line(f"world {args.world_size} = TP {tp} x PP {pp} x DP {dp}"
+             f"{' + SP' if args.sequence_parallel else ''} on {'CPU/gloo' if args.use_cpu else 'GPU/NCCL'}; "
+             f"global batch {args.global_batch_size} = {args.num_microbatches} micro-batches of "
+             f"{args.micro_batch_size} x DP {dp}")
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args.data_path, args.split, args.seq_length, args.seed,
+        (args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0),
+        build_tokenizer(args.tokenizer_type), args.data_cache_path)
+    model, wrapped = build_model(args, log)
+    config = model.config
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer), module=wrapped)
+    optimizer, scheduler = build_optimizer(args, config, ddp)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.line(f"{'LoRA r=%d on %s: ' % (args.lora.rank, ' '.join(args.lora.target_modules)) if args.lora else ''}"
+             f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters "
+             f"on rank 0 (TP/PP shard)")
+
+    iteration = resume(args, model, optimizer, log)
+    scheduler.step(increment=iteration)
+    result = {"losses": {}, "valid": {}}
+    if args.lora is not None and args.eval_iters and valid_ds is not None:
+        with adapters_disabled(model):
+            result["valid"]["base"] = evaluate(args, wrapped, ddp, valid_ds)
+        log.line(f"validation lm loss of the frozen base: {result['valid']['base']:.6E}")
+
+    data = _batches(args, train_ds, iteration * args.global_batch_size)
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    window_start, window_losses = time.time(), []
+    exit_reason = None
+    while iteration < args.train_iters:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = _run_schedule(args, ddp, data, forward_only=False)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        result["losses"][iteration] = loss
+        window_losses.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"lm loss is {loss} at iteration {iteration}; lower --lr or check the data.")
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            seconds = time.time() - window_start
+            mean = sum(window_losses) / len(window_losses)
+            tps = tokens_per_iter * len(window_losses) / max(seconds, 1e-9)
+            log.line(f"iteration {iteration:6d}/{args.train_iters} | consumed samples "
+                     f"{iteration * args.global_batch_size:8d} | lm loss {mean:.6E} | lr {lr:.3E} | "
+                     f"grad norm {float(grad_norm or 0.0):.4f} | tokens/s {tps:8.0f} | elapsed {time.time() - start:7.1f}s")
+            log.scalars(iteration, {"lm loss": mean, "learning rate": lr, "grad norm": float(grad_norm or 0.0),
+                                    "tokens per second": tps})
+            window_start, window_losses = time.time(), []
+        log.progress(iteration, args.train_iters, time.time() - start)
+        if args.eval_iters and valid_ds is not None and iteration % args.eval_interval == 0 \
+                and iteration < args.train_iters:
+            value = evaluate(args, wrapped, ddp, valid_ds)
+            result["valid"][iteration] = value
+            log.line(f"validation lm loss at iteration {iteration}: {value:.6E}")
+            log.scalars(iteration, {"validation lm loss": value})
+        if args.save and args.save_interval and iteration % args.save_interval == 0 \
+                and iteration < args.train_iters:
+            save(args, model, optimizer, iteration, final=False)
+            log.line(f"saved checkpoint at iteration {iteration} to {args.save}")
+        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            exit_reason = f"--exit-interval {args.exit_interval}"
+            break
+        if _time_is_up(args, start):
+            exit_reason = f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
+            break
+
+    if args.eval_iters and valid_ds is not None and exit_reason is None:
+        value = evaluate(args, wrapped, ddp, valid_ds)
+        result["valid"]["final"] = value
+        log.scalars(iteration, {"validation lm loss": value})
+        if "base" in result["valid"]:
+            log.line(f"validation lm loss: frozen base {result['valid']['base']:.4f} -> "
+                     f"LoRA {value:.4f} after {iteration} iterations")
+        else:
+            log.line(f"validation lm loss after {iteration} iterations: {value:.6E}")
+    if args.save:
+        save(args, model, optimizer, iteration, final=exit_reason is None)
+        log.line(f"saved {'adapter' if args.lora else 'checkpoint'} at iteration {iteration} to {args.save}")
+    if args.lora_save_merged and exit_reason is None:
+        save_merged(args, model, log)
+    if args.lora is not None and args.tensor_model_parallel_size > 1:
+        same, total = _replicated_factors_identical(model)
+        log.line(f"replicated LoRA factors bitwise identical across TP ranks: {same}/{total}")
+        if same != total:
+            raise RuntimeError(f"only {same} of {total} replicated LoRA factors agree across "
+                                     "TP ranks: a bug in megatron_lora, please report it.")
+    if args.save and log.rank0:
+        atomic_write_text(os.path.join(args.save, METRICS_FILE), json.dumps(
+            {"iteration": iteration, "losses": result["losses"], "valid": result["valid"]}, indent=1))
+    if exit_reason:
+        log.line(f"exiting at iteration {iteration}: {exit_reason}")
+    log.close()
+    result["iteration"] = iteration
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return result

@@ -1,0 +1,63 @@
+"""GPT pretraining and LoRA fine-tuning on Megatron-Core, with Megatron-LM's flag names.
+
+    # N local ranks (CPU + gloo when there is no GPU), flags checked once before any rank starts:
+    python scripts/pretrain_gpt_lora.py --nproc-per-node 2 --tensor-model-parallel-size 2 \
+        --num-layers 2 --hidden-size 128 --num-attention-heads 8 --seq-length 64 \
+        --micro-batch-size 8 --train-iters 100 --lr 3e-3 --data-path /data/my_text_document \
+        --pretrained-checkpoint /ckpt/base --lora-rank 8 --save /ckpt/lora
+    # or under torchrun / srun, as Megatron-LM's pretrain_gpt.py:
+    torchrun --nproc-per-node 2 scripts/pretrain_gpt_lora.py ...
+
+Without --lora-rank it pretrains (or fine-tunes) the whole model; with it, only the adapter
+trains and --save holds only the adapter. The logic lives in megatron_lora.training.
+"""
+
+import os
+import sys
+import warnings
+
+
+def _quiet_cpu_fallback_warnings():
+    # Megatron announces at import that Apex / Transformer Engine are missing; on CPU that is the
+    # expected path, so the script keeps its output readable. The library filters nothing.
+    for message in (".*(Apex|Transformer Engine) (is|are) not installed.*", ".*cuda_graph_scope.*",
+                    ".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
+        warnings.filterwarnings("ignore", message=message)
+    # Deprecations inside Megatron's dist-checkpoint strategy (torch's ShardedTensor API); not
+    # actionable for a user of this script.
+    for message in (".*`load_state_dict` is deprecated.*", ".*Please use DTensor instead.*"):
+        warnings.filterwarnings("ignore", category=FutureWarning, message=message)
+
+
+def main(argv=None) -> int:
+    _quiet_cpu_fallback_warnings()
+    from megatron_lora import launch
+    from megatron_lora.checkpoint_io import CheckpointError
+    from megatron_lora.data import DataError
+    from megatron_lora.pretrain_args import UsageError, parse_args, validate_args
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    world = launch.world_size() if launch.launched() else (args.nproc_per_node or 1)
+    try:
+        validate_args(args, world)
+    except UsageError as err:
+        if not launch.launched() or launch.rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if not launch.launched():
+        if world > 1:
+            return launch.run_local_ranks(world, os.path.abspath(__file__), argv)
+        launch.set_single_process_env()
+    from megatron_lora.training import pretrain
+
+    try:
+        pretrain(args)
+    except (UsageError, CheckpointError, DataError, FloatingPointError) as err:
+        launch.report_error(str(err))
+        return 2 if isinstance(err, UsageError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""End-to-end runs of scripts/pretrain_gpt_lora.py (issue 4's acceptance).
+
+Every LoRA run starts from ONE base checkpoint pretrained by the script itself at TP=1, so the
+layouts differ only in how the same computation is split (DESIGN §8).
+"""
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+from tests.distributed import script_runs as S
+from tests.distributed.launcher import run_distributed
+
+TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--log-interval", "1",
+         "--lr-decay-style", "constant", "--eval-iters", "0", "--seed", "5", "--split", "90,10,0"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pretrain")
+
+
+@pytest.fixture(scope="module")
+def data(workdir):
+    return S.make_dataset(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def base(workdir, data):
+    """A base model pretrained 6 iterations at TP=1 (also checks eval and TensorBoard output)."""
+    save, tb = workdir / "base", workdir / "tb"
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, "--train-iters", "6", "--data-path", data,
+                        "--eval-iters", "2", "--eval-interval", "3",
+                        "--save", save, "--tensorboard-dir", tb])
+    losses = S.losses(run.stdout)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1], run.stdout
+    assert "validation lm loss at iteration 3" in run.stdout and "tokens/s" in run.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert glob.glob(str(tb / "events.out.tfevents.*")), "no TensorBoard event file"
+    return str(save)
+
+
+def lora_run(workdir, data, base, name, nproc=1, extra=(), iters=10):
+    save = workdir / name
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", iters,
+                        "--data-path", data, "--pretrained-checkpoint", base, "--save", save,
+                        *extra], nproc=nproc)
+    return run, save
+
+
+@pytest.fixture(scope="module")
+def tp1(workdir, data, base):
+    run, save = lora_run(workdir, data, base, "lora_tp1")
+    return S.losses(run.stdout), str(save)
+
+
+LAYOUTS = {
+    "TP=2": ["--tensor-model-parallel-size", "2"],
+    "PP=2": ["--pipeline-model-parallel-size", "2"],
+    "DP=2": [],
+    "DP=2 distributed optimizer": ["--use-distributed-optimizer"],
+    "TP=2+SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+}
+
+
+def _adapter(save):
+    from megatron_lora.checkpoint import read_full_adapter
+
+    return read_full_adapter(os.path.join(save, "adapter.safetensors"))[0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lora_layout_matches_tp1(workdir, data, base, tp1, layout):
+    ref_losses, ref_save = tp1
+    run, save = lora_run(workdir, data, base, f"lora_{layout}".replace(" ", "_").replace("=", ""),
+                         nproc=2, extra=LAYOUTS[layout])
+    got = S.losses(run.stdout)
+    assert sorted(got) == list(range(1, 11)), run.stdout
+    for it in got:
+        assert math.isclose(got[it], ref_losses[it], rel_tol=2e-5), (it, got[it], ref_losses[it])
+    ref, mine = _adapter(ref_save), _adapter(str(save))
+    assert sorted(ref) == sorted(mine) and len(ref) == 4 * 2 * 2
+    for name in ref:
+        assert ref[name].abs().max() > 0, name  # every factor trained (B starts at 0)
+        # Adam divides by sqrt(v): elements whose gradient is ~0 turn fp32 reduction-order noise
+        # into lr-sized steps, so the bound is in units of lr (1e-2 x 10 steps), not 1e-7.
+        torch.testing.assert_close(mine[name], ref[name], rtol=1e-3, atol=1e-4)
+
+
+def test_resumed_run_reproduces_uninterrupted_losses(workdir, data, base):
+    """Interrupted at 4 (--exit-interval), resumed with --load: identical losses and adapter.
+
+    Dropout is on (model and LoRA), so the RNG state has to come back too."""
+    noisy = ["--tensor-model-parallel-size", "2", "--hidden-dropout", "0.1", "--lora-dropout", "0.1",
+             "--lr-decay-style", "cosine", "--lr-warmup-iters", "2"]
+    full, full_save = lora_run(workdir, data, base, "resume_full", nproc=2, extra=noisy, iters=8)
+    first, part_save = lora_run(workdir, data, base, "resume_part", nproc=2, extra=[*noisy, "--exit-interval", "4"],
+                                iters=8)
+    assert sorted(S.losses(first.stdout)) == [1, 2, 3, 4] and "exiting at iteration 4" in first.stdout
+    second, _ = lora_run(workdir, data, base, "resume_part", nproc=2, extra=[*noisy, "--load", part_save], iters=8)
+    assert "resumed from" in second.stdout and "at iteration 4" in second.stdout
+    expected = S.losses(full.stdout)
+    assert {**S.losses(first.stdout), **S.losses(second.stdout)} == expected  # bitwise
+    ref, mine = _adapter(str(full_save)), _adapter(str(part_save))
+    assert all(torch.equal(ref[k], mine[k]) for k in ref)
+
+
+def _merged_worker(flags, base, save, merged):
+    from megatron_lora import apply_lora
+    from megatron_lora.checkpoint import load_full_adapter
+    from megatron_lora.model_checkpoint import load_model
+    from megatron_lora.pretrain_args import parse_args, validate_args
+    from megatron_lora.training import gpt_stage_from_args
+
+    args = validate_args(parse_args(flags), world_size=2)
+
+    def stage(lora):
+        torch.manual_seed(123)  # any init: every weight is loaded below
+        return gpt_stage_from_args(args, lora)
+
+    lora_model = stage(args.lora)
+    load_model(lora_model, base)
+    apply_lora(lora_model, args.lora)
+    load_full_adapter(lora_model, os.path.join(save, "adapter.safetensors"))
+    plain = stage(None)
+    load_model(plain, merged)
+    base_model = stage(None)
+    load_model(base_model, base)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, -1)
+    with torch.no_grad():
+        out = [m(tokens, positions, None) for m in (lora_model, plain, base_model)]
+    frozen_same = all(torch.equal(p, q) for (n, p), (_, q) in zip(plain.named_parameters(), base_model.named_parameters())
+                      if not n.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")))
+    return dict(lora_vs_merged=(out[0] - out[1]).abs().max().item(), lora_vs_base=(out[0] - out[2]).abs().max().item(),
+                frozen_same=frozen_same)
+
+
+def test_finetune_saves_only_the_adapter_and_merged_checkpoint_equals_lora(workdir, data, base):
+    merged = workdir / "merged"
+    run, save = lora_run(workdir, data, base, "finetune", nproc=2, iters=6,
+                         extra=["--tensor-model-parallel-size", "2", "--lora-save-merged", merged])
+    assert "saved the merged model" in run.stdout
+    # --save holds the adapter only: every tensor in its dist checkpoint is a LoRA factor, or its
+    # optimizer state / RNG state.
+    import pickle
+
+    with open(save / "iter_0000006" / ".metadata", "rb") as f:
+        keys = list(pickle.load(f).state_dict_metadata)
+    model_keys = [k for k in keys if not k.startswith(("optimizer.", "rng_state."))]
+    assert model_keys and all(k.endswith((".lora_A", ".lora_B")) for k in model_keys), model_keys
+    assert all(".lora_" in k for k in keys if k.startswith("optimizer.")), keys
+    flags = [*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", "6", "--data-path", data,
+             "--tensor-model-parallel-size", "2"]
+    results = run_distributed(_merged_worker, 2, flags, base, str(save), str(merged), tp=2)
+    for r in results:
+        assert r["lora_vs_merged"] < 1e-4, r
+        assert r["lora_vs_base"] > 1e-3, r  # the adapter changed the model
+        assert r["frozen_same"], r  # embeddings and norms are the base's: only LoRA trained
+
+
+BAD_INPUTS = {
+    "missing data path": (["--data-path", "/nonexistent/corpus"], 1, "/nonexistent/corpus"),
+    "TP does not divide heads": (["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads 4"),
+    "unknown LoRA target": (["--lora-target-modules", "linear_qkv", "q_proj"], 1, "q_proj"),
+    "SP with TP=1": (["--sequence-parallel"], 1, "--sequence-parallel"),
+    "base with other sizes": (["--hidden-size", "64", "--ffn-hidden-size", "128"], 1, "--hidden-size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(workdir, data, base, case):
+    flags, nproc, needle = BAD_INPUTS[case]
+    save = workdir / f"bad_{case.replace(' ', '_')}"
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", "2", "--data-path", data,
+                        "--pretrained-checkpoint", base, "--save", save, *flags], nproc=nproc, check=False)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert not save.exists()
