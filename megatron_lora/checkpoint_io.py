@@ -144,7 +144,14 @@ class _MetadataUnpickler(pickle.Unpickler):
             "checkpoint never contains; refusing to load it (it could run code).")
 
 
-def check_no_pickled_code(ckpt_dir: str) -> None:
+def check_no_pickled_code(ckpt_dir: str, requested: Optional[set] = None) -> None:
+    """Refuse a dist checkpoint whose loading could run code from its files.
+
+    torch DCP unpickles ``.metadata`` and pickled byte items (``requested`` keys only, or all when
+    None) without restriction, and megatron-core 0.13 reads ``common.pt`` with
+    ``weights_only=False``: ``.metadata`` goes through an allow-list unpickler, requested byte
+    items are refused, and ``common.pt`` must load with ``weights_only=True``.
+    """
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     path = os.path.join(ckpt_dir, ".metadata")
@@ -153,11 +160,38 @@ def check_no_pickled_code(ckpt_dir: str) -> None:
             metadata = _MetadataUnpickler(f).load()
     except (OSError, pickle.UnpicklingError, EOFError) as err:
         raise CheckpointError(f"{path} is missing or corrupted ({err}); load an earlier checkpoint.")
-    objects = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    objects = sorted(k for k, v in metadata.state_dict_metadata.items()
+                     if isinstance(v, BytesStorageMetadata) and (requested is None or k in requested))
     if objects:
         raise CheckpointError(
             f"{ckpt_dir} holds pickled objects {objects[:4]}, which megatron_lora never writes and "
             "torch would unpickle without restriction; refusing to load it.")
+    check_common_state(ckpt_dir)
+
+
+def check_common_state(ckpt_dir: str) -> None:
+    import argparse
+
+    path = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.exists(path):
+        return
+    try:  # Megatron-LM stores its argparse.Namespace there: plain data, allowed by name
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} holds objects beyond tensors and plain data ({str(err).splitlines()[-1][:160]}); "
+            "refusing to load it, since unpickling it could run code.") from None
+
+
+def _sharded_keys(state) -> set:
+    """Checkpoint keys a (nested) sharded state dict asks for."""
+    if isinstance(state, dict):
+        return set().union(*(_sharded_keys(v) for v in state.values())) if state else set()
+    if isinstance(state, (list, tuple)):
+        return set().union(*(_sharded_keys(v) for v in state)) if state else set()
+    key = getattr(state, "key", None)
+    return {key} if isinstance(key, str) else set()
 
 
 def copy_loaded(sharded: dict, loaded: dict) -> None:
@@ -190,7 +224,7 @@ def load_dist(state: dict, ckpt_dir: str, retry_hint: str = "Load an earlier che
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    check_no_pickled_code(ckpt_dir)
+    check_no_pickled_code(ckpt_dir, requested=_sharded_keys(state))
     try:
         return dist_checkpointing.load(state, ckpt_dir)
     except (Exception, CheckpointException) as err:  # the latter is a BaseException; torch

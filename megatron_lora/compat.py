@@ -82,3 +82,4 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, is_loading
     if hasattr(DistributedOptimizer, "sharded_param_state_fully_reshardable"):
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+

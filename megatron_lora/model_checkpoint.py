@@ -27,14 +27,18 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_ARGS_FILE = "model_args.json"
 
 
-def base_sharded_state_dict(model) -> dict:
-    """Every base tensor of the model's sharded state dict (all chunks), LoRA factors left out."""
+def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
+    """Every base tensor of the model's sharded state dict (all chunks), LoRA factors left out.
+
+    ``metadata`` is the checkpoint's content metadata when loading (how it was sharded, e.g.
+    Megatron-LM's ``singleton_local_shards``); None means Megatron's defaults, used on save.
+    """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     out = {}
     for chunk in model_chunks(model):
         module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
-        for key, value in module.sharded_state_dict().items():
+        for key, value in module.sharded_state_dict(metadata=metadata).items():
             if key.endswith((".lora_A", ".lora_B", "_extra_state")) or isinstance(value, ShardedObject):
                 continue
             out[key] = value
@@ -45,6 +49,9 @@ def resolve(path: str) -> str:
     """The iteration directory ``path`` means: itself, or its tracker's latest under a root."""
     if os.path.exists(os.path.join(path, ".metadata")):
         return path
+    tracker = os.path.join(path, TRACKER)
+    if os.path.exists(tracker) and open(tracker, encoding="utf-8").read().strip() == "release":
+        return os.path.join(path, "release")  # Megatron-LM's name for a converted checkpoint
     iteration = io.latest_iteration(path, TRACKER)
     if iteration is None:
         raise CheckpointError(f"{path}: no checkpoint ({TRACKER} and .metadata are both missing); "
@@ -84,6 +91,9 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
 def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
     """Load base weights (any TP / PP layout) from ``path`` (a root or an iteration directory).
 
+    Also reads Megatron-LM ``torch_dist`` checkpoints of the same architecture: the keys are the
+    model's own, only tensors are requested, and the checkpoint's content metadata is honoured.
+
     Returns the checkpoint's iteration (0 when it does not record one). Collective.
     """
     ckpt_dir = resolve(path)
@@ -94,7 +104,10 @@ def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
     if load_rng and saved.get("world_size") != io.world():
         raise CheckpointError(f"{ckpt_dir}: RNG state was saved by {saved.get('world_size')} ranks, "
                               f"this run has {io.world()}; resume on the same layout.")
-    sharded = base_sharded_state_dict(model)
+    from megatron.core import dist_checkpointing
+
+    io.check_common_state(ckpt_dir)  # content metadata lives in common.pt: screen it first
+    sharded = base_sharded_state_dict(model, metadata=dist_checkpointing.load_content_metadata(ckpt_dir))
     state = {"model": sharded}
     if optimizer is not None:
         state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)

@@ -43,8 +43,8 @@ METRICS_FILE = "metrics.json"  # this run's losses, for scripts (rank 0 writes i
 class Log:
     """Rank 0 prints lines; a progress bar on stderr when it is a terminal; optional TensorBoard."""
 
-    def __init__(self, args):
-        self.rank0 = dist.get_rank() == 0
+    def __init__(self, args, rank0: bool):
+        self.rank0 = rank0
         self.bar = self.rank0 and not args.no_progress_bar and sys.stderr.isatty()
         self.writer = None
         if self.rank0 and args.tensorboard_dir:
@@ -287,8 +287,12 @@ def _replicated_factors_identical(model) -> tuple:
                 dist.all_gather(copies, mine, group=m.tp_group)
                 same += all(torch.equal(c, copies[0]) for c in copies)
                 total += 1
+    from megatron.core import parallel_state
+
     counts = torch.tensor([same, total])
-    dist.all_reduce(counts)  # every stage and replica: identical means everywhere
+    if parallel_state.get_tensor_model_parallel_rank() or parallel_state.get_data_parallel_rank():
+        counts.zero_()  # count each logical factor once: sum over pipeline stages only
+    dist.all_reduce(counts)
     return int(counts[0]), int(counts[1])
 
 
@@ -315,7 +319,7 @@ def pretrain(args) -> dict:
 
     start = time.time()
     initialize(args)
-    log = Log(args)
+    log = Log(args, rank0=dist.get_rank() == 0)
     dp, tp, pp = args.data_parallel_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     log.line(f"world {args.world_size} = TP {tp} x PP {pp} x DP {dp}"
              f"{' + SP' if args.sequence_parallel else ''} on {'CPU/gloo' if args.use_cpu else 'GPU/NCCL'}; "

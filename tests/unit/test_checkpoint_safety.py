@@ -4,6 +4,7 @@ import os
 import pickle
 
 import pytest
+import torch
 
 from megatron_lora.checkpoint import AdapterCheckpointError, read_full_adapter
 from megatron_lora.checkpoint_io import check_no_pickled_code as _check_no_pickled_code
@@ -43,3 +44,20 @@ def test_non_safetensors_file_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(AdapterCheckpointError, match="truncated or corrupted"):
         read_full_adapter(str(path))
+
+
+class _Payload:
+    """Stands in for a pickle that would run code: any global outside the allow-list."""
+
+
+def test_common_state_that_is_not_plain_data_is_refused(tmp_path):
+    """megatron-core 0.13 reads common.pt with weights_only=False: screen it first."""
+    import argparse
+
+    from megatron_lora.checkpoint_io import check_common_state
+
+    torch.save({"args": argparse.Namespace(lr=1.0), "iteration": 3}, tmp_path / "common.pt")
+    check_common_state(str(tmp_path))  # Megatron-LM's pickled Namespace is plain data: fine
+    torch.save({"args": _Payload()}, tmp_path / "common.pt")
+    with pytest.raises(AdapterCheckpointError, match="common.pt holds objects beyond tensors"):
+        check_common_state(str(tmp_path))
