@@ -45,18 +45,16 @@ MIB = 2.0 ** 20
 
 def build(variant, sp, shape, base_params):
     """The GPT of one variant on this rank; base weights copied from ``base_params`` if given."""
-    from megatron.core.models.gpt import GPTModel
-
     from benchmarks.naive_lora import apply_naive_lora
     from megatron_lora import LoRAConfig, apply_lora
-    from tests.distributed.models import tiny_block_spec, tiny_gpt_config
+    from megatron_lora.gpt import build_gpt_stage
+    from tests.distributed.models import tiny_gpt_config
 
     config = tiny_gpt_config(tp=2, sp=sp, num_layers=shape["layers"], hidden_size=shape["hidden"],
                              ffn_hidden_size=shape["ffn"], num_attention_heads=HEADS,
                              num_query_groups=GROUPS)
-    model = GPTModel(config=config, transformer_layer_spec=tiny_block_spec(config), vocab_size=VOCAB,
-                     max_sequence_length=shape["seq"], position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
+    model = build_gpt_stage(config, VOCAB, shape["seq"], position_embedding_type="rope",
+                            share_embeddings_and_output_weights=False)
     if base_params is not None:  # same names before the adapters go in; KeyError if not
         with torch.no_grad():
             for name, p in model.named_parameters():
