@@ -182,3 +182,15 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, data, base, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     assert not save.exists()
+
+
+def test_bf16_lora_run_tracks_the_fp32_trajectory(workdir, data, base, tp1):
+    """--bf16 (Float16Module + Megatron's mixed-precision optimizer) at TP=2: same path, bf16 noise."""
+    ref_losses, _ = tp1
+    run, save = lora_run(workdir, data, base, "lora_bf16", nproc=2,
+                         extra=["--tensor-model-parallel-size", "2", "--bf16"])
+    got = S.losses(run.stdout)
+    assert sorted(got) == list(range(1, 11)), run.stdout
+    for it in got:
+        assert math.isclose(got[it], ref_losses[it], rel_tol=2e-2), (it, got[it], ref_losses[it])
+    assert "replicated LoRA factors bitwise identical across TP ranks: 8/8" in run.stdout
