@@ -93,13 +93,56 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-TOKENIZERS = {"ByteLevel": ByteTokenizer}
+class HuggingFaceTokenizer:
+    """A Hugging Face tokenizer read from a local directory (``transformers``; no downloads).
+
+    The end-of-document id is the tokenizer's EOS token, the vocabulary its full length (added
+    tokens included). Megatron caches dataset indices under a key that includes
+    ``unique_identifiers``, so the directory is part of it.
+    """
+
+    def __init__(self, model_dir: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise DataError("--tokenizer-type HuggingFaceTokenizer needs transformers: "
+                            "pip install -e '.[hf]'") from None
+        if not model_dir or not os.path.isdir(model_dir):
+            raise DataError(f"--tokenizer-model: expected a local Hugging Face tokenizer directory, "
+                            f"found {model_dir!r}; pass the model directory (tokenizer.json etc.)")
+        try:
+            self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise DataError(f"--tokenizer-model {model_dir}: not a readable tokenizer ({err}); pass "
+                            "the directory holding tokenizer.json / tokenizer_config.json") from None
+        if self._tok.eos_token_id is None:
+            raise DataError(f"--tokenizer-model {model_dir}: the tokenizer has no EOS token, which "
+                            "ends every document; use a tokenizer with one")
+        self.eod = int(self._tok.eos_token_id)
+        self.vocab_size = len(self._tok)
+        self.unique_identifiers = {"class": type(self).__name__, "model": os.path.abspath(model_dir),
+                                   "vocab_size": self.vocab_size, "eod": self.eod}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def __repr__(self):
+        return f"HuggingFaceTokenizer({self.unique_identifiers['model']}, vocab_size={self.vocab_size})"
 
 
-def build_tokenizer(name: str):
+TOKENIZERS = {"ByteLevel": ByteTokenizer, "HuggingFaceTokenizer": HuggingFaceTokenizer}
+
+
+def build_tokenizer(name: str, model_dir: str | None = None):
+    """The tokenizer ``--tokenizer-type`` names (``--tokenizer-model`` for Hugging Face ones)."""
     if name not in TOKENIZERS:
         raise DataError(f"--tokenizer-type: expected one of {sorted(TOKENIZERS)}, found {name!r}; "
                         f"pass --tokenizer-type ByteLevel")
+    if name == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(model_dir)
     return TOKENIZERS[name]()
 
 

@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", default=None,
                    help="Indexed dataset prefix(es), optionally weighted: [W1] PREFIX1 [W2 PREFIX2].")
     g.add_argument("--split", default="969,30,1", help="Train,valid,test document split weights.")
-    g.add_argument("--tokenizer-type", choices=("ByteLevel",), default="ByteLevel")
+    g.add_argument("--tokenizer-type", choices=("ByteLevel", "HuggingFaceTokenizer"), default="ByteLevel")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="Local Hugging Face tokenizer directory (--tokenizer-type HuggingFaceTokenizer).")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="Embedding rows before padding, when larger than the tokenizer's vocabulary "
+                        "(e.g. a Hugging Face model whose config.vocab_size exceeds len(tokenizer)).")
     g.add_argument("--data-cache-path", default=None)
 
     g = p.add_argument_group("checkpointing and evaluation")
@@ -206,7 +211,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _fail("--lora-load / --lora-save-merged need --lora-rank (the adapter's rank).")
     from megatron_lora.data import build_tokenizer
 
-    args.padded_vocab_size = padded_vocab_size(build_tokenizer(args.tokenizer_type).vocab_size, args)
+    try:
+        tokenizer_vocab = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+    except DataError as err:
+        _fail(str(err))
+    if args.vocab_size is not None and args.vocab_size < tokenizer_vocab:
+        _fail(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids; "
+              "drop the flag or raise it.")
+    args.padded_vocab_size = padded_vocab_size(max(tokenizer_vocab, args.vocab_size or 0), args)
     if args.padded_vocab_size % tp:
         _fail(f"the padded vocabulary ({args.padded_vocab_size}) does not divide by TP={tp}; set "
               f"--make-vocab-size-divisible-by to a multiple of {tp}.")

@@ -328,7 +328,7 @@ def pretrain(args) -> dict:
     train_ds, valid_ds, _ = build_gpt_datasets(
         args.data_path, args.split, args.seq_length, args.seed,
         (args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0),
-        build_tokenizer(args.tokenizer_type), args.data_cache_path)
+        build_tokenizer(args.tokenizer_type, args.tokenizer_model), args.data_cache_path)
     model, wrapped = build_model(args, log)
     config = model.config
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(

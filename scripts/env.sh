@@ -10,4 +10,4 @@ fi
 # shellcheck disable=SC1091
 source "${VENV}/bin/activate"
 python -m pip install --quiet --disable-pip-version-check \
-  "torch==2.13.0" "megatron-core==${MCORE_VERSION}" -e ".[test]"
+  "torch==2.13.0" "megatron-core==${MCORE_VERSION}" -e ".[test,hf]"

@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
                    help="auto: .txt is text (blank-line separated), anything else is JSON lines")
     p.add_argument("--tokenizer-type", choices=sorted(TOKENIZERS), default="ByteLevel")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="local Hugging Face tokenizer directory (--tokenizer-type HuggingFaceTokenizer)")
     p.add_argument("--append-eod", action="store_true",
                    help="accepted for Megatron-LM compatibility; an EOD always ends each document")
     return p.parse_args(argv)
@@ -92,7 +94,7 @@ def main(argv=None):
         with stream:
             docs = jsonl_documents(stream, name, args.json_keys) if fmt == "jsonl" \
                 else text_documents(stream)
-            stats = write_indexed_dataset(docs, args.output_prefix, build_tokenizer(args.tokenizer_type))
+            stats = write_indexed_dataset(docs, args.output_prefix, build_tokenizer(args.tokenizer_type, args.tokenizer_model))
     except UnicodeDecodeError as err:
         print(f"error: --input: expected UTF-8 text, found {err}; convert the file to UTF-8",
               file=sys.stderr)
