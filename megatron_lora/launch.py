@@ -5,10 +5,13 @@ process, then starts two ranks with the environment torchrun would give them (RA
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT). When one rank fails the others are stopped, and the ranks'
 error messages are printed once each, as one line: a bad checkpoint gives one line, not one
 traceback per rank (torchrun adds its own multi-line failure report, which this path avoids).
+SIGTERM / SIGUSR1 / SIGUSR2 sent to the launcher are passed on to every rank (see
+``megatron_lora.preemption``); a rank killed outright (SIGKILL) fails the job like any failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -71,7 +74,8 @@ def run_local_ranks(nproc: int, script: str, argv: List[str]) -> int:
                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        OMP_NUM_THREADS=threads, **{ERROR_DIR_ENV: errors})
             procs.append(subprocess.Popen([sys.executable, script, *argv], env=env))
-        code = _wait(procs)
+        with _forwarding_signals(procs):
+            code = _wait(procs)
         messages = []
         for r in range(nproc):
             path = os.path.join(errors, f"rank{r}.txt")
@@ -82,6 +86,28 @@ def run_local_ranks(nproc: int, script: str, argv: List[str]) -> int:
         for text in messages:
             print(f"error: {text}", file=sys.stderr, flush=True)
     return code
+
+
+# What a scheduler sends before it stops a job (Slurm: scancel --signal, --signal=SIG@SECONDS,
+# the SIGTERM of a cancel or time limit). The ranks decide what a signal means
+# (--exit-signal-handler: save and exit 0); the launcher only passes it on and keeps waiting, so
+# a rank that is still saving is not orphaned or cut short.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(procs):
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait(procs) -> int:

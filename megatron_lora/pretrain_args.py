@@ -20,6 +20,7 @@ import torch
 
 from megatron_lora.arguments import add_lora_args, lora_config_from_args
 from megatron_lora.config import DEFAULT_TARGET_MODULES
+from megatron_lora.preemption import EXIT_SIGNALS
 
 # The architecture flags a checkpoint records (``model_args.json``) and a run must match.
 MODEL_ARG_NAMES = (
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Save and exit once this much wall time has passed.")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="Save and exit after an iteration divisible by this number.")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="On --exit-signal, finish the current iteration, save a checkpoint (--save) "
+                        "and exit 0; a relaunch with --load resumes. For Slurm preemption / time limits.")
+    g.add_argument("--exit-signal", choices=EXIT_SIGNALS, default="SIGTERM",
+                   help="The signal --exit-signal-handler catches (Slurm: --signal=USR1@SECONDS).")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,

@@ -190,7 +190,8 @@ def _run_schedule(args, ddp, data_iterator, forward_only: bool) -> float:
     mine = 0.0
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         mine = sum(float(r["lm loss"]) for r in reduced) / len(reduced)
-    total = torch.tensor([mine], dtype=torch.float64)
+    # on the rank's device: NCCL reduces only CUDA tensors (the CPU shim maps it to the CPU)
+    total = torch.tensor([mine], dtype=torch.float64, device=torch.cuda.current_device())
     dist.all_reduce(total)
     return total.item() / args.data_parallel_size
 
@@ -289,20 +290,11 @@ def _replicated_factors_identical(model) -> tuple:
                 total += 1
     from megatron.core import parallel_state
 
-    counts = torch.tensor([same, total])
+    counts = torch.tensor([same, total], device=torch.cuda.current_device())
     if parallel_state.get_tensor_model_parallel_rank() or parallel_state.get_data_parallel_rank():
         counts.zero_()  # count each logical factor once: sum over pipeline stages only
     dist.all_reduce(counts)
     return int(counts[0]), int(counts[1])
-
-
-def _time_is_up(args, start: float) -> bool:
-    """--exit-duration-in-mins, decided by rank 0 for everyone (ranks must agree)."""
-    if args.exit_duration_in_mins is None:
-        return False
-    flag = torch.tensor([float((time.time() - start) / 60.0 > args.exit_duration_in_mins)])
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
 
 
 def pretrain(args) -> dict:
@@ -316,8 +308,13 @@ def pretrain(args) -> dict:
 
     from megatron_lora import adapters_disabled
     from megatron_lora.data import build_gpt_datasets, build_tokenizer
+    from megatron_lora.preemption import INTERVAL, ExitCheck
 
     start = time.time()
+    # installed first: a signal that arrives while the model is being built still stops the run
+    # cleanly, after its first iteration
+    exit_check = ExitCheck(args.exit_signal if args.exit_signal_handler else None,
+                           args.exit_duration_in_mins, start)
     initialize(args)
     log = Log(args, rank0=dist.get_rank() == 0)
     dp, tp, pp = args.data_parallel_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -353,7 +350,7 @@ def pretrain(args) -> dict:
     data = _batches(args, train_ds, iteration * args.global_batch_size)
     tokens_per_iter = args.global_batch_size * args.seq_length
     window_start, window_losses = time.time(), []
-    exit_reason = None
+    exit_reason = exit_text = None
     while iteration < args.train_iters:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -388,10 +385,11 @@ def pretrain(args) -> dict:
             save(args, model, optimizer, iteration, final=False)
             log.line(f"saved checkpoint at iteration {iteration} to {args.save}")
         if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-            exit_reason = f"--exit-interval {args.exit_interval}"
+            exit_reason, exit_text = INTERVAL, f"--exit-interval {args.exit_interval}"
             break
-        if _time_is_up(args, start):
-            exit_reason = f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
+        exit_reason = exit_check.reason() if iteration < args.train_iters else None
+        if exit_reason:
+            exit_text = exit_check.describe(exit_reason)
             break
 
     if args.eval_iters and valid_ds is not None and exit_reason is None:
@@ -416,9 +414,11 @@ def pretrain(args) -> dict:
                                      "TP ranks: a bug in megatron_lora, please report it.")
     if args.save and log.rank0:
         atomic_write_text(os.path.join(args.save, METRICS_FILE), json.dumps(
-            {"iteration": iteration, "losses": result["losses"], "valid": result["valid"]}, indent=1))
+            {"iteration": iteration, "losses": result["losses"], "valid": result["valid"],
+             "exit_reason": exit_reason}, indent=1))
     if exit_reason:
-        log.line(f"exiting at iteration {iteration}: {exit_reason}")
+        log.line(f"exiting at iteration {iteration}: {exit_text}")
+    exit_check.close()
     log.close()
     result["iteration"] = iteration
     parallel_state.destroy_model_parallel()

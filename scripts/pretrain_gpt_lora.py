@@ -7,6 +7,8 @@
         --pretrained-checkpoint /ckpt/base --lora-rank 8 --save /ckpt/lora
     # or under torchrun / srun, as Megatron-LM's pretrain_gpt.py:
     torchrun --nproc-per-node 2 scripts/pretrain_gpt_lora.py ...
+    # on Slurm (preemption-safe: saves on SIGUSR1 and requeues; see scripts/slurm/README.md):
+    sbatch scripts/slurm/pretrain_gpt_lora.sbatch ...
 
 Without --lora-rank it pretrains (or fine-tunes) the whole model; with it, only the adapter
 trains and --save holds only the adapter. The logic lives in megatron_lora.training.

@@ -4,6 +4,11 @@ import json
 import os
 import subprocess
 
+import pytest
+
+# The same training path runs per version in test_pretrain_script.py; the demo runs in one pass.
+pytestmark = pytest.mark.once
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
