@@ -108,11 +108,7 @@ def model_args_from_flags(flags, vocab_size: int) -> dict:
     """The ``model_args.json`` record pretrain_gpt_lora.py derives from these model flags."""
     from megatron_lora import pretrain_args as P
 
-    parser = P.build_parser()
-    knows_hf = any(a.dest == "tokenizer_type" and "HuggingFaceTokenizer" in (a.choices or ()) for a in parser._actions)
-    if not knows_hf:  # until the script takes --tokenizer-type HuggingFaceTokenizer
-        flags = without_flags(flags, ("--tokenizer-type", "--tokenizer-model"))
-    args = parser.parse_args(list(flags) + _SCRIPT_REQUIRED)
+    args = P.build_parser().parse_args(list(flags) + _SCRIPT_REQUIRED)
     # validate_args' derived values
     args.num_query_groups = args.num_query_groups or args.num_attention_heads
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size

@@ -206,7 +206,8 @@ def megatron_flags(cfg: dict, hf_dir: str) -> List[str]:
         flags.append("--add-qkv-bias")
     if not arch.tied:
         flags.append("--untie-embeddings-and-output-weights")
-    flags += ["--make-vocab-size-divisible-by", vocab_divisor(arch.vocab_size),
+    # --vocab-size: the embedding rows, which may exceed len(tokenizer) (e.g. Qwen2)
+    flags += ["--vocab-size", arch.vocab_size, "--make-vocab-size-divisible-by", vocab_divisor(arch.vocab_size),
               "--hidden-dropout", "0", "--attention-dropout", repr(float(cfg.get("attention_dropout", 0.0))),
               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
     return [str(f) for f in flags]
