@@ -201,7 +201,9 @@ class SlurmCluster:
         """Until the job is finished; a requeued job is started at once.
 
         Slurm holds a requeued job for 120 s (its begin time); the tests have no reason to wait
-        that long, so it is released with ``scontrol update StartTime=now``.
+        that long, so it is released with ``scontrol update StartTime=now``, but only once the node
+        is idle again: released while the previous run is still being cleaned up, slurmd refuses
+        the new start ("Job credential revoked") and the job fails.
         """
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -210,7 +212,9 @@ class SlurmCluster:
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                          "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
                 return info
-            if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime":
+            if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime" \
+                    and self.run(["sinfo", "-h", "-o", "%T"]).stdout.split() == ["idle"]:
+                time.sleep(1.0)  # let slurmd finish forgetting the previous run's credential
                 self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
             time.sleep(0.3)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout}s")
