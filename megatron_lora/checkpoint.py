@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_lora import checkpoint_io as io
-from megatron_lora import compat
 from megatron_lora import collectives as C
 from megatron_lora.checkpoint_io import CheckpointError
 from megatron_lora.config import LoRAConfig
@@ -110,13 +109,7 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
 
     cfg = _model_config(model)
     tmp = io.begin_save(root, iteration)
-    sharded = lora_sharded_state_dict(model)
-    state = {"model": sharded}
-    if optimizer is not None:
-        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded)
-    if save_rng:
-        state["rng"] = io.rng_sharded_tensors()
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(io.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
     shapes = _logical_shapes(model)
     if io.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),
@@ -182,26 +175,11 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     descriptor = read_descriptor(ckpt_dir)
     _check_config(descriptor["lora_config"], _model_config(model), ckpt_dir)
     _check_tensors(_logical_shapes(model), descriptor["tensors"], ckpt_dir)
-    if load_rng and descriptor["world_size"] != io.world():
-        raise AdapterCheckpointError(
-            f"{ckpt_dir}: RNG state was saved by {descriptor['world_size']} ranks, this run has "
-            f"{io.world()}; resume RNG only on the same layout, or load without load_rng.")
-    for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", load_rng)):
-        if wanted and not descriptor[flag]:
-            raise AdapterCheckpointError(f"{ckpt_dir} was saved without {flag[4:]} state.")
+    io.check_saved_state(descriptor, ckpt_dir, optimizer, load_rng)
     sharded = lora_sharded_state_dict(model)
-    state = {"model": sharded}
-    if optimizer is not None:
-        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
-    if load_rng:
-        state["rng"] = io.rng_sharded_tensors()
-    loaded = io.load_dist(state, ckpt_dir, "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
-    io.copy_loaded(sharded, loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    if load_rng:
-        io.restore_rng(loaded["rng"])
-    io.barrier()
+    loaded = io.load_dist(io.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
+                          "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
+    io.restore_training_state(sharded, loaded, optimizer, load_rng)
     return iteration
 
 

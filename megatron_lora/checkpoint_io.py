@@ -194,6 +194,39 @@ def _sharded_keys(state) -> set:
     return {key} if isinstance(key, str) else set()
 
 
+def training_state(sharded: dict, optimizer=None, rng: bool = False, is_loading: bool = False) -> dict:
+    """The state a checkpoint holds: ``sharded`` model entries, optionally optimizer and RNG."""
+    from megatron_lora import compat
+
+    state = {"model": sharded}
+    if optimizer is not None:
+        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=is_loading)
+    if rng:
+        state["rng"] = rng_sharded_tensors()
+    return state
+
+
+def check_saved_state(record: dict, ckpt_dir: str, optimizer=None, rng: bool = False) -> None:
+    """Refuse to resume optimizer / RNG state a checkpoint's record says it lacks or cannot give."""
+    for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", rng)):
+        if wanted and not record.get(flag):
+            raise CheckpointError(f"{ckpt_dir} was saved without {flag[4:]} state.")
+    if rng and record.get("world_size") != world():
+        raise CheckpointError(
+            f"{ckpt_dir}: RNG state was saved by {record.get('world_size')} ranks, this run has "
+            f"{world()}; resume RNG only on the same layout, or load without load_rng.")
+
+
+def restore_training_state(sharded: dict, loaded: dict, optimizer=None, rng: bool = False) -> None:
+    """Put what ``load_dist`` returned for :func:`training_state` back into model, optimizer, RNG."""
+    copy_loaded(sharded, loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if rng:
+        restore_rng(loaded["rng"])
+    barrier()
+
+
 def copy_loaded(sharded: dict, loaded: dict) -> None:
     """Copy loaded values into the parameters their sharded entries were built from.
 

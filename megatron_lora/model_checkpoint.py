@@ -19,7 +19,6 @@ import os
 from typing import Optional
 
 from megatron_lora import checkpoint_io as io
-from megatron_lora import compat
 from megatron_lora.checkpoint_io import CheckpointError
 from megatron_lora.inject import model_chunks
 
@@ -45,6 +44,11 @@ def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     return out
 
 
+def latest_iteration(root: str) -> Optional[int]:
+    """The newest COMPLETE model checkpoint under ``root``, or None."""
+    return io.latest_iteration(root, TRACKER)
+
+
 def resolve(path: str) -> str:
     """The iteration directory ``path`` means: itself, or its tracker's latest under a root."""
     if os.path.exists(os.path.join(path, ".metadata")):
@@ -52,7 +56,7 @@ def resolve(path: str) -> str:
     tracker = os.path.join(path, TRACKER)
     if os.path.exists(tracker) and open(tracker, encoding="utf-8").read().strip() == "release":
         return os.path.join(path, "release")  # Megatron-LM's name for a converted checkpoint
-    iteration = io.latest_iteration(path, TRACKER)
+    iteration = latest_iteration(path)
     if iteration is None:
         raise CheckpointError(f"{path}: no checkpoint ({TRACKER} and .metadata are both missing); "
                               "pass a directory written by --save.")
@@ -74,13 +78,7 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
     from megatron.core import dist_checkpointing
 
     tmp = io.begin_save(root, iteration)
-    sharded = base_sharded_state_dict(model)
-    state = {"model": sharded}
-    if optimizer is not None:
-        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded)
-    if save_rng:
-        state["rng"] = io.rng_sharded_tensors()
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(io.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
     if io.rank() == 0:
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
                       has_rng=save_rng, world_size=io.world())
@@ -98,26 +96,11 @@ def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
     """
     ckpt_dir = resolve(path)
     saved = read_model_args(ckpt_dir) or {}
-    for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", load_rng)):
-        if wanted and not saved.get(flag):
-            raise CheckpointError(f"{ckpt_dir} was saved without {flag[4:]} state.")
-    if load_rng and saved.get("world_size") != io.world():
-        raise CheckpointError(f"{ckpt_dir}: RNG state was saved by {saved.get('world_size')} ranks, "
-                              f"this run has {io.world()}; resume on the same layout.")
+    io.check_saved_state(saved, ckpt_dir, optimizer, load_rng)
     from megatron.core import dist_checkpointing
 
     io.check_common_state(ckpt_dir)  # content metadata lives in common.pt: screen it first
     sharded = base_sharded_state_dict(model, metadata=dist_checkpointing.load_content_metadata(ckpt_dir))
-    state = {"model": sharded}
-    if optimizer is not None:
-        state["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
-    if load_rng:
-        state["rng"] = io.rng_sharded_tensors()
-    loaded = io.load_dist(state, ckpt_dir)
-    io.copy_loaded(sharded, loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    if load_rng:
-        io.restore_rng(loaded["rng"])
-    io.barrier()
+    loaded = io.load_dist(io.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir)
+    io.restore_training_state(sharded, loaded, optimizer, load_rng)
     return int(saved.get("iteration", 0))

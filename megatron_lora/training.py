@@ -243,7 +243,7 @@ def resume(args, model, optimizer, log: Log) -> int:
             return 0
         iteration = checkpoint.load_adapter(model, args.load, optimizer=optimizer, load_rng=True)
     else:
-        if model_checkpoint.io.latest_iteration(args.load, model_checkpoint.TRACKER) is None:
+        if model_checkpoint.latest_iteration(args.load) is None:
             log.line(f"no checkpoint under --load {args.load}; starting at iteration 0")
             return 0
         mismatch = describe_mismatch(model_checkpoint.read_model_args(args.load) or {}, model_args(args))
