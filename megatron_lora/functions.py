@@ -35,6 +35,37 @@ def _add_lora_input_grad(dx, g, lora_a, scaling, mask, p):
         dx += _dropped(torch.matmul(g, lora_a) * scaling, mask, p)
 
 
+def main_grads_for(params, fuse: bool):
+    """The DDP ``main_grad`` buffers of ``params`` when gradient-accumulation fusion is on, else None.
+
+    Taken in forward, like Megatron's own linear, because a tensor unpacked from
+    ``saved_tensors`` need not be the Python object that carries ``main_grad``.
+    """
+    if fuse and all(hasattr(p, "main_grad") for p in params):
+        return tuple(params)
+    return None
+
+
+def deliver_factor_grads(fused_params, grads):
+    """What backward returns for the LoRA factors (Megatron's gradient_accumulation_fusion contract).
+
+    Fused (``fused_params`` from ``main_grads_for``): each gradient is added to ``main_grad``
+    here, the parameter is flagged ``grad_added_to_main_grad`` and a dummy gradient is returned, so
+    DDP's hook skips its own add but still fires on the backward thread (overlap_grad_reduce needs
+    that). The added value is the same tensor DDP would add, so fused and unfused agree bitwise.
+    No per-parameter hook is involved (LESSONS 7).
+    """
+    if fused_params is None:
+        return grads
+    out = []
+    for param, grad in zip(fused_params, grads):
+        param.main_grad.add_(grad)
+        param.grad_added_to_main_grad = True
+        dummy = torch.zeros_like if getattr(param, "zero_out_wgrad", False) else torch.empty_like
+        out.append(dummy(param, memory_format=torch.contiguous_format).detach())
+    return tuple(out)
+
+
 def _weight_grad(needed: bool, dy: torch.Tensor, x: torch.Tensor):
     # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
     return _flat(dy).t().matmul(_flat(x)) if needed else None
@@ -54,8 +85,8 @@ class LoRAColumnParallelFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, p, group, mode):
-        # mode: see collectives.reduce_with_rider
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, p, group, mode, fuse=False):
+        # mode: see collectives.reduce_with_rider; fuse: config.gradient_accumulation_fusion
         x_total = C.all_gather_first_dim(x, group) if mode == "reduce_scatter" else x
         u = torch.matmul(_dropped(x_total, mask, p), lora_a.t())  # [s, b, r]
         y = torch.matmul(x_total, weight.t())
@@ -67,6 +98,7 @@ class LoRAColumnParallelFn(torch.autograd.Function):
         keep_total = mode == "reduce_scatter" and ctx.needs_input_grad[1]
         ctx.save_for_backward(x, x_total if keep_total else None, weight, lora_a, lora_b, u, mask)
         ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
+        ctx.fused = main_grads_for((lora_a, lora_b), fuse)
         return y
 
     @staticmethod
@@ -83,7 +115,8 @@ class LoRAColumnParallelFn(torch.autograd.Function):
         d_b = s * _flat(dy).t().matmul(_flat(u))
         d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[2] else None
         d_w = _weight_grad(ctx.needs_input_grad[1], dy, x if x_total is None else x_total)
-        return dx, d_w, d_bias, d_a, d_b, None, None, None, None, None
+        d_a, d_b = deliver_factor_grads(ctx.fused, (d_a, d_b))
+        return dx, d_w, d_bias, d_a, d_b, None, None, None, None, None, None
 
 
 class LoRARowParallelFn(torch.autograd.Function):
@@ -100,7 +133,7 @@ class LoRARowParallelFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling, mask, p, group, mode):
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, mask, p, group, mode, fuse=False):
         h = torch.matmul(_dropped(x, mask, p), lora_a.t())  # [s, b, r]: rank i's term
         y = torch.matmul(x, weight.t())
         _flat(y).addmm_(_flat(h), lora_b.t(), alpha=scaling)
@@ -109,6 +142,7 @@ class LoRARowParallelFn(torch.autograd.Function):
         # A view would keep the whole reduced message alive until backward: copy the r columns.
         ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum.contiguous(), mask)
         ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
+        ctx.fused = main_grads_for((lora_a, lora_b), fuse)
         return y
 
     @staticmethod
@@ -122,4 +156,5 @@ class LoRARowParallelFn(torch.autograd.Function):
         dx = torch.matmul(dy, weight)
         _add_lora_input_grad(dx, g, lora_a, s, mask, ctx.p)
         d_a = s * _flat(g).t().matmul(_flat(_dropped(x, mask, ctx.p)))
-        return dx, _weight_grad(ctx.needs_input_grad[1], dy, x), d_a, d_b, None, None, None, None, None
+        d_a, d_b = deliver_factor_grads(ctx.fused, (d_a, d_b))
+        return dx, _weight_grad(ctx.needs_input_grad[1], dy, x), d_a, d_b, None, None, None, None, None, None

@@ -45,8 +45,16 @@ from megatron_lora.layout import AdapterLayout
 LORA_FACTORS = ("lora_A", "lora_B")
 
 
-class _LoRAMixin:
-    """State and helpers shared by both LoRA layers; the subclasses define layout and forward."""
+class LoRALayerMixin:
+    """State and helpers shared by every LoRA layer; the subclasses define layout and forward."""
+
+    @property
+    def lora_group(self):
+        """The TP group the factors are laid out over (the layer's own, DESIGN §1)."""
+        return self.tp_group
+
+    def _branch_sequence_parallel(self) -> bool:
+        return self.sequence_parallel
 
     def _setup_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name: Optional[str]):
         if not isinstance(lora_config, LoRAConfig):
@@ -59,7 +67,7 @@ class _LoRAMixin:
         self.lora_enabled = True
         self.lora_merged = False
         self.lora_init_name = None  # set by init_lora_factors
-        world = C.group_size(self.tp_group)
+        world = C.group_size(self.lora_group)
         ref = self.weight
         device = ref.device if ref is not None else compat.default_param_device(self.config)
         dtype = ref.dtype if ref is not None else self.config.params_dtype
@@ -71,7 +79,7 @@ class _LoRAMixin:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
             else:
                 # Only the replicated factor holds a per-sequence-chunk partial gradient under SP.
-                param.sequence_parallel = self.sequence_parallel
+                param.sequence_parallel = self._branch_sequence_parallel()
             # Expert params are reduced over the expert-data-parallel group, like the base weight.
             param.allreduce = not (self.is_expert and self.expert_parallel)
             setattr(self, factor, param)
@@ -135,7 +143,7 @@ class _LoRAMixin:
                 axes[factor] = dim
         state = self.state_dict(prefix="", keep_vars=True)
         sharded = compat.make_sharded_tensors_for_checkpoint(
-            state, prefix, axes, sharded_offsets, self.tp_group, metadata)
+            state, prefix, axes, sharded_offsets, self.lora_group, metadata)
         if self.lora_layout.gated:
             key = f"{prefix}lora_B"
             sharded[key] = compat.apply_swiglu_sharded_factory(sharded[key], sharded_offsets, metadata)
@@ -148,8 +156,11 @@ class _LoRAMixin:
         if type(base) is not expected:
             raise TypeError(f"{cls.__name__}.from_base expects a {expected.__name__}, got {type(base).__name__}.")
         base.__class__ = cls
-        base._setup_lora(lora_config, gated, lora_init_name)
+        base._become_lora(lora_config, gated, lora_init_name)
         return base
+
+    def _become_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name):
+        self._setup_lora(lora_config, gated, lora_init_name)
 
     def __repr__(self):
         c = self.lora_config
@@ -157,7 +168,7 @@ class _LoRAMixin:
                 f"lora_dropout={c.dropout}, merged={self.lora_merged}, enabled={self.lora_enabled})")
 
 
-class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
+class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
     """ColumnParallelLinear + LoRA: ``Y_i = X W_i^T + s (drop(X) A^T) B_i^T`` then the base gather.
 
     Collectives (exactly the base layer's): forward all-gather of X under SP and of Y when
@@ -206,14 +217,14 @@ class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
         bias = self.bias if not self.skip_bias_add else None
         output = LoRAColumnParallelFn.apply(
             input_, weight, bias, self.lora_A, self.lora_B, self.lora_scaling, mask,
-            self.lora_config.dropout, self.tp_group, mode)
+            self.lora_config.dropout, self.tp_group, mode, self.config.gradient_accumulation_fusion)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = compat.gather_from_tensor_model_parallel_region(output, self.tp_group)
         return output, (self.bias if self.skip_bias_add else None)
 
 
-class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
+class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
     """RowParallelLinear + LoRA: ``Y = sum_i X_i W_i^T + s (drop(X_i) A_i^T) B^T``, then bias.
 
     Collectives (exactly the base layer's): forward ONE all-reduce (reduce-scatter under SP) of
@@ -251,7 +262,7 @@ class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
             list(x.shape[:-1]) + [self.input_size], (-1, C.group_rank(self.tp_group) * width, width))
         output = LoRARowParallelFn.apply(
             x, self.weight, self.lora_A, self.lora_B, self.lora_scaling, mask,
-            self.lora_config.dropout, self.tp_group, mode)
+            self.lora_config.dropout, self.tp_group, mode, self.config.gradient_accumulation_fusion)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None

@@ -7,6 +7,7 @@ own initialisation differs between layouts (DESIGN §8).
 
 from __future__ import annotations
 
+import contextlib
 import torch
 
 from tests.distributed.models import SEQ_LEN, VOCAB_SIZE, build_tiny_gpt, tiny_gpt_config
@@ -72,8 +73,9 @@ def batches(steps):
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens[torch.arange(steps) % 2]]
 
 
-def _loss(model, inputs, labels):
-    position_ids = torch.arange(SEQ_LEN).unsqueeze(0).expand(BATCH, -1)
+def _loss(model, inputs, labels, rows=slice(None)):
+    inputs, labels = inputs[rows], labels[rows]
+    position_ids = torch.arange(SEQ_LEN).unsqueeze(0).expand(inputs.shape[0], -1)
     return model(inputs, position_ids, None, labels=labels).float().mean()
 
 
@@ -127,8 +129,14 @@ def plain_train(model, steps, lr=1e-2, first_step=0):
 
 
 def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout="gated",
-          qkv_layout="grouped", patch=None, lr=1e-2):
-    """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter."""
+          qkv_layout="grouped", patch=None, lr=1e-2, grad_fusion=False, overlap=False):
+    """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter.
+
+    ``grad_fusion``: Megatron's gradient_accumulation_fusion (LoRA factors write ``main_grad``
+    themselves; switched on after the build, which on CPU refuses it for want of apex's kernel,
+    unused here because the base is frozen). ``overlap``: DDP's overlap_grad_reduce. The DDP loop
+    runs each step as two micro-batches, so accumulation into ``main_grad`` is exercised.
+    """
     if patch is not None:
         from tests.distributed import breakages
 
@@ -143,15 +151,22 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), module=model)
+        config.gradient_accumulation_fusion = grad_fusion
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap),
+                                      module=model)
         opt = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, clip_grad=0.0), [ddp])
         for inputs, labels in batches(steps):
             ddp.zero_grad_buffer()
             opt.zero_grad()
-            loss = _loss(ddp, inputs, labels)
-            loss.backward()
-            finalize_model_grads([ddp])
+            loss = 0.0
+            for half in range(2):  # Megatron's schedules sync grads on the last micro-batch only
+                rows = slice(half * BATCH // 2, (half + 1) * BATCH // 2)
+                with ddp.no_sync() if half == 0 else contextlib.nullcontext():
+                    part = _loss(ddp, inputs, labels, rows) / 2
+                    part.backward()
+                loss += part.detach()
+            finalize_model_grads([ddp])  # waits for the overlapped reduction too
             _, grad_norm, _ = opt.step()
             losses.append(loss.item())
             norms.append(float(grad_norm))

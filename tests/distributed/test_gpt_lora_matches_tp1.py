@@ -20,6 +20,8 @@ LAYOUTS = {  # name: (world size, train_worker kwargs)
     "tp1-ddp": (1, dict(loop="ddp", path="spec")),
     "tp2-ddp": (2, dict(loop="ddp", path="spec")),
     "tp2-sp-ddp": (2, dict(loop="ddp", path="spec", sp=True)),
+    # Megatron's gradient_accumulation_fusion: the factors write DDP's main_grad themselves.
+    "tp2-sp-ddp-fused": (2, dict(loop="ddp", path="spec", sp=True, grad_fusion=True, overlap=True)),
 }
 _runs = {}
 
@@ -61,7 +63,7 @@ def test_gathered_adapter_matches_tp1(base_state, name):
     assert all(torch.count_nonzero(v) for k, v in ref.items() if k.endswith("lora_B"))
 
 
-@pytest.mark.parametrize("name", ["tp2-plain", "tp4-plain", "tp2-ddp", "tp2-sp-ddp"])
+@pytest.mark.parametrize("name", ["tp2-plain", "tp4-plain", "tp2-ddp", "tp2-sp-ddp", "tp2-sp-ddp-fused"])
 def test_replicated_lora_tensors_bitwise_identical_on_tp_ranks(base_state, name):
     ranks = run(base_state, name)
     for key, (tensor, dim, _) in ranks[0]["adapter"].items():
@@ -110,3 +112,12 @@ def test_harness_bites_naive_swiglu_adapter_gather(base_state):
     naive = G.logical_adapter(run(base_state, "tp2-plain"), unshard_gated=False)
     key = "decoder.layers.0.mlp.linear_fc1.lora_B"
     assert not torch.allclose(naive[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_fusion_is_bitwise_the_unfused_run(base_state):
+    """Fused accumulation into main_grad (with overlap_grad_reduce) changes no bit (LESSONS 7)."""
+    plain, fused = run(base_state, "tp2-sp-ddp"), run(base_state, "tp2-sp-ddp-fused")
+    for a, b in zip(plain, fused):
+        assert a["losses"] == b["losses"] and a["norms"] == b["norms"]
+        for key, (tensor, _, _) in a["adapter"].items():
+            assert torch.equal(b["adapter"][key][0], tensor), key
