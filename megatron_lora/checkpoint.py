@@ -191,9 +191,9 @@ def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
     for name, (m, factor) in _named_factors(model).items():
         local = getattr(m, factor).detach()
         shards = [local]
-        if C.group_size(m.tp_group) > 1:
-            shards = [torch.empty_like(local) for _ in range(C.group_size(m.tp_group))]
-            dist.all_gather(shards, local.contiguous(), group=m.tp_group)
+        if C.group_size(m.lora_group) > 1:
+            shards = [torch.empty_like(local) for _ in range(C.group_size(m.lora_group))]
+            dist.all_gather(shards, local.contiguous(), group=m.lora_group)
         full[name] = m.lora_layout.unshard(factor, shards).cpu().contiguous()
     merged = {}
     for part in io.all_ranks(full):  # PP stages hold different layers
@@ -263,7 +263,7 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
                     f"the same targets {list(m.lora_config.target_modules)}.")
             full = tensors[name]
             _check_full_tensor(name, full, m, factor, where)
-            rank, world = C.group_rank(m.tp_group), C.group_size(m.tp_group)
+            rank, world = C.group_rank(m.lora_group), C.group_size(m.lora_group)
             getattr(m, factor).copy_(m.lora_layout.shard(factor, full, rank, world))
 
 
@@ -272,7 +272,7 @@ def _check_full_tensor(name, full, m, factor, where) -> None:
     found = tuple(full.shape)
     if found == expected:
         return
-    world = C.group_size(m.tp_group)
+    world = C.group_size(m.lora_group)
     local = tuple(getattr(m, factor).shape)
     dim = m.lora_layout.partition_dim(factor)
     rank_dim = 0 if factor == "lora_A" else 1

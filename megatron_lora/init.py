@@ -43,7 +43,7 @@ def logical_lora_a(shape, init: str, seed: int, name: str) -> torch.Tensor:
 @torch.no_grad()
 def init_lora_factors(layer, name: str) -> None:
     """Fill ``layer.lora_A`` (TP-aware) and zero ``layer.lora_B``; collective over the TP group."""
-    cfg, layout, group = layer.lora_config, layer.lora_layout, layer.tp_group
+    cfg, layout, group = layer.lora_config, layer.lora_layout, layer.lora_group
     world, rank = C.group_size(group), C.group_rank(group)
     a = layer.lora_A
     if layout.a_dim is None:

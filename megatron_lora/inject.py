@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import sys
 from typing import Dict, Iterator, List
 
 import torch
@@ -18,12 +19,27 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lora.config import LoRAConfig
 from megatron_lora.init import init_lora_factors
-from megatron_lora.layers import LORA_FACTORS, LoRAColumnParallelLinear, LoRARowParallelLinear
+from megatron_lora.layers import LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear
 
 logger = logging.getLogger(__name__)
 
 _LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
-_LORA_TYPES = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+_LORA_TYPES = (LoRALayerMixin,)
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def lora_classes() -> dict:
+    """Base class -> LoRA class. TE layers join only where Transformer Engine is already loaded
+    (a model can hold TE layers only then), so the local / CPU path never imports it."""
+    classes = dict(_LORA_FOR_BASE)
+    if "transformer_engine" in sys.modules:
+        try:
+            from megatron_lora.te_layers import LORA_FOR_TE_BASE
+        except ImportError:  # TE present but unusable (no CUDA): its layers cannot exist either
+            pass
+        else:
+            classes.update(LORA_FOR_TE_BASE)
+    return classes
 
 
 # ------------------------------------------------------------------------------------ spec path
@@ -35,44 +51,53 @@ def lora_layer_spec(spec, cfg: LoRAConfig):
     ``cfg.target_modules`` that holds a ColumnParallelLinear / RowParallelLinear is swapped.
     """
     found = set()
-    new = _rewrite(copy.copy(spec), cfg, found)
+    new = _rewrite(copy.copy(spec), cfg, found, lora_classes())
     if not found:
         raise ValueError(
-            f"lora_layer_spec: none of {list(cfg.target_modules)} is a Megatron ColumnParallelLinear"
-            " / RowParallelLinear in this spec (Transformer Engine specs are not supported yet: "
-            "build with get_gpt_layer_local_spec)."
+            f"lora_layer_spec: none of {list(cfg.target_modules)} is a Megatron-Core or Transformer "
+            "Engine parallel linear in this spec (ColumnParallelLinear, RowParallelLinear, "
+            "TELayerNormColumnParallelLinear, TEColumnParallelLinear, TERowParallelLinear)."
         )
     return new
 
 
-def get_gpt_lora_layer_spec(cfg: LoRAConfig, **local_spec_kwargs) -> ModuleSpec:
-    """``get_gpt_layer_local_spec(**kwargs)`` with LoRA on ``cfg.target_modules``."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def get_gpt_lora_layer_spec(cfg: LoRAConfig, transformer_impl: str = "local", **spec_kwargs) -> ModuleSpec:
+    """Megatron's GPT layer spec with LoRA on ``cfg.target_modules``.
 
-    return lora_layer_spec(get_gpt_layer_local_spec(**local_spec_kwargs), cfg)
+    ``transformer_impl``: "local" (``get_gpt_layer_local_spec``, runs anywhere) or
+    "transformer_engine" (``get_gpt_layer_with_transformer_engine_spec``: CUDA + TE).
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_impl == "local":
+        return lora_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec(**spec_kwargs), cfg)
+    if transformer_impl == "transformer_engine":
+        import megatron_lora.te_layers  # noqa: F401  (a clear ImportError without TE)
+
+        return lora_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**spec_kwargs), cfg)
+    raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}.")
 
 
-def _rewrite(node, cfg, found, name=None):
+def _rewrite(node, cfg, found, classes, name=None):
     if isinstance(node, ModuleSpec):
         base = node.module
-        if name in cfg.target_modules and base in _LORA_FOR_BASE:
+        if name in cfg.target_modules and base in classes:
             found.add(name)
-            return dataclasses.replace(node, module=_LORA_FOR_BASE[base],
-                                       params={**node.params, "lora_config": cfg})
+            return dataclasses.replace(node, module=classes[base], params={**node.params, "lora_config": cfg})
         if node.submodules is not None:
-            node = dataclasses.replace(node, submodules=_rewrite(node.submodules, cfg, found))
+            node = dataclasses.replace(node, submodules=_rewrite(node.submodules, cfg, found, classes))
         return node
     if isinstance(node, type):
-        if name in cfg.target_modules and node in _LORA_FOR_BASE:
+        if name in cfg.target_modules and node in classes:
             found.add(name)
-            return ModuleSpec(module=_LORA_FOR_BASE[node], params={"lora_config": cfg})
+            return ModuleSpec(module=classes[node], params={"lora_config": cfg})
         return node
     if dataclasses.is_dataclass(node):
-        changes = {f.name: _rewrite(getattr(node, f.name), cfg, found, f.name)
+        changes = {f.name: _rewrite(getattr(node, f.name), cfg, found, classes, f.name)
                    for f in dataclasses.fields(node)}
         return dataclasses.replace(node, **changes)
     if isinstance(node, (list, tuple)):
-        return type(node)(_rewrite(n, cfg, found, name) for n in node)
+        return type(node)(_rewrite(n, cfg, found, classes, name) for n in node)
     return node
 
 
@@ -109,8 +134,9 @@ def apply_lora(model, cfg: LoRAConfig):
     """
     chunks = model_chunks(model)
     wrapped: Dict[str, int] = {}
+    classes = lora_classes()
     for chunk in chunks:
-        _check_targets(chunk, cfg)
+        _check_targets(chunk, cfg, classes)
         names = global_module_names(chunk)
         for module, name in list(names.items()):
             leaf = name.rsplit(".", 1)[-1]
@@ -121,7 +147,7 @@ def apply_lora(model, cfg: LoRAConfig):
                     raise ValueError(f"{name} already has LoRA with {module.lora_config}, not {cfg}.")
             else:
                 gated = leaf == "linear_fc1" and module.config.gated_linear_unit
-                _LORA_FOR_BASE[type(module)].from_base(module, cfg, gated=gated)
+                classes[type(module)].from_base(module, cfg, gated=gated)
             if module.lora_init_name is None:
                 init_lora_factors(module, name)
             wrapped[leaf] = wrapped.get(leaf, 0) + 1
@@ -135,23 +161,22 @@ def apply_lora(model, cfg: LoRAConfig):
     return model
 
 
-def _check_targets(model: torch.nn.Module, cfg: LoRAConfig) -> None:
+def _check_targets(model: torch.nn.Module, cfg: LoRAConfig, classes: dict) -> None:
     available, unsupported = set(), {}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            if type(module) in _LORA_FOR_BASE or isinstance(module, _LORA_TYPES):
-                available.add(leaf)
-            else:
-                unsupported[leaf] = type(module).__name__
-        elif leaf in cfg.target_modules and "Linear" in type(module).__name__:
+        if type(module) in classes or isinstance(module, _LORA_TYPES):
+            available.add(leaf)
+        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or (
+                leaf in cfg.target_modules and "Linear" in type(module).__name__):
             unsupported[leaf] = type(module).__name__
     bad = {t: unsupported[t] for t in cfg.target_modules if t in unsupported and t not in available}
     if bad:
         raise TypeError(
-            f"LoRA targets {bad} are not Megatron-Core ColumnParallelLinear / RowParallelLinear "
-            "(Transformer Engine or custom subclasses are not supported yet). Build the model with "
-            "get_gpt_layer_local_spec / get_gpt_lora_layer_spec, or drop these targets."
+            f"LoRA targets {bad} are not Megatron-Core ColumnParallelLinear / RowParallelLinear or "
+            "Transformer Engine TELayerNormColumnParallelLinear / TEColumnParallelLinear / "
+            "TERowParallelLinear (custom subclasses are not supported). Build the model with "
+            "get_gpt_lora_layer_spec, or drop these targets."
         )
     cfg.check_targets_exist(available)
 

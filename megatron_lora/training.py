@@ -282,10 +282,10 @@ def _replicated_factors_identical(model) -> tuple:
     same = total = 0
     for m in lora_modules(model):
         for factor in ("lora_A", "lora_B"):
-            if m.lora_layout.partition_dim(factor) is None and C.group_size(m.tp_group) > 1:
+            if m.lora_layout.partition_dim(factor) is None and C.group_size(m.lora_group) > 1:
                 mine = getattr(m, factor).detach().contiguous()
-                copies = [torch.empty_like(mine) for _ in range(C.group_size(m.tp_group))]
-                dist.all_gather(copies, mine, group=m.tp_group)
+                copies = [torch.empty_like(mine) for _ in range(C.group_size(m.lora_group))]
+                dist.all_gather(copies, mine, group=m.lora_group)
                 same += all(torch.equal(c, copies[0]) for c in copies)
                 total += 1
     from megatron.core import parallel_state
