@@ -216,6 +216,7 @@ def build_stage(model_args: dict, lora: Optional[LoRAConfig] = None, dtype: str 
     args.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
     args.hidden_dropout = args.attention_dropout = 0.0
     args.bf16, args.use_cpu = dtype == "bfloat16", not torch.cuda.is_available()
+    args.gradient_accumulation_fusion = False  # one forward, no training
     config = P.transformer_config_from_args(args)
     config.perform_initialization = False
     model = build_gpt_stage(config, args.padded_vocab_size, args.max_position_embeddings, lora_config=lora,

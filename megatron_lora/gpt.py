@@ -9,12 +9,15 @@ gets the same module tree (and so the same checkpoint keys):
   local spec falls back to ``WrappedTorchNorm``, which refuses ``sequence_parallel=True``; this
   norm is the same torch module with its weights marked the way Megatron's ``FusedLayerNorm``
   marks them, so sequence parallelism works on CPU too. The parameter names (``weight``,
-  ``bias``) and so the checkpoint keys are Megatron's.
+  ``bias``) and so the checkpoint keys are Megatron's;
+* or, with ``transformer_impl="transformer_engine"`` (CUDA), Megatron's TE spec with the LoRA TE
+  layers of ``te_layers.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Optional
 
 import torch
@@ -46,35 +49,53 @@ def with_torch_norms(layer_spec):
 
 
 def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRAConfig] = None,
-                   qk_layernorm: bool = False):
-    """Megatron's local GPT layer spec with SP-capable norms and, given a config, LoRA layers."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+                   qk_layernorm: bool = False, transformer_impl: str = "local"):
+    """Megatron's GPT layer spec and, given a config, LoRA layers.
 
-    from megatron_lora.inject import lora_layer_spec
+    "local": the local spec with SP-capable :class:`TorchNorm` norms; "transformer_engine": the
+    TE spec (norms fused into ``linear_qkv`` / ``linear_fc1``; CUDA + TE). Both give the same
+    dist-checkpoint keys (Megatron maps the local norms onto the TE names), so base checkpoints
+    and adapters move between them.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
 
-    spec = with_torch_norms(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+    from megatron_lora.inject import TRANSFORMER_IMPLS, lora_layer_spec
+
+    if transformer_impl == "transformer_engine":
+        if lora_config is not None:
+            importlib.import_module("megatron_lora.te_layers")  # a clear ImportError without TE
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    elif transformer_impl == "local":
+        spec = with_torch_norms(gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization=normalization, qk_layernorm=qk_layernorm))
+    else:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}.")
     return lora_layer_spec(spec, lora_config) if lora_config is not None else spec
 
 
-def gpt_block_spec(config, layer_spec):
+def gpt_block_spec(config, layer_spec, transformer_impl: str = "local"):
     """The transformer block of this pipeline stage: its share of layers, then the final norm."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
+    final_norm = TorchNorm
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
-                                      layer_norm=TorchNorm)
+                                      layer_norm=final_norm)
 
 
 def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
                     lora_config: Optional[LoRAConfig] = None, layer_spec=None,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                    **gpt_kwargs):
+                    transformer_impl: str = "local", **gpt_kwargs):
     """This rank's ``GPTModel`` stage (embedding on the first stage, output layer on the last).
 
     ``layer_spec`` (a local GPT layer spec; its norms become :class:`TorchNorm`) defaults to
-    :func:`gpt_layer_spec` for ``config.normalization``; ``lora_config`` puts LoRA layers into it
+    :func:`gpt_layer_spec` for ``config.normalization`` and ``transformer_impl``;
+    ``lora_config`` puts LoRA layers into it
     (call ``apply_lora(model, cfg)`` afterwards to initialise them).
     ``gpt_kwargs`` go to ``GPTModel`` (e.g. ``position_embedding_type``,
     ``share_embeddings_and_output_weights``).
@@ -82,7 +103,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
     from megatron.core.models.gpt import GPTModel
 
     if layer_spec is None:
-        layer_spec = gpt_layer_spec(config.normalization, lora_config)
+        layer_spec = gpt_layer_spec(config.normalization, lora_config, transformer_impl=transformer_impl)
     else:
         layer_spec = with_torch_norms(layer_spec)
         if lora_config is not None:
@@ -93,6 +114,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return GPTModel(config=config, transformer_layer_spec=gpt_block_spec(config, layer_spec),
+    block = gpt_block_spec(config, layer_spec, transformer_impl)
+    return GPTModel(config=config, transformer_layer_spec=block,
                     vocab_size=vocab_size, max_sequence_length=max_sequence_length,
                     pre_process=pre_process, post_process=post_process, **gpt_kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import logging
 import sys
 from typing import Dict, Iterator, List
@@ -72,8 +73,7 @@ def get_gpt_lora_layer_spec(cfg: LoRAConfig, transformer_impl: str = "local", **
     if transformer_impl == "local":
         return lora_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec(**spec_kwargs), cfg)
     if transformer_impl == "transformer_engine":
-        import megatron_lora.te_layers  # noqa: F401  (a clear ImportError without TE)
-
+        importlib.import_module("megatron_lora.te_layers")  # a clear ImportError without TE
         return lora_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**spec_kwargs), cfg)
     raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}.")
 

@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 parameters and activations, with dynamic loss scaling.")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16,
+                   help="First dynamic loss scale under --fp16.")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
+                   help="Layer implementation: Megatron-Core's local layers (any device) or "
+                        "Transformer Engine's (CUDA + transformer-engine). Megatron-LM's default is "
+                        "transformer_engine; ours is local so that CPU runs need no flag.")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_false",
+                   dest="gradient_accumulation_fusion",
+                   help="Gradient-accumulation fusion (on by default where it can run: CUDA with "
+                        "TE layers, or apex's fused kernel for local layers; always off on CPU).")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -233,6 +245,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA device is visible; use --device cpu (gloo) or auto.")
     args.use_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if args.bf16 and args.fp16:
+        _fail("--bf16 and --fp16 exclude each other; pick one.")
+    if args.transformer_impl == "transformer_engine":
+        if args.use_cpu:
+            _fail("--transformer-impl transformer_engine needs CUDA (Transformer Engine has no CPU "
+                  "kernels); use --transformer-impl local on CPU.")
+        if importlib.util.find_spec("transformer_engine") is None:
+            _fail("--transformer-impl transformer_engine: transformer-engine is not installed; "
+                  "pip install 'megatron_lora[te]', or use --transformer-impl local.")
+    args.gradient_accumulation_fusion = args.gradient_accumulation_fusion and not args.use_cpu and (
+        args.transformer_impl == "transformer_engine"
+        or importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
     return args
 
 
@@ -248,7 +272,7 @@ def transformer_config_from_args(args: argparse.Namespace):
                          recompute_num_layers=args.recompute_num_layers)
     elif args.recompute_granularity == "selective":
         recompute = dict(recompute_granularity="selective")
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     return TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -259,9 +283,9 @@ def transformer_config_from_args(args: argparse.Namespace):
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel, bf16=args.bf16, params_dtype=dtype,
+        sequence_parallel=args.sequence_parallel, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         pipeline_dtype=dtype, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         bias_activation_fusion=fuse and args.add_bias_linear, persist_layer_norm=False,
         **recompute)
 

@@ -22,11 +22,13 @@ move freely between local-spec and TE-spec models. FP8: TE's base GEMM stays FP8
 
 from __future__ import annotations
 
+import importlib
+
 from megatron_lora import collectives as C
 from megatron_lora.external_gemm import ExternalGEMMLoRA
 
 try:
-    import transformer_engine  # noqa: F401
+    importlib.import_module("transformer_engine")
     from megatron.core.extensions.transformer_engine import (
         HAVE_TE,
         TEColumnParallelLinear,

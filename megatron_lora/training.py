@@ -108,7 +108,8 @@ def gpt_stage_from_args(args, lora_config=None):
 
     return build_gpt_stage(
         transformer_config_from_args(args), args.padded_vocab_size, args.max_position_embeddings,
-        lora_config=lora_config, position_embedding_type=args.position_embedding_type,
+        lora_config=lora_config, transformer_impl=args.transformer_impl,
+        position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
 
@@ -136,11 +137,15 @@ def build_model(args, log: Log):
         if args.lora_load:
             load_full_adapter(model, args.lora_load)
             log.line(f"loaded adapter from {args.lora_load}")
-    if args.bf16:
+    if args.bf16 or args.fp16:
         from megatron.core.transformer.module import Float16Module
 
         return model, Float16Module(config, model)
     return model, model
+
+
+def model_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def build_optimizer(args, config, ddp):
@@ -150,8 +155,9 @@ def build_optimizer(args, config, ddp):
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=model_dtype(args),
+        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer),
+        [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -329,7 +335,7 @@ def pretrain(args) -> dict:
     model, wrapped = build_model(args, log)
     config = model.config
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer), module=wrapped)
+        grad_reduce_in_fp32=args.bf16 or args.fp16, use_distributed_optimizer=args.use_distributed_optimizer), module=wrapped)
     optimizer, scheduler = build_optimizer(args, config, ddp)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads

@@ -14,10 +14,10 @@ if ! command -v sinfo > /dev/null || [ ! -x /usr/sbin/munged ] || [ ! -x /usr/sb
 fi
 echo "=== megatron-core 0.16.1 ==="
 source scripts/env.sh 0.16.1
-python -m pytest -q tests "$@"
+python -m pytest -q -rs tests "$@"
 deactivate
 # The oldest release: everything except the version-independent launch-script tests (marked once).
 echo "=== megatron-core 0.13.0 ==="
 source scripts/env.sh 0.13.0
-python -m pytest -q -m "not once" tests "$@"
+python -m pytest -q -rs -m "not once" tests "$@"
 deactivate

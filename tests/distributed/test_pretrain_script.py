@@ -184,11 +184,13 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, data, base, case):
     assert not save.exists()
 
 
-def test_bf16_lora_run_tracks_the_fp32_trajectory(workdir, data, base, tp1):
-    """--bf16 (Float16Module + Megatron's mixed-precision optimizer) at TP=2: same path, bf16 noise."""
+@pytest.mark.parametrize("precision", ("--bf16", "--fp16"))
+def test_half_precision_lora_run_tracks_the_fp32_trajectory(workdir, data, base, tp1, precision):
+    """--bf16 / --fp16 (Float16Module + Megatron's mixed-precision optimizer, fp32 main params and
+    grad reduction; dynamic loss scaling for fp16) at TP=2: the fp32 path, plus half-precision noise."""
     ref_losses, _ = tp1
-    run, save = lora_run(workdir, data, base, "lora_bf16", nproc=2,
-                         extra=["--tensor-model-parallel-size", "2", "--bf16"])
+    run, save = lora_run(workdir, data, base, f"lora_{precision[2:]}", nproc=2,
+                         extra=["--tensor-model-parallel-size", "2", precision])
     got = S.losses(run.stdout)
     assert sorted(got) == list(range(1, 11)), run.stdout
     for it in got:

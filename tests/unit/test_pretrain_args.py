@@ -38,6 +38,9 @@ def test_defaults_are_derived_like_megatron_lm(data):
     (["--num-query-groups", "3"], 1, "--num-query-groups 3"),
     (["--lora-save-merged", "x"], 1, "need --lora-rank"),
     (["--lora-rank", "0"], 1, "--lora-rank must be a positive integer"),
+    (["--bf16", "--fp16"], 1, "--bf16 and --fp16 exclude each other"),
+    (["--transformer-impl", "transformer_engine", "--device", "cpu"], 1,
+     "transformer_engine needs CUDA .*use --transformer-impl local"),
     (["--tensor-model-parallel-size", "4", "--make-vocab-size-divisible-by", "2", "--num-attention-heads", "4"],
      4, "does not divide by TP=4"),
 ])
@@ -45,6 +48,14 @@ def test_bad_combinations_name_the_flag(data, flags, world, needle):
     with pytest.raises(UsageError, match=needle) as err:
         check(data + flags, world)
     assert "\n" not in str(err.value)
+
+
+def test_gradient_accumulation_fusion_only_where_it_can_run(data):
+    """Megatron-LM's default is on; on CPU (no fused kernel, no TE) it must be off, or Megatron's
+    local layers refuse to build."""
+    assert parse_args(BASE + data).gradient_accumulation_fusion is True
+    assert check(data + ["--device", "cpu"]).gradient_accumulation_fusion is False
+    assert check(data + ["--device", "cpu", "--no-gradient-accumulation-fusion"]).gradient_accumulation_fusion is False
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
