@@ -30,6 +30,17 @@ def default_param_device(config):
     return torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
 
 
+def te_tp_group(te_module):
+    """The TP group of one of Megatron's TE wrappers: an attribute in newer releases (0.16 has it,
+    0.13 does not), else the global TP group (TE LoRA layers refuse expert layers)."""
+    group = getattr(te_module, "_tp_group", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return group
+
+
 def gather_from_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Forward all-gather along the last dim, backward split: the base layer's gather_output."""
     return mappings.gather_from_tensor_model_parallel_region(x, group=group)

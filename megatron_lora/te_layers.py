@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 
 from megatron_lora import collectives as C
+from megatron_lora import compat
 from megatron_lora.external_gemm import ExternalGEMMLoRA
 
 try:
@@ -83,7 +84,7 @@ class _TELoRA(ExternalGEMMLoRA):
 
     def _become_lora(self, lora_config, gated, lora_init_name):
         check_te_config(self.config, type(self).__name__)
-        group = self._tp_group
+        group = compat.te_tp_group(self)
         world = C.group_size(group)
         if self.lora_parallel_mode == "column":
             sizes = (self.in_features, self.out_features * world)
