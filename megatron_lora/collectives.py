@@ -84,14 +84,20 @@ def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
         return main, rider
     if mode == "rider_only":
         return main, all_reduce(rider.clone(), group)
-    message = torch.cat([main, rider.to(main.dtype)], dim=-1)
-    if mode == "reduce_scatter":
-        message = reduce_scatter_first_dim(message, group)
-    elif mode == "all_reduce":
-        message = all_reduce(message, group)
-    else:
-        raise ValueError(f"unknown communication mode {mode!r}; expected one of {MODES}")
+    message = reduce(torch.cat([main, rider.to(main.dtype)], dim=-1), group, mode)
     return message.split([main.shape[-1], rider.shape[-1]], dim=-1)
+
+
+def reduce(x: torch.Tensor, group, mode: str) -> torch.Tensor:
+    """One tensor through the base layer's collective: ``"all_reduce"``, ``"reduce_scatter"``
+    along dim 0, or ``"none"`` (TP = 1)."""
+    if mode == "none":
+        return x
+    if mode == "reduce_scatter":
+        return reduce_scatter_first_dim(x, group)
+    if mode == "all_reduce":
+        return all_reduce(x, group)
+    raise ValueError(f"unknown communication mode {mode!r}; expected one of {MODES}")
 
 
 def broadcast_from_group_source(x: torch.Tensor, group) -> None:

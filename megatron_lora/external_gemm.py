@@ -43,12 +43,6 @@ class _Rider:
         self.g = self.branch_chunk = self.mask_chunk = None
 
 
-def _reduce(x: torch.Tensor, group, mode: str) -> torch.Tensor:
-    if mode == "reduce_scatter":
-        return C.reduce_scatter_first_dim(x, group)
-    return C.all_reduce(x, group) if mode == "all_reduce" else x
-
-
 class ColumnEntry(torch.autograd.Function):
     """Column layer input: SP all-gather; backward the ONE reduction of ``[dX_total | dY_i B_i]``.
 
@@ -66,12 +60,8 @@ class ColumnEntry(torch.autograd.Function):
     def backward(ctx, dx_total):
         rider = ctx.rider
         if rider is None or rider.g is None:  # branch off, or it received no gradient
-            return _reduce(dx_total, ctx.group, ctx.mode), None, None, None, None, None, None, None
-        dx_total = dx_total.contiguous()
-        if ctx.mode == "none":
-            dx, g_sum = dx_total, rider.g
-        else:
-            dx, g_sum = C.reduce_with_rider(dx_total, rider.g, ctx.group, ctx.mode)
+            return C.reduce(dx_total.contiguous(), ctx.group, ctx.mode), None, None, None, None, None, None, None
+        dx, g_sum = C.reduce_with_rider(dx_total.contiguous(), rider.g, ctx.group, ctx.mode)
         x_in = _dropped(rider.branch_chunk, rider.mask_chunk, ctx.p)
         d_a = ctx.scaling * _flat(g_sum).t().matmul(_flat(x_in))
         (d_a,) = deliver_factor_grads(ctx.fused, (d_a,))
@@ -124,7 +114,7 @@ class RowJoin(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
         ctx.active = lora_a is not None
         if not ctx.active:
-            return _reduce(out.contiguous(), group, mode) if mode != "none" else out.view_as(out)
+            return C.reduce(out.contiguous(), group, mode) if mode != "none" else out.view_as(out)
         h = torch.matmul(_dropped(x, mask, p), lora_a.t())  # [s, b, r]: rank i's term
         y = torch.addmm(_flat(out), _flat(h), lora_b.t(), alpha=scaling).view_as(out)
         y, h_sum = C.reduce_with_rider(y, h, group, mode)

@@ -17,7 +17,6 @@ gets the same module tree (and so the same checkpoint keys):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Optional
 
 import torch
@@ -57,19 +56,13 @@ def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRACon
     dist-checkpoint keys (Megatron maps the local norms onto the TE names), so base checkpoints
     and adapters move between them.
     """
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron_lora.inject import lora_layer_spec, megatron_gpt_layer_spec
 
-    from megatron_lora.inject import TRANSFORMER_IMPLS, lora_layer_spec
-
-    if transformer_impl == "transformer_engine":
-        if lora_config is not None:
-            importlib.import_module("megatron_lora.te_layers")  # a clear ImportError without TE
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    elif transformer_impl == "local":
-        spec = with_torch_norms(gpt_layer_specs.get_gpt_layer_local_spec(
-            normalization=normalization, qk_layernorm=qk_layernorm))
+    if transformer_impl == "local":
+        spec = with_torch_norms(megatron_gpt_layer_spec(
+            "local", normalization=normalization, qk_layernorm=qk_layernorm))
     else:
-        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}.")
+        spec = megatron_gpt_layer_spec(transformer_impl, qk_layernorm=qk_layernorm)
     return lora_layer_spec(spec, lora_config) if lora_config is not None else spec
 
 

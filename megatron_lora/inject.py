@@ -62,20 +62,22 @@ def lora_layer_spec(spec, cfg: LoRAConfig):
     return new
 
 
-def get_gpt_lora_layer_spec(cfg: LoRAConfig, transformer_impl: str = "local", **spec_kwargs) -> ModuleSpec:
-    """Megatron's GPT layer spec with LoRA on ``cfg.target_modules``.
-
-    ``transformer_impl``: "local" (``get_gpt_layer_local_spec``, runs anywhere) or
-    "transformer_engine" (``get_gpt_layer_with_transformer_engine_spec``: CUDA + TE).
-    """
+def megatron_gpt_layer_spec(transformer_impl: str = "local", **spec_kwargs) -> ModuleSpec:
+    """Megatron's own GPT layer spec: "local" (``get_gpt_layer_local_spec``, runs anywhere) or
+    "transformer_engine" (``get_gpt_layer_with_transformer_engine_spec``: CUDA + TE)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_impl == "local":
-        return lora_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec(**spec_kwargs), cfg)
+        return gpt_layer_specs.get_gpt_layer_local_spec(**spec_kwargs)
     if transformer_impl == "transformer_engine":
         importlib.import_module("megatron_lora.te_layers")  # a clear ImportError without TE
-        return lora_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**spec_kwargs), cfg)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**spec_kwargs)
     raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}.")
+
+
+def get_gpt_lora_layer_spec(cfg: LoRAConfig, transformer_impl: str = "local", **spec_kwargs) -> ModuleSpec:
+    """Megatron's GPT layer spec (``megatron_gpt_layer_spec``) with LoRA on ``cfg.target_modules``."""
+    return lora_layer_spec(megatron_gpt_layer_spec(transformer_impl, **spec_kwargs), cfg)
 
 
 def _rewrite(node, cfg, found, classes, name=None):

@@ -260,6 +260,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    """Parameter and activation dtype of --bf16 / --fp16 / neither."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
 def transformer_config_from_args(args: argparse.Namespace):
     """Megatron's ``TransformerConfig`` for these flags (fusions off on CPU: they need CUDA)."""
     import torch.nn.functional as F
@@ -272,7 +277,7 @@ def transformer_config_from_args(args: argparse.Namespace):
                          recompute_num_layers=args.recompute_num_layers)
     elif args.recompute_granularity == "selective":
         recompute = dict(recompute_granularity="selective")
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    dtype = model_dtype(args)
     return TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,

@@ -33,6 +33,7 @@ from megatron_lora.pretrain_args import (
     UsageError,
     describe_mismatch,
     model_args,
+    model_dtype,
     transformer_config_from_args,
 )
 
@@ -142,10 +143,6 @@ def build_model(args, log: Log):
 
         return model, Float16Module(config, model)
     return model, model
-
-
-def model_dtype(args) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def build_optimizer(args, config, ddp):

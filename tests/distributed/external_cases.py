@@ -71,18 +71,21 @@ def build(kind, fused_norm, sp, lora_config, fuse=False, bias=True):
 
 
 def load_shards(layer, t):
+    """This rank's shards of ``t`` into any LoRA layer (local or external); the base frozen."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    column = layer.lora_parallel_mode == "column"
+    column = layer.lora_layout.a_dim is None  # column layers replicate A
     with torch.no_grad():
         layer.weight.copy_(t["weight"].chunk(tp, 0 if column else 1)[rank])
         layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if column else t["bias"])
-        if layer.lora_fused_norm:
+        if hasattr(layer, "layer_norm_weight"):
             layer.layer_norm_weight.copy_(t["norm"])
         for f in ("lora_A", "lora_B"):
             getattr(layer, f).copy_(layer.lora_layout.shard(f, t[f], rank, tp))
+    for p in (layer.weight, layer.bias):
+        p.requires_grad_(False)
 
 
 def local_input_and_grad(kind, sp, t):
@@ -133,7 +136,7 @@ def fused_main_grad_worker(kind, fused_norm, sp, t, lora_config, external):
             case = layer_cases.Case(kind, sp=sp)
             layer = layer_cases.build_layer(case, _tp(), lora_config)
             layer.config.gradient_accumulation_fusion = fuse
-            _load_local(layer, t)
+            load_shards(layer, t)
         params = (layer.lora_A, layer.lora_B)
         for p in params:  # what Megatron's DDP sets up
             p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
@@ -155,17 +158,3 @@ def _tp():
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _load_local(layer, t):
-    from megatron.core import parallel_state
-
-    tp, rank = _tp(), parallel_state.get_tensor_model_parallel_rank()
-    column = isinstance(layer, __import__("megatron_lora").LoRAColumnParallelLinear)
-    with torch.no_grad():
-        layer.weight.copy_(t["weight"].chunk(tp, 0 if column else 1)[rank])
-        layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if column else t["bias"])
-        for f in ("lora_A", "lora_B"):
-            getattr(layer, f).copy_(layer.lora_layout.shard(f, t[f], rank, tp))
-    for p in (layer.weight, layer.bias):
-        p.requires_grad_(False)
