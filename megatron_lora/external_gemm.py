@@ -18,8 +18,9 @@ ColumnEntry through a ``_Rider``: autograd runs ColumnEntry's backward only afte
 of ``X_total`` (TE's node and ColumnJoin) has run, so the term is there when the collective goes.
 
 ``ExternalGEMMLoRA`` is the layer logic on top of these operators; a subclass supplies only
-``_local_gemm``. The CPU tests drive it with a plain-torch GEMM at TP = 1, 2 (SP on and off), so
-the TP > 1 math of the TE layers is covered without a GPU.
+``_local_gemm``. The CPU tests drive it with a plain-torch GEMM at TP = 1, 2 (SP on and off), and
+run the TE layers themselves on a CPU double of TE (tests/te_double.py), so the TP > 1 math of
+the TE layers is covered without a GPU.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
                     transformer_impl: str = "local", **gpt_kwargs):
     """This rank's ``GPTModel`` stage (embedding on the first stage, output layer on the last).
 
-    ``layer_spec`` (a local GPT layer spec; its norms become :class:`TorchNorm`) defaults to
+    ``layer_spec`` (a GPT layer spec; a local spec's norms become :class:`TorchNorm`) defaults to
     :func:`gpt_layer_spec` for ``config.normalization`` and ``transformer_impl``;
     ``lora_config`` puts LoRA layers into it
     (call ``apply_lora(model, cfg)`` afterwards to initialise them).
@@ -98,7 +98,8 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
     if layer_spec is None:
         layer_spec = gpt_layer_spec(config.normalization, lora_config, transformer_impl=transformer_impl)
     else:
-        layer_spec = with_torch_norms(layer_spec)
+        if transformer_impl == "local":  # a TE spec's norms are fused into its linears
+            layer_spec = with_torch_norms(layer_spec)
         if lora_config is not None:
             from megatron_lora.inject import lora_layer_spec
 

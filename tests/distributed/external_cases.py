@@ -70,22 +70,32 @@ def build(kind, fused_norm, sp, lora_config, fuse=False, bias=True):
                           bias=bias, skip_bias_add=False, lora_config=lora_config)
 
 
+def load_base_shards(layer, column: bool, t):
+    """This rank's shards of the base tensors of ``t`` into any parallel linear; frozen."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        layer.weight.copy_(t["weight"].chunk(tp, 0 if column else 1)[rank])
+        layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if column else t["bias"])
+        if hasattr(layer, "layer_norm_weight"):
+            layer.layer_norm_weight.copy_(t["norm"])
+    for name in ("weight", "bias", "layer_norm_weight"):
+        if hasattr(layer, name):
+            getattr(layer, name).requires_grad_(False)
+
+
 def load_shards(layer, t):
     """This rank's shards of ``t`` into any LoRA layer (local or external); the base frozen."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    column = layer.lora_layout.a_dim is None  # column layers replicate A
+    load_base_shards(layer, layer.lora_layout.a_dim is None, t)  # column layers replicate A
     with torch.no_grad():
-        layer.weight.copy_(t["weight"].chunk(tp, 0 if column else 1)[rank])
-        layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if column else t["bias"])
-        if hasattr(layer, "layer_norm_weight"):
-            layer.layer_norm_weight.copy_(t["norm"])
         for f in ("lora_A", "lora_B"):
             getattr(layer, f).copy_(layer.lora_layout.shard(f, t[f], rank, tp))
-    for p in (layer.weight, layer.bias):
-        p.requires_grad_(False)
 
 
 def local_input_and_grad(kind, sp, t):
@@ -106,15 +116,20 @@ def local_input_and_grad(kind, sp, t):
     return x.clone().requires_grad_(True), dy
 
 
-def worker(kind, fused_norm, sp, t, lora_config, seed=7, count=False, active=True):
-    """Forward + backward on this rank's shard; the outputs, grads and collective counts."""
-    layer = build(kind, fused_norm, sp, lora_config)
+def worker(kind, fused_norm, sp, t, lora_config, seed=7, count=False, active=True, layer=None):
+    """Forward + backward on this rank's shard; the outputs, grads and collective counts.
+
+    ``layer``: an already built LoRA layer (e.g. a TE one); else the plain-torch stand-in.
+    """
+    layer = layer if layer is not None else build(kind, fused_norm, sp, lora_config)
     load_shards(layer, t)
     layer.lora_enabled = active
     x, dy = local_input_and_grad(kind, sp, t)
     torch.manual_seed(seed)  # the dropout mask comes from the TP-synchronised default generator
     with C.count_collectives() as forward:
-        y, _ = layer(x)
+        y, bias = layer(x)
+        if bias is not None:  # skip_bias_add: the caller adds it
+            y = y + bias
     with C.count_collectives() as backward:
         y.backward(dy)
     result = dict(y=y.detach(), dx=x.grad, dA=layer.lora_A.grad, dB=layer.lora_B.grad,
@@ -158,3 +173,21 @@ def _tp():
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def gather(kind, sp, per_rank, name):
+    """The logical tensor from the ranks' locals (SP partials of a replicated factor summed)."""
+    from megatron_lora.layout import AdapterLayout
+
+    tp = len(per_rank)
+    parts = [r[name] for r in per_rank]
+    if name == "y":
+        return torch.cat(parts, -1) if kind == "column" else (torch.cat(parts, 0) if sp and tp > 1 else parts[0])
+    if name == "dx":
+        return torch.cat(parts, 0) if kind == "column" and sp and tp > 1 else (
+            torch.cat(parts, -1) if kind == "row" else parts[0])
+    layout = AdapterLayout.column() if kind == "column" else AdapterLayout.row()
+    factor = {"dA": "lora_A", "dB": "lora_B"}[name]
+    if layout.partition_dim(factor) is None:
+        return sum(parts) if sp and tp > 1 else parts[0]
+    return layout.unshard(factor, parts)

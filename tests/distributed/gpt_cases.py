@@ -22,21 +22,39 @@ def lora_cfg():
     return LoRAConfig(rank=4, alpha=8, seed=99)
 
 
-def base_state_worker():
-    """TP=1: the reference base weights (Megatron init, fixed seed)."""
-    model = build_tiny_gpt(tiny_gpt_config(**MODEL))
-    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+def base_state_worker(config_overrides=None):
+    """TP=1: the reference base weights (Megatron init, fixed seed; linear biases, which Megatron
+    initialises to zero, drawn at random so that they matter)."""
+    model = build_tiny_gpt(tiny_gpt_config(**{**MODEL, **(config_overrides or {})}))
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    g = torch.Generator().manual_seed(5)
+    for k in state:
+        if k.endswith(("linear_qkv.bias", "linear_proj.bias", "linear_fc1.bias", "linear_fc2.bias")):
+            state[k] = torch.randn(state[k].shape, generator=g) * 0.1
+    return state
 
 
 def _base_partition(name: str, param):
     """(dim, gated) of a base parameter, from Megatron's TP attributes and the MLP layout."""
     if not getattr(param, "tensor_model_parallel", False):
         return None, False
-    return param.partition_dim, name.endswith("linear_fc1.weight")
+    return param.partition_dim, name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+
+
+# The TE spec fuses the two per-layer norms into the linears that follow them.
+_LOCAL_NAME_OF_TE_NORM = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                          "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def _local_name(name: str) -> str:
+    for te_suffix, local_suffix in _LOCAL_NAME_OF_TE_NORM.items():
+        if name.endswith(te_suffix):
+            return name[: -len(te_suffix)] + local_suffix
+    return name
 
 
 def load_base(model, full_state: dict, fc1_layout: str = "gated", qkv_layout: str = "grouped"):
-    """Copy this rank's slice of each logical base tensor into ``model``.
+    """Copy this rank's slice of each logical base tensor into ``model`` (local or TE spec).
 
     ``fc1_layout="naive"`` / ``qkv_layout="thirds"`` are deliberately wrong slicings the harness
     tests use to prove that a layout bug is caught.
@@ -54,7 +72,7 @@ def load_base(model, full_state: dict, fc1_layout: str = "gated", qkv_layout: st
         for name, param in params.items():
             if name.endswith(("lora_A", "lora_B")):
                 continue
-            full = full_state[name]
+            full = full_state[_local_name(name)]
             dim, gated = _base_partition(name, param)
             if name.endswith("linear_qkv.weight") and qkv_layout == "thirds" and tp > 1:
                 # The classic mistake: read the fused rows as [Q; K; V] blocks and shard each.
@@ -92,8 +110,14 @@ def local_adapter(model):
 
 
 def build_lora_gpt(full_state, sp=False, path="apply", cfg=None, fc1_layout="gated",
-                   qkv_layout="grouped", config_overrides=None, **gpt_kwargs):
-    """The tiny GPT at this process group's TP/PP layout, base loaded, LoRA applied."""
+                   qkv_layout="grouped", config_overrides=None, transformer_impl="local", load=True,
+                   **gpt_kwargs):
+    """The tiny GPT at this process group's TP/PP layout, base loaded (unless ``load=False``),
+    LoRA applied.
+
+    ``path="spec"`` builds LoRA layers from the LoRA spec; "apply" builds Megatron's plain spec
+    and lets ``apply_lora`` convert its layers.
+    """
     from megatron.core import parallel_state as ps
 
     from megatron_lora import apply_lora, get_gpt_lora_layer_spec
@@ -102,9 +126,13 @@ def build_lora_gpt(full_state, sp=False, path="apply", cfg=None, fc1_layout="gat
     config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(),
                              pp=ps.get_pipeline_model_parallel_world_size(), sp=sp,
                              **{**MODEL, **(config_overrides or {})})
-    spec = get_gpt_lora_layer_spec(cfg, normalization="RMSNorm") if path == "spec" else None
-    model = build_tiny_gpt(config, layer_spec=spec, **gpt_kwargs)
-    load_base(model, full_state, fc1_layout, qkv_layout)
+    spec = None
+    if path == "spec":
+        norm = {"normalization": "RMSNorm"} if transformer_impl == "local" else {}  # TE: from config
+        spec = get_gpt_lora_layer_spec(cfg, transformer_impl=transformer_impl, **norm)
+    model = build_tiny_gpt(config, layer_spec=spec, transformer_impl=transformer_impl, **gpt_kwargs)
+    if load:
+        load_base(model, full_state, fc1_layout, qkv_layout)
     return apply_lora(model, cfg)
 
 
@@ -129,7 +157,8 @@ def plain_train(model, steps, lr=1e-2, first_step=0):
 
 
 def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout="gated",
-          qkv_layout="grouped", patch=None, lr=1e-2, grad_fusion=False, overlap=False):
+          qkv_layout="grouped", patch=None, lr=1e-2, grad_fusion=False, overlap=False,
+          transformer_impl="local", config_overrides=None):
     """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter.
 
     ``grad_fusion``: Megatron's gradient_accumulation_fusion (LoRA factors write ``main_grad``
@@ -137,11 +166,15 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
     unused here because the base is frozen). ``overlap``: DDP's overlap_grad_reduce. The DDP loop
     runs each step as two micro-batches, so accumulation into ``main_grad`` is exercised.
     """
+    if sp and loop == "plain":
+        raise ValueError("under SP replicated factors get sequence-chunk partial gradients that "
+                         "finalize_model_grads sums: use loop='ddp'")
     if patch is not None:
         from tests.distributed import breakages
 
         getattr(breakages, patch)()
-    model = build_lora_gpt(full_state, sp=sp, path=path, fc1_layout=fc1_layout, qkv_layout=qkv_layout)
+    model = build_lora_gpt(full_state, sp=sp, path=path, fc1_layout=fc1_layout, qkv_layout=qkv_layout,
+                           transformer_impl=transformer_impl, config_overrides=config_overrides)
     config = model.config
     losses, norms = [], []
     if loop == "plain":
@@ -170,7 +203,10 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
             _, grad_norm, _ = opt.step()
             losses.append(loss.item())
             norms.append(float(grad_norm))
-    return dict(losses=losses, norms=norms, adapter=local_adapter(model))
+    from megatron_lora.inject import lora_modules
+
+    return dict(losses=losses, norms=norms, adapter=local_adapter(model),
+                lora_classes=sorted({type(m).__name__ for m in lora_modules(model)}))
 
 
 def logical_adapter(per_rank: list, unshard_gated: bool = True):

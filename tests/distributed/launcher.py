@@ -51,7 +51,8 @@ _PRELOAD = [
 ]
 
 
-def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, **init_kwargs):
+def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, te_double=False,
+                    **init_kwargs):
     """Run ``fn(*args)`` on ``world_size`` gloo ranks and return the results in rank order.
 
     Args:
@@ -62,6 +63,9 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, *
         pp: ``pipeline_model_parallel_size`` for ``parallel_state.initialize_model_parallel``.
         seed: seed for ``model_parallel_cuda_manual_seed`` and ``torch.manual_seed``.
         timeout: seconds the whole run may take before every rank is killed.
+        te_double: run with ``tests/te_double.py`` as ``transformer_engine`` (Megatron's TE spec on
+            CPU). Such ranks are spawned fresh, not forked from the forkserver, whose Megatron
+            already settled on "no TE"; each pays the Megatron import (~8 s of CPU).
         **init_kwargs: further keyword arguments for ``initialize_model_parallel``.
 
     Returns:
@@ -79,15 +83,22 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, *
     if world_size % (tp * pp):
         raise ValueError(f"world_size={world_size} is not a multiple of tp*pp={tp * pp}")
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, so safe to repeat
+    if te_double:
+        from tests import te_double as double
+
+        # fn and args travel as bytes: unpickling them imports Megatron, which must come after
+        # the double is installed in the fresh rank.
+        ctx, target, call = mp.get_context("spawn"), double.rank_main, (pickle.dumps((fn, args)),)
+    else:
+        ctx, target, call = mp.get_context("forkserver"), _rank_main, (fn, args)
+        ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, so safe to repeat
     results_q = ctx.Queue()
     setup = dict(
         world_size=world_size, port=_free_port(), tp=tp, pp=pp, seed=seed, timeout=timeout,
         init_kwargs=init_kwargs, environ=dict(os.environ),
     )
     procs = [
-        ctx.Process(target=_rank_main, args=(rank, setup, fn, args, results_q), daemon=False)
+        ctx.Process(target=target, args=(rank, setup, *call, results_q), daemon=False)
         for rank in range(world_size)
     ]
     results = {}

@@ -30,31 +30,13 @@ def run(kind, fused_norm, tp, sp, dropout=0.0, active=True):
                            active, tp=tp)
 
 
-def gather(kind, sp, per_rank, name):
-    """The logical tensor from the ranks' locals (SP partials of a replicated factor summed)."""
-    from megatron_lora.layout import AdapterLayout
-
-    tp = len(per_rank)
-    parts = [r[name] for r in per_rank]
-    if name == "y":
-        return torch.cat(parts, -1) if kind == "column" else (torch.cat(parts, 0) if sp and tp > 1 else parts[0])
-    if name == "dx":
-        return torch.cat(parts, 0) if kind == "column" and sp and tp > 1 else (
-            torch.cat(parts, -1) if kind == "row" else parts[0])
-    layout = AdapterLayout.column() if kind == "column" else AdapterLayout.row()
-    factor = {"dA": "lora_A", "dB": "lora_B"}[name]
-    if layout.partition_dim(factor) is None:
-        return sum(parts) if sp and tp > 1 else parts[0]
-    return layout.unshard(factor, parts)
-
-
 @pytest.mark.parametrize("tp,sp", LAYOUTS, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind,fused_norm", LAYERS, ids=lambda v: str(v))
 def test_matches_unsharded_reference(kind, fused_norm, tp, sp):
     per_rank = run(kind, fused_norm, tp, sp)
     ref = E.reference(kind, fused_norm, E.logical_tensors(), CFG.scaling)
     for name in ("y", "dx", "dA", "dB"):
-        torch.testing.assert_close(gather(kind, sp, per_rank, name), ref[name], atol=1e-5, rtol=1e-5,
+        torch.testing.assert_close(E.gather(kind, sp, per_rank, name), ref[name], atol=1e-5, rtol=1e-5,
                                    msg=lambda m: f"{name} differs from the unsharded reference: {m}")
 
 
@@ -83,7 +65,7 @@ def test_dropout_does_not_depend_on_tp(kind, fused_norm):
     no_dropout = run(kind, fused_norm, 1, False)
     assert not torch.allclose(one[0]["y"], no_dropout[0]["y"])  # the mask did something
     for name in ("y", "dx", "dA", "dB"):
-        torch.testing.assert_close(gather(kind, True, two, name), one[0][name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(E.gather(kind, True, two, name), one[0][name], atol=1e-5, rtol=1e-5)
 
 
 def test_lora_keys_match_the_local_layers():

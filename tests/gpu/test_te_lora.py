@@ -4,7 +4,9 @@ Skipped, with the reason printed, where there is no CUDA device or no transforme
 silent pass. Run on a GPU machine with ``python -m pytest -m gpu tests/gpu -rs``.
 
 NCCL cannot put two ranks on one GPU, so these tests run TP = 1; the TP > 1 math of the TE layers
-is the ``external_gemm`` code they share with tests/distributed/test_external_gemm.py (CPU).
+is the ``external_gemm`` code they share with tests/distributed/test_external_gemm.py (CPU), and
+tests/distributed/test_te_double.py runs the same TE layers at TP = 2 (+SP) on a CPU double of TE.
+These tests are what checks that double's reading of TE against the real thing.
 
 Reference: the local-spec GPT (Megatron-Core's own layers + our LoRA layers, tested against
 TP = 1, transformers and peft elsewhere) with the same base weights (one dist checkpoint loaded
