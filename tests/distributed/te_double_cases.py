@@ -1,4 +1,4 @@
-"""Workers of test_te_double_gpt.py; they run in ranks started with ``te_double=True``."""
+"""Workers of test_te_double.py; they run in ranks started with ``te_double=True``."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def _grad_probe(module, inputs, output):
 def collective_counts_worker(base_state, sp):
     """Calls per collective in one forward and one backward: frozen base TE model (TE's own
     communication) vs the LoRA TE model (ours), gradients flowing through every layer in both."""
-    from megatron_lora import collectives as C
-
-    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
     from megatron.core import parallel_state as ps
+
+    from megatron_lora import collectives as C
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
 
     config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(), sp=sp, **G.MODEL)
     base = build_tiny_gpt(config, transformer_impl=TE)  # Megatron's TE spec: TE's own communication
