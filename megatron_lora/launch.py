@@ -73,9 +73,16 @@ def run_local_ranks(nproc: int, script: str, argv: List[str]) -> int:
             env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        OMP_NUM_THREADS=threads, **{ERROR_DIR_ENV: errors})
-            procs.append(subprocess.Popen([sys.executable, script, *argv], env=env))
-        with _forwarding_signals(procs):
-            code = _wait(procs)
+            # Each rank leads its own session, as under torchrun, so that what a rank started
+            # (Megatron's checkpoint-writer manager) can be stopped with it: a rank killed
+            # outright would otherwise leave it running forever.
+            procs.append(subprocess.Popen([sys.executable, script, *argv], env=env, start_new_session=True))
+        try:
+            with _forwarding_signals(procs):
+                code = _wait(procs)
+        finally:
+            for p in procs:
+                _kill_process_group(p.pid)
         messages = []
         for r in range(nproc):
             path = os.path.join(errors, f"rank{r}.txt")
@@ -128,6 +135,14 @@ def _wait(procs) -> int:
         raise
     nonzero = [c for c in (p.returncode for p in procs) if c != 0]
     return nonzero[0] if nonzero else 0
+
+
+def _kill_process_group(leader_pid: int) -> None:
+    """Kill what is left of a finished rank's session (the processes it started)."""
+    try:
+        os.killpg(leader_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left
+        pass
 
 
 def _stop(procs, sig=signal.SIGTERM) -> None:

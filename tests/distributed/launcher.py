@@ -17,13 +17,16 @@ instead of re-importing Megatron-Core (~8 s of CPU on a 2-core host) for every r
 Failures are loud and never leave processes behind: an exception on any rank becomes a
 ``RuntimeError`` in the caller naming the rank and carrying the child's traceback; a rank that dies
 silently or a run that exceeds ``timeout`` seconds raises too; all children are killed on exit.
-Ranks are not daemonic, so ``fn`` may start processes of its own (Megatron's checkpoint writer does);
-the launcher kills every rank it started on exit, whatever happened.
+Ranks are not daemonic, so ``fn`` may start processes of its own (Megatron's checkpoint writer does).
+Each rank leads its own process group, and on exit the launcher kills every rank's whole group,
+whatever happened: a writer whose rank was killed mid-save (the crash tests) dies with it instead
+of waiting forever on its dead parent.
 """
 
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -120,8 +123,17 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, t
             if p.is_alive():
                 p.kill()
             p.join()
+            _kill_process_group(p.pid)
         results_q.close()
     return [results[rank] for rank in range(world_size)]
+
+
+def _kill_process_group(leader_pid):
+    """Kill whatever is left of a rank's process group (the processes the rank started)."""
+    try:
+        os.killpg(leader_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left, or the rank never led a group
+        pass
 
 
 def _free_port():
@@ -172,6 +184,7 @@ def _detached(obj):
 
 def _rank_main(rank, setup, fn, args, results_q):
     """Body of one rank: set up, run ``fn``, tear down, report."""
+    os.setpgrp()  # the rank's own process group: the launcher kills it whole on exit
     os.environ.update(setup["environ"])  # the forkserver holds the env of its start, not today's
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
