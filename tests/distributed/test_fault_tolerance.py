@@ -48,8 +48,30 @@ def start(workdir, name, *extra):
     log = workdir / f"{name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, S.SCRIPT, "--nproc-per-node", "2", *flags(workdir, *extra)],
-                                cwd=S.ROOT, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=S.ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **{RUN_MARKER: f"{name}-{os.getpid()}"}))
     return proc, log
+
+
+RUN_MARKER = "MEGATRON_LORA_TEST_RUN"  # inherited by the ranks and whatever they start
+
+
+def survivors(proc, name):
+    """Processes of the run ``name`` still alive after its launcher exited (after 5 s of grace)."""
+    marker = f"{RUN_MARKER}={name}-{os.getpid()}".encode()
+    deadline = time.time() + 5
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        alive.append(int(pid))
+            except OSError:  # gone, or not ours to read
+                pass
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def wait_for(proc, log, pattern, timeout=180):
@@ -88,6 +110,7 @@ def test_sigkilled_rank_leaves_last_checkpoint_and_relaunch_reproduces_losses(wo
             proc.kill()
     text = log.read_text()
     assert code != 0, text
+    assert survivors(proc, "killed") == []  # nothing the dead rank started outlives the job
     last = latest_iteration(str(save))
     assert last is not None and 4 <= last < ITERS, (last, text)
     assert not (save / "adapter.safetensors").exists()  # the run never finished
