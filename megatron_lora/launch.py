@@ -82,7 +82,7 @@ def run_local_ranks(nproc: int, script: str, argv: List[str]) -> int:
                 code = _wait(procs)
         finally:
             for p in procs:
-                _kill_process_group(p.pid)
+                kill_process_group(p.pid)
         messages = []
         for r in range(nproc):
             path = os.path.join(errors, f"rank{r}.txt")
@@ -137,11 +137,11 @@ def _wait(procs) -> int:
     return nonzero[0] if nonzero else 0
 
 
-def _kill_process_group(leader_pid: int) -> None:
-    """Kill what is left of a finished rank's session (the processes it started)."""
+def kill_process_group(leader_pid: int) -> None:
+    """Kill what is left of a rank's process group or session (the processes it started)."""
     try:
         os.killpg(leader_pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # nothing left
+    except (ProcessLookupError, PermissionError):  # nothing left, or the rank never led a group
         pass
 
 

@@ -275,18 +275,6 @@ class DotProductAttention(TransformerEngineBaseModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
 
-class GroupedLinear(TransformerEngineBaseModule):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("te_double: GroupedLinear (MoE) is not modelled")
-
-
-class CudaRNGStatesTracker:
-    """Only subclassed by Megatron at import; our runs use Megatron's own tracker."""
-
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("te_double: TE's RNG tracker is not modelled")
-
-
 class FP8GlobalStateManager:
     @staticmethod
     def is_fp8_enabled() -> bool:
@@ -314,13 +302,14 @@ def activation_recompute_forward(activation_recompute=False, recompute_phase=Fal
 
 
 def _not_modelled(name):
-    """``te.pytorch.ops.<Op>``, ``te.common.recipe.<Recipe>``: FP8 recipes and fused ops, which
-    Megatron subclasses or names in annotations at import and our CPU runs never build."""
+    """A TE class Megatron subclasses or names in annotations at import, and our CPU runs never
+    build: FP8 recipes (``te.common.recipe``), fused ops (``te.pytorch.ops``), grouped MoE GEMMs,
+    TE's RNG tracker (Megatron's own is used). Building one raises."""
     if name.startswith("__"):
         raise AttributeError(name)
 
     def refuse(*args, **kwargs):
-        raise NotImplementedError(f"te_double: {name} (FP8 recipes, fused ops) is not modelled")
+        raise NotImplementedError(f"te_double: {name} is not modelled")
 
     return type(name, (), {"__init__": refuse})
 
@@ -364,12 +353,12 @@ def install() -> None:
         "transformer_engine.common.recipe": dict(__getattr__=_not_modelled),
         "transformer_engine.pytorch": dict(
             Linear=Linear, LayerNormLinear=LayerNormLinear, LayerNorm=LayerNorm, RMSNorm=RMSNorm,
-            DotProductAttention=DotProductAttention, GroupedLinear=GroupedLinear,
+            DotProductAttention=DotProductAttention, GroupedLinear=_not_modelled("GroupedLinear"),
             fp8_autocast=fp8_autocast),
         "transformer_engine.pytorch.fp8": dict(FP8GlobalStateManager=FP8GlobalStateManager,
                                                fp8_autocast=fp8_autocast),
         "transformer_engine.pytorch.distributed": dict(
-            CudaRNGStatesTracker=CudaRNGStatesTracker,
+            CudaRNGStatesTracker=_not_modelled("CudaRNGStatesTracker"),
             activation_recompute_forward=activation_recompute_forward),
         "transformer_engine.pytorch.ops": dict(__getattr__=_not_modelled),
         "transformer_engine.pytorch.tensor": dict(QuantizedTensor=QuantizedTensor),

@@ -126,17 +126,24 @@ def worker(kind, fused_norm, sp, t, lora_config, seed=7, count=False, active=Tru
     layer.lora_enabled = active
     x, dy = local_input_and_grad(kind, sp, t)
     torch.manual_seed(seed)  # the dropout mask comes from the TP-synchronised default generator
+    y, counts = forward_backward(layer, x, dy)
+    result = dict(y=y, dx=x.grad, dA=layer.lora_A.grad, dB=layer.lora_B.grad,
+                  keys=sorted(k for k in layer.sharded_state_dict(prefix="layer.") if "lora" in k))
+    if count:
+        result["counts"] = counts
+    return result
+
+
+def forward_backward(layer, x, dy):
+    """Forward (a returned bias added, as a skip_bias_add caller does) and backward of ``dy``;
+    the output and the collective calls of each."""
     with C.count_collectives() as forward:
         y, bias = layer(x)
-        if bias is not None:  # skip_bias_add: the caller adds it
+        if bias is not None:
             y = y + bias
     with C.count_collectives() as backward:
         y.backward(dy)
-    result = dict(y=y.detach(), dx=x.grad, dA=layer.lora_A.grad, dB=layer.lora_B.grad,
-                  keys=sorted(k for k in layer.sharded_state_dict(prefix="layer.") if "lora" in k))
-    if count:
-        result["counts"] = (forward.total_calls, backward.total_calls)
-    return result
+    return y.detach(), (forward.total_calls, backward.total_calls)
 
 
 def fused_main_grad_worker(kind, fused_norm, sp, t, lora_config, external):

@@ -26,7 +26,6 @@ of waiting forever on its dead parent.
 import os
 import pickle
 import queue
-import signal
 import socket
 import time
 import traceback
@@ -38,6 +37,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_lora.cpu import enable_cpu
+from megatron_lora.launch import kill_process_group
 
 _POLL_S = 0.1  # how often the parent checks for dead ranks and the deadline
 _GRACE_S = 2.0  # how long a rank may take to deliver its last message or to exit after it
@@ -123,17 +123,9 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, t
             if p.is_alive():
                 p.kill()
             p.join()
-            _kill_process_group(p.pid)
+            kill_process_group(p.pid)
         results_q.close()
     return [results[rank] for rank in range(world_size)]
-
-
-def _kill_process_group(leader_pid):
-    """Kill whatever is left of a rank's process group (the processes the rank started)."""
-    try:
-        os.killpg(leader_pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # nothing left, or the rank never led a group
-        pass
 
 
 def _free_port():

@@ -43,7 +43,7 @@ def collective_counts_worker(base_state, sp):
             loss = G._loss(model, inputs, labels)
         with C.count_collectives() as backward:
             loss.backward()
-        counts[name] = (forward.total_calls, backward.total_calls, forward.calls, backward.calls)
+        counts[name] = (forward.calls, backward.calls)
     return counts
 
 
@@ -57,7 +57,8 @@ def exchange_worker(base_state, root):
     from megatron_lora.model_checkpoint import load_model, save_model
 
     inputs = G.batches(1)[0][0]
-    diff = lambda a, b: (_logits(a, inputs) - _logits(b, inputs)).abs().max().item()  # noqa: E731
+    gap = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    diff = lambda a, b: gap(_logits(a, inputs), _logits(b, inputs))  # noqa: E731
     save_model(G.build_lora_gpt(base_state, path="spec"), os.path.join(root, "base"), 1, {})
 
     def from_checkpoint(impl):  # the base from the local-spec checkpoint only
@@ -77,9 +78,9 @@ def exchange_worker(base_state, root):
     out["local_to_te"] = diff(te, local)
     before = _logits(te, inputs)
     merge_lora(te)
-    out["merged"] = (_logits(te, inputs) - before).abs().max().item()
+    out["merged"] = gap(_logits(te, inputs), before)
     unmerge_lora(te)
-    out["unmerged"] = (_logits(te, inputs) - before).abs().max().item()
+    out["unmerged"] = gap(_logits(te, inputs), before)
     lora_keys = lambda m: sorted(k for k in m.sharded_state_dict() if "lora" in k)  # noqa: E731
     out["names_equal"] = lora_keys(te) == lora_keys(local) and len(lora_keys(te)) == 16
     out["te_classes"] = sorted({type(m).__name__ for m in lora_modules(te)})
@@ -123,7 +124,6 @@ def _te_layer(kind, fused_norm, sp, skip_bias_add, lora_config=None):
 def te_layers_worker(sp, t, lora_config):
     """Every TE LoRA class, with skip_bias_add off and on: external_cases.worker's results, and
     the collective calls of the plain TE layer (TE's own communication) on the same input."""
-    from megatron_lora import collectives as C
     from tests.distributed import external_cases as E
 
     results = {}
@@ -133,12 +133,7 @@ def te_layers_worker(sp, t, lora_config):
             result = E.worker(kind, fused_norm, sp, t, lora_config, count=True, layer=layer)
             base = _te_layer(kind, fused_norm, sp, skip)
             E.load_base_shards(base, kind == "column", t)
-            x, dy = E.local_input_and_grad(kind, sp, t)
-            with C.count_collectives() as forward:
-                y, bias = base(x)
-            with C.count_collectives() as backward:
-                (y if bias is None else y + bias).backward(dy)
-            result["base_counts"] = (forward.total_calls, backward.total_calls)
+            _, result["base_counts"] = E.forward_backward(base, *E.local_input_and_grad(kind, sp, t))
             results[(kind, fused_norm, skip)] = result
     return results
 

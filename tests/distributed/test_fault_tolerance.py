@@ -56,22 +56,27 @@ def start(workdir, name, *extra):
 RUN_MARKER = "MEGATRON_LORA_TEST_RUN"  # inherited by the ranks and whatever they start
 
 
-def survivors(proc, name):
+def survivors(name):
     """Processes of the run ``name`` still alive after its launcher exited (after 5 s of grace)."""
-    marker = f"{RUN_MARKER}={name}-{os.getpid()}".encode()
+    marker = f"{name}-{os.getpid()}".encode()
     deadline = time.time() + 5
     while True:
         alive = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
             try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if marker in f.read().split(b"\0"):
-                        alive.append(int(pid))
+                if environ(pid).get(RUN_MARKER.encode()) == marker:
+                    alive.append(pid)
             except OSError:  # gone, or not ours to read
                 pass
         if not alive or time.time() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def environ(pid):
+    """A process's environment, as bytes."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
 
 
 def wait_for(proc, log, pattern, timeout=180):
@@ -87,12 +92,7 @@ def rank_pids(launcher_pid):
     """{rank: pid} of the launcher's children, read from their environment."""
     with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
         children = [int(p) for p in f.read().split()]
-    ranks = {}
-    for pid in children:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        ranks[int(env[b"RANK"])] = pid
-    return ranks
+    return {int(environ(pid)[b"RANK"]): pid for pid in children}
 
 
 def test_sigkilled_rank_leaves_last_checkpoint_and_relaunch_reproduces_losses(workdir, uninterrupted):
@@ -110,7 +110,7 @@ def test_sigkilled_rank_leaves_last_checkpoint_and_relaunch_reproduces_losses(wo
             proc.kill()
     text = log.read_text()
     assert code != 0, text
-    assert survivors(proc, "killed") == []  # nothing the dead rank started outlives the job
+    assert survivors("killed") == []  # nothing the dead rank started outlives the job
     last = latest_iteration(str(save))
     assert last is not None and 4 <= last < ITERS, (last, text)
     assert not (save / "adapter.safetensors").exists()  # the run never finished
