@@ -2,7 +2,7 @@
 
     python3.11 benchmarks/bench_te_lora_gpu.py --json te_lora.json      # from the repo root, 1 GPU
 
-Why: the TE LoRA layers (``megatron_lora.te_layers``) turn TE's communication off and run the
+Why: the TE LoRA layers (``megatron_lora.core.te_layers``) turn TE's communication off and run the
 branch beside TE's GEMM; this measures the cost where it matters, 7B-wide layers (hidden 4096, 32
 heads, SwiGLU ffn 11008, RMSNorm, RoPE, vocab 32000, bf16, TP=1) on a GPU. Target: LoRA/base >= 0.95.
 
@@ -53,7 +53,7 @@ NO_CUDA = ("error: bench_te_lora_gpu.py needs a CUDA GPU (and Transformer Engine
 def te_missing_reason():
     """None when the TE LoRA layers import, else why not (the TE rows are then skipped)."""
     try:
-        importlib.import_module("megatron_lora.te_layers")  # imports transformer_engine itself
+        importlib.import_module("megatron_lora.core.te_layers")  # imports transformer_engine itself
     except (ImportError, OSError) as error:
         return str(error)
     return None
@@ -78,7 +78,7 @@ def build_model(impl, args):
     from megatron.core.transformer import TransformerConfig
 
     import megatron_lora
-    from megatron_lora.gpt import build_gpt_stage
+    from megatron_lora.core.gpt import build_gpt_stage
 
     model_parallel_cuda_manual_seed(SEED)  # resets the tracker: every spec starts from the same seed
     config = TransformerConfig(

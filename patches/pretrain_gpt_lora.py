@@ -7,7 +7,7 @@
 
 It runs the checkout's own ``pretrain_gpt.py`` as ``__main__`` (its ``__main__`` block, dataset
 provider, ``forward_step``, model provider and defaults, whatever the release) after wrapping
-``megatron.training.pretrain`` with ``megatron_lora.megatron_lm.lora_pretrain``: the --lora-* flags,
+``megatron.training.pretrain`` with ``megatron_lora.training.megatron_lm.lora_pretrain``: the --lora-* flags,
 LoRA in the model provider, a frozen base from --pretrained-checkpoint, adapter-only checkpoints.
 All logic lives in that module; this file only finds the checkout and starts it.
 """
@@ -41,7 +41,7 @@ def main(root=None) -> None:
     import importlib
 
     training = importlib.import_module("megatron.training")
-    from megatron_lora.megatron_lm import lora_pretrain  # the logic lives in the package
+    from megatron_lora.training.megatron_lm import lora_pretrain  # the logic lives in the package
 
     training.pretrain = lora_pretrain(training.pretrain)  # pretrain_gpt.py imports it from here
     runpy.run_path(os.path.join(root, SCRIPT), run_name="__main__")

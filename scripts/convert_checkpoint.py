@@ -14,7 +14,7 @@
     # a Megatron base checkpoint (e.g. pretrained with pretrain_gpt_lora.py) -> Hugging Face
     python scripts/convert_checkpoint.py megatron-to-hf --base ckpt/base --output base-hf
 
-Conversions run in one process on CPU (or one GPU); the logic lives in megatron_lora.convert.
+Conversions run in one process on CPU (or one GPU); the logic lives in megatron_lora.hf.convert.
 Bad input exits with one ``error: ...`` line (status 2) before anything is written.
 """
 
@@ -86,7 +86,7 @@ def _quiet():
 
 
 def run(args) -> None:
-    from megatron_lora import convert
+    from megatron_lora.hf import convert
 
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.command == "hf-to-megatron":
@@ -106,8 +106,8 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     _quiet()
-    from megatron_lora.checkpoint_io import CheckpointError
-    from megatron_lora.hf_mapping import ConversionError
+    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.hf.mapping import ConversionError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -26,7 +26,7 @@ import warnings
 # Megatron-Core warns on import when Transformer Engine / Apex are absent (any CPU host): noise here.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine) (is|are) not installed.*")
 
-from megatron_lora.data import TOKENIZERS, DataError, build_tokenizer, write_indexed_dataset  # noqa: E402
+from megatron_lora.training.data import TOKENIZERS, DataError, build_tokenizer, write_indexed_dataset  # noqa: E402
 
 
 def parse_args(argv=None):

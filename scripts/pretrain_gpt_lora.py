@@ -11,7 +11,7 @@
     sbatch scripts/slurm/pretrain_gpt_lora.sbatch ...
 
 Without --lora-rank it pretrains (or fine-tunes) the whole model; with it, only the adapter
-trains and --save holds only the adapter. The logic lives in megatron_lora.training.
+trains and --save holds only the adapter. The logic lives in megatron_lora.training.loop.
 """
 
 import os
@@ -33,10 +33,10 @@ def _quiet_cpu_fallback_warnings():
 
 def main(argv=None) -> int:
     _quiet_cpu_fallback_warnings()
-    from megatron_lora import launch
-    from megatron_lora.checkpoint_io import CheckpointError
-    from megatron_lora.data import DataError
-    from megatron_lora.pretrain_args import UsageError, parse_args, validate_args
+    from megatron_lora.training import launch
+    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.training.data import DataError
+    from megatron_lora.training.pretrain_args import UsageError, parse_args, validate_args
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         if world > 1:
             return launch.run_local_ranks(world, os.path.abspath(__file__), argv)
         launch.set_single_process_env()
-    from megatron_lora.training import pretrain
+    from megatron_lora.training.loop import pretrain
 
     try:
         pretrain(args)

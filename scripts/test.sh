@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (into .venv) and run the whole test suite on megatron-core 0.16.1, then again on the
-# oldest supported release (megatron_lora.compat.MIN_VERSION). .ci/run calls exactly this.
+# oldest supported release (megatron_lora.core.compat.MIN_VERSION). .ci/run calls exactly this.
 # Installs the Debian packages slurm-wlm and munge first when they are missing (root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."

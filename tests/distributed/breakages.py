@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from megatron_lora import collectives, init, layers
+from megatron_lora.core import collectives, init, layers
 
 
 def no_rider_sum():
@@ -41,6 +41,6 @@ def shard_fan_in_init():
         layer.lora_init_name = name
 
     layers.init_lora_factors = broken
-    import megatron_lora.inject as inject
+    import megatron_lora.core.inject as inject
 
     inject.init_lora_factors = broken

@@ -57,8 +57,8 @@ def convert_worker(paths):
 
 def _script_args(paths, base, extra=()):
     """The training script's validated args for the model flags the conversion wrote."""
-    from megatron_lora.convert import without_flags
-    from megatron_lora.pretrain_args import parse_args, validate_args
+    from megatron_lora.hf.convert import without_flags
+    from megatron_lora.training.pretrain_args import parse_args, validate_args
 
     with open(os.path.join(paths[base], "model_flags.txt")) as f:
         flags = without_flags(shlex.split(f.read()), ("--tokenizer-type", "--tokenizer-model"))
@@ -84,13 +84,13 @@ def parity_worker(paths):
     """Gathered logits of the converted base, base + imported adapter, merged checkpoint and Qwen2
     at this run's TP, each built the way pretrain_gpt_lora.py builds it from the written flags."""
     from megatron_lora import apply_lora
-    from megatron_lora.checkpoint import load_full_adapter, read_full_adapter
-    from megatron_lora.config import LoRAConfig
-    from megatron_lora.convert import lora_flags
-    from megatron_lora.hf_mapping import split_qkv
-    from megatron_lora.model_checkpoint import load_model, read_model_args
-    from megatron_lora.pretrain_args import describe_mismatch, model_args
-    from megatron_lora.training import gpt_stage_from_args
+    from megatron_lora.core.checkpoint.adapter import load_full_adapter, read_full_adapter
+    from megatron_lora.core.config import LoRAConfig
+    from megatron_lora.hf.convert import lora_flags
+    from megatron_lora.hf.mapping import split_qkv
+    from megatron_lora.core.checkpoint.model import load_model, read_model_args
+    from megatron_lora.training.pretrain_args import describe_mismatch, model_args
+    from megatron_lora.training.loop import gpt_stage_from_args
 
     out = {}
     meta = read_full_adapter(paths["imported.safetensors"])[1]
@@ -123,9 +123,9 @@ def parity_worker(paths):
 def train_worker(paths):
     """LoRA trained at TP=2 on the converted base; saved as the script saves (dist + full file)."""
     from megatron_lora import apply_lora, lora_parameters
-    from megatron_lora.checkpoint import save_adapter, save_full_adapter
-    from megatron_lora.model_checkpoint import load_model
-    from megatron_lora.training import gpt_stage_from_args
+    from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.loop import gpt_stage_from_args
 
     args = _script_args(paths, "mg_llama", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7"])
     model = gpt_stage_from_args(args, args.lora)

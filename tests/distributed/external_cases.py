@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lora import collectives as C
-from megatron_lora.external_gemm import ExternalGEMMLoRA
+from megatron_lora.core import collectives as C
+from megatron_lora.core.external_gemm import ExternalGEMMLoRA
 
 S, B, H_IN, H_OUT, RANK, EPS = 8, 2, 16, 24, 4, 1e-5
 
@@ -184,7 +184,7 @@ def _tp():
 
 def gather(kind, sp, per_rank, name):
     """The logical tensor from the ranks' locals (SP partials of a replicated factor summed)."""
-    from megatron_lora.layout import AdapterLayout
+    from megatron_lora.core.layout import AdapterLayout
 
     tp = len(per_rank)
     parts = [r[name] for r in per_rank]

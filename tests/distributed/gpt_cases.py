@@ -61,8 +61,8 @@ def load_base(model, full_state: dict, fc1_layout: str = "gated", qkv_layout: st
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_lora.inject import global_module_names
-    from megatron_lora.layout import shard_tensor
+    from megatron_lora.core.inject import global_module_names
+    from megatron_lora.core.layout import shard_tensor
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     # PP stages number their layers from 0: name every parameter by its GLOBAL layer index.
@@ -99,7 +99,7 @@ def _loss(model, inputs, labels, rows=slice(None)):
 
 def local_adapter(model):
     """{qualified name: local tensor} of every LoRA factor on this rank."""
-    from megatron_lora.inject import lora_modules
+    from megatron_lora.core.inject import lora_modules
 
     out = {}
     for m in lora_modules(model):
@@ -203,7 +203,7 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
             _, grad_norm, _ = opt.step()
             losses.append(loss.item())
             norms.append(float(grad_norm))
-    from megatron_lora.inject import lora_modules
+    from megatron_lora.core.inject import lora_modules
 
     return dict(losses=losses, norms=norms, adapter=local_adapter(model),
                 lora_classes=sorted({type(m).__name__ for m in lora_modules(model)}))
@@ -211,7 +211,7 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
 
 def logical_adapter(per_rank: list, unshard_gated: bool = True):
     """Gather the ranks' local adapters into logical tensors by each factor's declared layout."""
-    from megatron_lora.layout import unshard_tensors
+    from megatron_lora.core.layout import unshard_tensors
 
     out = {}
     for name, (_, dim, gated) in per_rank[0]["adapter"].items():

@@ -37,7 +37,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_lora.cpu import enable_cpu
-from megatron_lora.launch import kill_process_group
+from megatron_lora.training.launch import kill_process_group
 
 _POLL_S = 0.1  # how often the parent checks for dead ranks and the deadline
 _GRACE_S = 2.0  # how long a rank may take to deliver its last message or to exit after it

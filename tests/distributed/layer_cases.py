@@ -132,7 +132,7 @@ def run_case(case: Case, t: dict, lora_config, seed: int = 7):
 
 def assemble(case: Case, per_rank: list, tp: int, layout_gated: bool = False):
     """Logical tensors from all ranks' locals, by the DESIGN §1 layout (SP partials summed)."""
-    from megatron_lora.layout import AdapterLayout
+    from megatron_lora.core.layout import AdapterLayout
 
     layout = AdapterLayout.column(layout_gated) if case.kind == "column" else AdapterLayout.row()
     sp = case.sp and tp > 1
@@ -165,7 +165,7 @@ def worker_count_collectives(cases):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from megatron_lora import LoRAConfig
-    from megatron_lora.collectives import count_collectives
+    from megatron_lora.core.collectives import count_collectives
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = []

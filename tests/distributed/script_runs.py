@@ -40,7 +40,7 @@ def generated_documents(n: int, seed: int):
 
 
 def make_dataset(directory: str, name: str = "corpus", n: int = 300, seed: int = 0) -> str:
-    from megatron_lora.data import ByteTokenizer, write_indexed_dataset
+    from megatron_lora.training.data import ByteTokenizer, write_indexed_dataset
 
     prefix = os.path.join(directory, name)
     write_indexed_dataset(generated_documents(n, seed), prefix, ByteTokenizer())

@@ -27,7 +27,7 @@ def collective_counts_worker(base_state, sp):
     communication) vs the LoRA TE model (ours), gradients flowing through every layer in both."""
     from megatron.core import parallel_state as ps
 
-    from megatron_lora import collectives as C
+    from megatron_lora.core import collectives as C
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
 
     config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(), sp=sp, **G.MODEL)
@@ -53,8 +53,8 @@ def exchange_worker(base_state, root):
     import os
 
     from megatron_lora import lora_modules, merge_lora, unmerge_lora
-    from megatron_lora.checkpoint import gather_full_adapter, load_adapter, load_full_adapter, save_adapter
-    from megatron_lora.model_checkpoint import load_model, save_model
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_adapter, load_full_adapter, save_adapter
+    from megatron_lora.core.checkpoint.model import load_model, save_model
 
     inputs = G.batches(1)[0][0]
     gap = lambda a, b: (a - b).abs().max().item()  # noqa: E731
@@ -99,7 +99,7 @@ def _te_layer(kind, fused_norm, sp, skip_bias_add, lora_config=None):
     from megatron.core.extensions import transformer_engine as mte
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_lora import te_layers
+    from megatron_lora.core import te_layers
     from tests.distributed import external_cases as E
 
     tp = ps.get_tensor_model_parallel_world_size()

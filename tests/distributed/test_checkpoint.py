@@ -47,7 +47,7 @@ def _outputs(model):
 
 
 def save_worker(full_state, root):
-    from megatron_lora.checkpoint import gather_full_adapter, save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter, save_adapter, save_full_adapter
 
     model = G.build_lora_gpt(full_state)
     G.plain_train(model, TRAIN_STEPS)
@@ -58,7 +58,7 @@ def save_worker(full_state, root):
 
 
 def load_worker(full_state, root, how):
-    from megatron_lora.checkpoint import gather_full_adapter, load_adapter, load_full_adapter
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_adapter, load_full_adapter
 
     model = G.build_lora_gpt(full_state)
     if how == "dist":
@@ -107,7 +107,7 @@ def size_worker(root):
     from megatron.core import parallel_state as ps
 
     from megatron_lora import apply_lora, lora_parameters
-    from megatron_lora.checkpoint import save_adapter
+    from megatron_lora.core.checkpoint.adapter import save_adapter
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -129,7 +129,7 @@ def test_adapter_only_checkpoint_is_the_size_of_the_adapter(tmp_path):
 # ----------------------------------------------------------------------- bad inputs, one by one
 
 def bad_input_worker(full_state, root):
-    from megatron_lora.checkpoint import AdapterCheckpointError, load_adapter, load_full_adapter, read_full_adapter
+    from megatron_lora.core.checkpoint.adapter import AdapterCheckpointError, load_adapter, load_full_adapter, read_full_adapter
 
     model = G.build_lora_gpt(full_state)
     good, _ = read_full_adapter(os.path.join(root, "full.safetensors"))
@@ -203,8 +203,8 @@ def crash_worker(full_state, root, crash_point):
     """Save iteration 1, then die (os._exit, like SIGKILL) in the middle of saving iteration 2."""
     import megatron.core.dist_checkpointing as dcp
 
-    from megatron_lora import checkpoint
-    from megatron_lora.checkpoint import save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint import adapter as checkpoint
+    from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
 
     model = G.build_lora_gpt(full_state)
     G.plain_train(model, 2)
@@ -226,7 +226,7 @@ def crash_worker(full_state, root, crash_point):
 
 
 def reload_worker(full_state, root):
-    from megatron_lora.checkpoint import gather_full_adapter, load_adapter, read_full_adapter
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_adapter, read_full_adapter
 
     model = G.build_lora_gpt(full_state)
     iteration = load_adapter(model, root)
@@ -256,7 +256,7 @@ def resume_worker(full_state, root, mode):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_lora.checkpoint import load_adapter, save_adapter
+    from megatron_lora.core.checkpoint.adapter import load_adapter, save_adapter
 
     model = G.build_lora_gpt(full_state, cfg=LoRAConfig(rank=4, alpha=8, seed=99, dropout=0.3))
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)

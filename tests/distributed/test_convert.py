@@ -194,7 +194,7 @@ def test_export_from_the_dist_checkpoint_equals_export_from_the_full_file(export
 def test_peft_megatron_peft_round_trip_keeps_the_weight_deltas(exported, work):
     from safetensors.torch import load_file
 
-    from megatron_lora.hf_adapters import peft_deltas
+    from megatron_lora.hf.peft_adapters import peft_deltas
 
     paths, _ = work
     original = load_file(os.path.join(paths["peft"], "adapter_model.safetensors"))

@@ -96,7 +96,7 @@ def rank_pids(launcher_pid):
 
 
 def test_sigkilled_rank_leaves_last_checkpoint_and_relaunch_reproduces_losses(workdir, uninterrupted):
-    from megatron_lora.checkpoint import latest_iteration
+    from megatron_lora.core.checkpoint.adapter import latest_iteration
 
     save = workdir / "killed"
     proc, log = start(workdir, "killed", "--save", save, "--save-interval", 2)

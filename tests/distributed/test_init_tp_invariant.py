@@ -17,7 +17,7 @@ def init_worker(patch=None):
     from megatron.core import ModelParallelConfig, parallel_state
 
     from megatron_lora import LoRAColumnParallelLinear, LoRARowParallelLinear
-    from megatron_lora import init as lora_init
+    from megatron_lora.core import init as lora_init
 
     if patch is not None:
         from tests.distributed import breakages

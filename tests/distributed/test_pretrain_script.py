@@ -67,7 +67,7 @@ LAYOUTS = {
 
 
 def _adapter(save):
-    from megatron_lora.checkpoint import read_full_adapter
+    from megatron_lora.core.checkpoint.adapter import read_full_adapter
 
     return read_full_adapter(os.path.join(save, "adapter.safetensors"))[0]
 
@@ -110,10 +110,10 @@ def test_resumed_run_reproduces_uninterrupted_losses(workdir, data, base):
 
 def _merged_worker(flags, base, save, merged):
     from megatron_lora import apply_lora
-    from megatron_lora.checkpoint import load_full_adapter
-    from megatron_lora.model_checkpoint import load_model
-    from megatron_lora.pretrain_args import parse_args, validate_args
-    from megatron_lora.training import gpt_stage_from_args
+    from megatron_lora.core.checkpoint.adapter import load_full_adapter
+    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.pretrain_args import parse_args, validate_args
+    from megatron_lora.training.loop import gpt_stage_from_args
 
     args = validate_args(parse_args(flags), world_size=2)
 

@@ -62,7 +62,7 @@ def config(dtype=torch.float32, **overrides):
 
 def build(impl, dtype=torch.float32, lora=True, **overrides):
     from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.gpt import build_gpt_stage
+    from megatron_lora.core.gpt import build_gpt_stage
 
     cfg = LoRAConfig(rank=8, alpha=16.0, target_modules=TARGETS)
     model = build_gpt_stage(config(dtype, **overrides), VOCAB, SEQ, lora_config=cfg if lora else None,
@@ -73,7 +73,7 @@ def build(impl, dtype=torch.float32, lora=True, **overrides):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """One base checkpoint, saved from the local spec; both specs load it."""
-    from megatron_lora.model_checkpoint import save_model
+    from megatron_lora.core.checkpoint.model import save_model
 
     root = str(tmp_path_factory.mktemp("base"))
     save_model(build("local", lora=False), root, iteration=1, model_args={})
@@ -83,7 +83,7 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter():
     """A random full adapter (B != 0, so the branch matters)."""
-    from megatron_lora.checkpoint import gather_full_adapter
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter
 
     g = torch.Generator().manual_seed(7)
     full = gather_full_adapter(build("local"))
@@ -91,8 +91,8 @@ def adapter():
 
 
 def loaded(impl, base_dir, adapter, dtype=torch.float32, **overrides):
-    from megatron_lora.checkpoint import load_full_adapter
-    from megatron_lora.model_checkpoint import load_model
+    from megatron_lora.core.checkpoint.adapter import load_full_adapter
+    from megatron_lora.core.checkpoint.model import load_model
 
     model = build(impl, dtype, **overrides)
     load_model(model, base_dir)
@@ -127,7 +127,7 @@ def train(model, steps=STEPS, lr=1e-3):
 
 
 def test_te_layers_are_in_place(base_dir, adapter):
-    from megatron_lora.te_layers import LoRATELayerNormColumnParallelLinear, LoRATERowParallelLinear
+    from megatron_lora.core.te_layers import LoRATELayerNormColumnParallelLinear, LoRATERowParallelLinear
 
     layer = loaded("transformer_engine", base_dir, adapter).decoder.layers[0]
     assert isinstance(layer.self_attention.linear_qkv, LoRATELayerNormColumnParallelLinear)
@@ -149,8 +149,8 @@ def test_te_spec_logits_and_fp32_trajectory_match_the_local_spec(base_dir, adapt
 
 def test_adapters_move_between_local_and_te_spec(base_dir, adapter):
     """Train on one spec, load the adapter into the other: equal logits, both directions."""
-    from megatron_lora.checkpoint import gather_full_adapter, load_full_adapter
-    from megatron_lora.inject import global_module_names
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_full_adapter
+    from megatron_lora.core.inject import global_module_names
 
     inputs, _ = batch()
     for source_impl, target_impl in (("transformer_engine", "local"), ("local", "transformer_engine")):

@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from megatron_lora import LoRAConfig
-from megatron_lora.arguments import add_lora_args, lora_config_from_args
+from megatron_lora.training.arguments import add_lora_args, lora_config_from_args
 
 
 def _parse(argv):

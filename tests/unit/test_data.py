@@ -1,4 +1,4 @@
-"""``megatron_lora.data`` and ``scripts/preprocess_data.py``, single process, against Megatron's reader.
+"""``megatron_lora.training.data`` and ``scripts/preprocess_data.py``, single process, against Megatron's reader.
 
 References are independent of the code under test: Megatron's own ``IndexedDataset`` for the files,
 the sampler's index formula written out for the order rules, and the CLI as a real subprocess.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_lora.data import (
+from megatron_lora.training.data import (
     ByteTokenizer,
     DataError,
     build_gpt_datasets,

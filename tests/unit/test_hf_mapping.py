@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from megatron_lora.config import LoRAConfig
-from megatron_lora.hf_adapters import (
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.hf.peft_adapters import (
     check_peft_config, megatron_from_peft, peft_deltas, peft_from_megatron, peft_key,
 )
-from megatron_lora.hf_mapping import (
+from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_hf_config, arch_from_model_args, check_hf_config, check_hf_tensors,
     check_parallel_layout, fuse_qkv, hf_from_megatron, hf_shapes, megatron_flags, megatron_from_hf, split_qkv,
     vocab_divisor,
@@ -195,7 +195,7 @@ def _megatron_deltas(tensors, cfg):
         if key.endswith("lora_A"):
             layer, module = int(key.split(".")[2]), ".".join(key.split(".")[3:5])
             delta = cfg.scaling * (tensors[key[:-1] + "B"].double() @ a.double())
-            from megatron_lora.hf_mapping import MODULES
+            from megatron_lora.hf.mapping import MODULES
 
             for part, d in zip(MODULES[module][1], ARCH.split(module, delta)):
                 out[(layer, part)] = d
@@ -309,7 +309,7 @@ def test_export_refuses_an_adapter_of_another_model():
 # ------------------------------------------------------------------------- checkpoint files
 
 def test_sharded_hf_checkpoint_is_written_and_read_back(tmp_path):
-    from megatron_lora.convert import HFCheckpoint, write_hf
+    from megatron_lora.hf.convert import HFCheckpoint, write_hf
 
     tensors = _random_hf(ARCH)
     args = dict(norm_epsilon=1e-5, rotary_base=5000, max_position_embeddings=64)
@@ -325,7 +325,7 @@ def test_sharded_hf_checkpoint_is_written_and_read_back(tmp_path):
 
 
 def test_pickled_hf_weights_are_refused(tmp_path):
-    from megatron_lora.convert import HFCheckpoint
+    from megatron_lora.hf.convert import HFCheckpoint
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")

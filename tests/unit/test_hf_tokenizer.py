@@ -2,8 +2,8 @@
 
 import pytest
 
-from megatron_lora.data import DataError, build_tokenizer, write_indexed_dataset
-from megatron_lora.pretrain_args import UsageError, parse_args, validate_args
+from megatron_lora.training.data import DataError, build_tokenizer, write_indexed_dataset
+from megatron_lora.training.pretrain_args import UsageError, parse_args, validate_args
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_documents_end_with_the_eos_id_and_the_vocab_is_the_tokenizers(tokenizer
 
 
 def test_padded_vocab_follows_tokenizer_or_vocab_size_flag(tokenizer_dir, tmp_path):
-    from megatron_lora.data import ByteTokenizer
+    from megatron_lora.training.data import ByteTokenizer
 
     write_indexed_dataset(["x"], str(tmp_path / "c"), ByteTokenizer())
     flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",

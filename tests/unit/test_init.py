@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from megatron_lora.init import logical_lora_a, name_seed
+from megatron_lora.core.init import logical_lora_a, name_seed
 
 
 def test_kaiming_bound_uses_the_logical_fan_in():

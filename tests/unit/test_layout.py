@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megatron_lora.layout import AdapterLayout, shard_tensor, unshard_tensors
+from megatron_lora.core.layout import AdapterLayout, shard_tensor, unshard_tensors
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

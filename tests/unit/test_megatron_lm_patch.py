@@ -29,8 +29,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_lora import LoRAColumnParallelLinear, LoRARowParallelLinear, lora_modules
-from megatron_lora.checkpoint import save_full_adapter
-from megatron_lora.megatron_lm import lora_pretrain
+from megatron_lora.core.checkpoint.adapter import save_full_adapter
+from megatron_lora.training.megatron_lm import lora_pretrain
 from megatron_lora.cpu import enable_cpu
 from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
 

@@ -1,4 +1,4 @@
-"""megatron_lora.preemption in one process: the handler only records; resumable() reads metrics."""
+"""megatron_lora.training.preemption in one process: the handler only records; resumable() reads metrics."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from megatron_lora.preemption import ExitCheck, resumable
+from megatron_lora.training.preemption import ExitCheck, resumable
 
 
 def test_handler_records_the_signal_and_close_restores_the_previous_handler():

@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from megatron_lora.pretrain_args import UsageError, parse_args, validate_args
+from megatron_lora.training.pretrain_args import UsageError, parse_args, validate_args
 
 BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-3"]
@@ -13,7 +13,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 
 @pytest.fixture
 def data(tmp_path):
-    from megatron_lora.data import ByteTokenizer, write_indexed_dataset
+    from megatron_lora.training.data import ByteTokenizer, write_indexed_dataset
 
     prefix = str(tmp_path / "c")
     write_indexed_dataset(["some text", "more text"], prefix, ByteTokenizer())
@@ -59,7 +59,7 @@ def test_gradient_accumulation_fusion_only_where_it_can_run(data):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
-    from megatron_lora.training import Log
+    from megatron_lora.training.loop import Log
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megatron_lora import LoRAConfig, get_gpt_lora_layer_spec
-from megatron_lora.inject import lora_classes
+from megatron_lora.core.inject import lora_classes
 
 # Blocks the optional packages (a None in sys.modules makes `import x` raise ImportError), then
 # builds a LoRA GPT on CPU and runs one training step through apply_lora, Megatron's DDP and
@@ -31,7 +31,7 @@ parallel_state.initialize_model_parallel(1, 1)
 model_parallel_cuda_manual_seed(0)
 from megatron.core.transformer import TransformerConfig
 from megatron_lora import LoRAConfig, apply_lora, lora_parameters
-from megatron_lora.gpt import build_gpt_stage
+from megatron_lora.core.gpt import build_gpt_stage
 config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
                            normalization="RMSNorm", bias_dropout_fusion=False, masked_softmax_fusion=False,
                            persist_layer_norm=False, apply_rope_fusion=False)
@@ -41,7 +41,7 @@ loss = model(tokens, torch.arange(8)[None], None, labels=tokens).float().mean()
 loss.backward()
 assert all(p.grad is not None for p in lora_parameters(model))
 try:
-    import megatron_lora.te_layers
+    import megatron_lora.core.te_layers
 except ImportError as err:
     print("TE-ERROR:", err)
 loaded = sorted(n for n in ("transformer_engine", "apex") if sys.modules.get(n) is not None)
@@ -61,7 +61,7 @@ def test_cpu_path_needs_neither_transformer_engine_nor_apex(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "LOADED: []" in run.stdout
-    assert "TE-ERROR: megatron_lora.te_layers needs Transformer Engine (CUDA only)" in run.stdout
+    assert "TE-ERROR: megatron_lora.core.te_layers needs Transformer Engine (CUDA only)" in run.stdout
     assert "pip install 'megatron_lora[te]'" in run.stdout
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from typing import Optional
 
-from megatron_lora.config import INIT_METHODS, LoRAConfig
+from megatron_lora.core.config import INIT_METHODS, LoRAConfig
 
 
 def _flag(name: str) -> str:

@@ -6,7 +6,7 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT). When one rank fails the others are stoppe
 error messages are printed once each, as one line: a bad checkpoint gives one line, not one
 traceback per rank (torchrun adds its own multi-line failure report, which this path avoids).
 SIGTERM / SIGUSR1 / SIGUSR2 sent to the launcher are passed on to every rank (see
-``megatron_lora.preemption``); a rank killed outright (SIGKILL) fails the job like any failure.
+``megatron_lora.training.preemption``); a rank killed outright (SIGKILL) fails the job like any failure.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_lora.checkpoint_io import atomic_write_text
-from megatron_lora.pretrain_args import (
+from megatron_lora.core.checkpoint.common import atomic_write_text
+from megatron_lora.training.pretrain_args import (
     UsageError,
     describe_mismatch,
     model_args,
@@ -105,7 +105,7 @@ def initialize(args) -> None:
 
 def gpt_stage_from_args(args, lora_config=None):
     """This rank's ``GPTModel`` stage for the flags, freshly initialised (LoRA layers optional)."""
-    from megatron_lora.gpt import build_gpt_stage
+    from megatron_lora.core.gpt import build_gpt_stage
 
     return build_gpt_stage(
         transformer_config_from_args(args), args.padded_vocab_size, args.max_position_embeddings,
@@ -118,8 +118,8 @@ def gpt_stage_from_args(args, lora_config=None):
 def build_model(args, log: Log):
     """This rank's model stage: base loaded (frozen under LoRA), LoRA applied; unwrapped."""
     from megatron_lora import apply_lora
-    from megatron_lora.checkpoint import load_full_adapter
-    from megatron_lora.model_checkpoint import load_model, read_model_args
+    from megatron_lora.core.checkpoint.adapter import load_full_adapter
+    from megatron_lora.core.checkpoint.model import load_model, read_model_args
 
     model = gpt_stage_from_args(args, args.lora)
     config = model.config
@@ -202,7 +202,7 @@ def _run_schedule(args, ddp, data_iterator, forward_only: bool) -> float:
 def _batches(args, dataset, consumed_samples: int):
     from megatron.core import parallel_state
 
-    from megatron_lora.data import micro_batches
+    from megatron_lora.training.data import micro_batches
 
     return micro_batches(dataset, consumed_samples, args.micro_batch_size,
                          parallel_state.get_data_parallel_rank(), args.data_parallel_size)
@@ -221,8 +221,8 @@ def evaluate(args, model, ddp, valid) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 def save(args, model, optimizer, iteration: int, final: bool) -> None:
-    from megatron_lora.checkpoint import save_adapter, save_full_adapter
-    from megatron_lora.model_checkpoint import save_model
+    from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.model import save_model
 
     optim = None if args.no_save_optim else optimizer
     if args.lora is not None:
@@ -236,7 +236,8 @@ def save(args, model, optimizer, iteration: int, final: bool) -> None:
 
 def resume(args, model, optimizer, log: Log) -> int:
     """Load the latest checkpoint under ``--load``; the iteration to continue from (0 if none)."""
-    from megatron_lora import checkpoint, model_checkpoint
+    from megatron_lora.core.checkpoint import adapter as checkpoint
+    from megatron_lora.core.checkpoint import model as model_checkpoint
 
     if not args.load:
         return 0
@@ -260,7 +261,7 @@ def resume(args, model, optimizer, log: Log) -> int:
 def save_merged(args, model, log: Log) -> None:
     """Fold the adapter into the base and write a plain (no-LoRA) model checkpoint."""
     from megatron_lora import merge_lora, unmerge_lora
-    from megatron_lora.model_checkpoint import save_model
+    from megatron_lora.core.checkpoint.model import save_model
 
     merge_lora(model)
     try:
@@ -279,7 +280,7 @@ def _replicated_factors_identical(model) -> tuple:
     They must be identical by construction (DESIGN §3); a run that prints less than total/total
     has a bug, so the script reports it at the end of every TP > 1 LoRA run.
     """
-    from megatron_lora import collectives as C
+    from megatron_lora.core import collectives as C
     from megatron_lora import lora_modules
 
     same = total = 0
@@ -310,8 +311,8 @@ def pretrain(args) -> dict:
     )
 
     from megatron_lora import adapters_disabled
-    from megatron_lora.data import build_gpt_datasets, build_tokenizer
-    from megatron_lora.preemption import INTERVAL, ExitCheck
+    from megatron_lora.training.data import build_gpt_datasets, build_tokenizer
+    from megatron_lora.training.preemption import INTERVAL, ExitCheck
 
     start = time.time()
     # installed first: a signal that arrives while the model is being built still stops the run

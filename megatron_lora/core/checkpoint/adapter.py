@@ -29,12 +29,12 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from megatron_lora import checkpoint_io as io
-from megatron_lora import collectives as C
-from megatron_lora.checkpoint_io import CheckpointError
-from megatron_lora.config import LoRAConfig
-from megatron_lora.inject import lora_modules, model_chunks
-from megatron_lora.layers import LORA_FACTORS
+from megatron_lora.core.checkpoint import common as io
+from megatron_lora.core import collectives as C
+from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.core.inject import lora_modules, model_chunks
+from megatron_lora.core.layers import LORA_FACTORS
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1

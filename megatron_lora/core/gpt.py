@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_lora.config import LoRAConfig
+from megatron_lora.core.config import LoRAConfig
 
 
 class TorchNorm:
@@ -56,7 +56,7 @@ def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRACon
     dist-checkpoint keys (Megatron maps the local norms onto the TE names), so base checkpoints
     and adapters move between them.
     """
-    from megatron_lora.inject import lora_layer_spec, megatron_gpt_layer_spec
+    from megatron_lora.core.inject import lora_layer_spec, megatron_gpt_layer_spec
 
     if transformer_impl == "local":
         spec = with_torch_norms(megatron_gpt_layer_spec(
@@ -101,7 +101,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
         if transformer_impl == "local":  # a TE spec's norms are fused into its linears
             layer_spec = with_torch_norms(layer_spec)
         if lora_config is not None:
-            from megatron_lora.inject import lora_layer_spec
+            from megatron_lora.core.inject import lora_layer_spec
 
             layer_spec = lora_layer_spec(layer_spec, lora_config)
     if pre_process is None:

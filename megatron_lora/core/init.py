@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from megatron_lora import collectives as C
+from megatron_lora.core import collectives as C
 
 
 def name_seed(seed: int, name: str) -> int:

@@ -40,8 +40,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_lora.config import DEFAULT_TARGET_MODULES, LoRAConfig
-from megatron_lora.hf_mapping import LORA_TARGET_OF_PART, MODULE_OF_TARGET, MODULES, Arch, ConversionError
+from megatron_lora.core.config import DEFAULT_TARGET_MODULES, LoRAConfig
+from megatron_lora.hf.mapping import LORA_TARGET_OF_PART, MODULE_OF_TARGET, MODULES, Arch, ConversionError
 
 PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
 PARENT_OF_PART = {part: parent for parent, parts in MODULES.values() for part in parts}

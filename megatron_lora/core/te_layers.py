@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import importlib
 
-from megatron_lora import collectives as C
-from megatron_lora import compat
-from megatron_lora.external_gemm import ExternalGEMMLoRA
+from megatron_lora.core import collectives as C
+from megatron_lora.core import compat
+from megatron_lora.core.external_gemm import ExternalGEMMLoRA
 
 try:
     importlib.import_module("transformer_engine")
@@ -43,7 +43,7 @@ else:
 
 if not HAVE_TE:
     raise ImportError(
-        "megatron_lora.te_layers needs Transformer Engine (CUDA only): install it with "
+        "megatron_lora.core.te_layers needs Transformer Engine (CUDA only): install it with "
         "pip install 'megatron_lora[te]' on a CUDA machine, or use the local spec "
         f"(--transformer-impl local). Import failed with: {_IMPORT_ERROR}")
 

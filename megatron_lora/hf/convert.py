@@ -27,10 +27,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from megatron_lora import checkpoint_io as io
-from megatron_lora.config import LoRAConfig
-from megatron_lora.hf_adapters import check_peft_config, megatron_from_peft, peft_from_megatron
-from megatron_lora.hf_mapping import (
+from megatron_lora.core.checkpoint import common as io
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.hf.peft_adapters import check_peft_config, megatron_from_peft, peft_from_megatron
+from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_hf_config, arch_from_model_args, check_hf_config, check_hf_config_matches,
     check_hf_tensors, check_parallel_layout, hf_config_for, hf_from_megatron, megatron_flags, megatron_from_hf,
 )
@@ -60,7 +60,7 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def _read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
-    from megatron_lora.checkpoint import read_full_adapter  # readable errors for truncated files
+    from megatron_lora.core.checkpoint.adapter import read_full_adapter  # readable errors for truncated files
 
     return read_full_adapter(path)
 
@@ -106,7 +106,7 @@ class HFCheckpoint:
 
 def model_args_from_flags(flags, vocab_size: int) -> dict:
     """The ``model_args.json`` record pretrain_gpt_lora.py derives from these model flags."""
-    from megatron_lora import pretrain_args as P
+    from megatron_lora.training import pretrain_args as P
 
     args = P.build_parser().parse_args(list(flags) + _SCRIPT_REQUIRED)
     # validate_args' derived values
@@ -205,8 +205,8 @@ def build_stage(model_args: dict, lora: Optional[LoRAConfig] = None, dtype: str 
     from megatron.core import parallel_state
 
     from megatron_lora import apply_lora
-    from megatron_lora import pretrain_args as P
-    from megatron_lora.gpt import build_gpt_stage
+    from megatron_lora.training import pretrain_args as P
+    from megatron_lora.core.gpt import build_gpt_stage
 
     args = P.parse_args(_SCRIPT_REQUIRED)
     for name in P.MODEL_ARG_NAMES:
@@ -251,7 +251,7 @@ def hf_to_megatron(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dtype: st
         _check_new_output(output)
         log(f"{ckpt.config['model_type']}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_heads} "
             f"heads / {arch.num_groups} query groups, vocab {arch.vocab_size}; building the Megatron model")
-        from megatron_lora.model_checkpoint import save_model
+        from megatron_lora.core.checkpoint.model import save_model
 
         with megatron_session():
             model = build_stage(model_args, dtype=dtype)
@@ -282,7 +282,7 @@ def hf_to_megatron(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dtype: st
 def _write_full_adapter(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, path: str, source: str) -> None:
     from safetensors.torch import save_file
 
-    from megatron_lora.checkpoint import FORMAT, FORMAT_VERSION
+    from megatron_lora.core.checkpoint.adapter import FORMAT, FORMAT_VERSION
 
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=dict(format=FORMAT, format_version=str(FORMAT_VERSION),
@@ -328,7 +328,7 @@ def read_adapter(path: str, model_args: dict, iteration: Optional[int] = None,
     """Logical adapter tensors and config from: a full adapter .safetensors; a PEFT directory; a
     pretrain_gpt_lora.py --save directory (its adapter.safetensors, else the latest dist
     checkpoint; ``iteration`` picks one); or one iter_XXXXXXX directory."""
-    from megatron_lora import checkpoint as C
+    from megatron_lora.core.checkpoint import adapter as C
 
     if os.path.isfile(path):
         tensors, meta = _read_safetensors(path)
@@ -396,8 +396,8 @@ def merge(base: str, adapter: Optional[str], output: str, to: str = "megatron", 
     _check_new_output(output)
     tensors, cfg = read_adapter(adapter, model_args, iteration, log) if adapter else (None, None)
     from megatron_lora import merge_lora
-    from megatron_lora.checkpoint import load_full_adapter
-    from megatron_lora.model_checkpoint import load_model, save_model
+    from megatron_lora.core.checkpoint.adapter import load_full_adapter
+    from megatron_lora.core.checkpoint.model import load_model, save_model
 
     with megatron_session():
         model = build_stage(model_args, cfg)
@@ -408,7 +408,7 @@ def merge(base: str, adapter: Optional[str], output: str, to: str = "megatron", 
             merge_lora(model)
             log(f"merged the adapter (rank {cfg.rank}, {' '.join(cfg.target_modules)})")
         if to == "megatron":
-            from megatron_lora.pretrain_args import MODEL_ARG_NAMES
+            from megatron_lora.training.pretrain_args import MODEL_ARG_NAMES
 
             record = {k: model_args[k] for k in MODEL_ARG_NAMES if k in model_args}
             save_model(model.to(DTYPES[dtype]), output, 0, record)

@@ -35,12 +35,12 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from megatron_lora import collectives as C
-from megatron_lora import compat
-from megatron_lora.config import LoRAConfig
-from megatron_lora.functions import LoRAColumnParallelFn, LoRARowParallelFn
-from megatron_lora.init import init_lora_factors
-from megatron_lora.layout import AdapterLayout
+from megatron_lora.core import collectives as C
+from megatron_lora.core import compat
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.core.ops import LoRAColumnParallelFn, LoRARowParallelFn
+from megatron_lora.core.init import init_lora_factors
+from megatron_lora.core.layout import AdapterLayout
 
 LORA_FACTORS = ("lora_A", "lora_B")
 

@@ -18,9 +18,9 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_lora.config import LoRAConfig
-from megatron_lora.init import init_lora_factors
-from megatron_lora.layers import LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.core.init import init_lora_factors
+from megatron_lora.core.layers import LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def lora_classes() -> dict:
     classes = dict(_LORA_FOR_BASE)
     if "transformer_engine" in sys.modules:
         try:
-            from megatron_lora.te_layers import LORA_FOR_TE_BASE
+            from megatron_lora.core.te_layers import LORA_FOR_TE_BASE
         except ImportError:  # TE present but unusable (no CUDA): its layers cannot exist either
             pass
         else:
@@ -70,7 +70,7 @@ def megatron_gpt_layer_spec(transformer_impl: str = "local", **spec_kwargs) -> M
     if transformer_impl == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(**spec_kwargs)
     if transformer_impl == "transformer_engine":
-        importlib.import_module("megatron_lora.te_layers")  # a clear ImportError without TE
+        importlib.import_module("megatron_lora.core.te_layers")  # a clear ImportError without TE
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**spec_kwargs)
     raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}.")
 

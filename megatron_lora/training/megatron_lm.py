@@ -31,7 +31,7 @@ LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 def lora_pretrain(pretrain):
     """``megatron.training.pretrain`` with the LoRA args provider and model provider swapped in."""
-    from megatron_lora.arguments import add_lora_args
+    from megatron_lora.training.arguments import add_lora_args
 
     signature = inspect.signature(pretrain)
     if "extra_args_provider" not in signature.parameters:
@@ -70,9 +70,9 @@ def lora_model_provider(model_provider):
     def provider(*args, **kwargs):
         from megatron.training import get_args
         from megatron_lora import apply_lora
-        from megatron_lora.arguments import lora_config_from_args
-        from megatron_lora.checkpoint import load_full_adapter
-        from megatron_lora.model_checkpoint import load_model
+        from megatron_lora.training.arguments import lora_config_from_args
+        from megatron_lora.core.checkpoint.adapter import load_full_adapter
+        from megatron_lora.core.checkpoint.model import load_model
 
         model = model_provider(*args, **kwargs)
         margs = get_args()

@@ -18,9 +18,9 @@ import json
 import os
 from typing import Optional
 
-from megatron_lora import checkpoint_io as io
-from megatron_lora.checkpoint_io import CheckpointError
-from megatron_lora.inject import model_chunks
+from megatron_lora.core.checkpoint import common as io
+from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.inject import model_chunks
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_ARGS_FILE = "model_args.json"

@@ -196,7 +196,7 @@ def _sharded_keys(state) -> set:
 
 def training_state(sharded: dict, optimizer=None, rng: bool = False, is_loading: bool = False) -> dict:
     """The state a checkpoint holds: ``sharded`` model entries, optionally optimizer and RNG."""
-    from megatron_lora import compat
+    from megatron_lora.core import compat
 
     state = {"model": sharded}
     if optimizer is not None:

@@ -2,7 +2,7 @@
 
 The model, parallel-layout, optimizer, data and checkpoint flags keep Megatron-LM's spelling and
 meaning (``--tensor-model-parallel-size``, ``--num-query-groups``, ``--global-batch-size``, ...)
-so an existing launch line carries over; the LoRA group comes from ``megatron_lora.arguments``.
+so an existing launch line carries over; the LoRA group comes from ``megatron_lora.training.arguments``.
 
 ``validate_args`` runs on every rank before the process group exists and before anything is
 written: a bad flag combination is a :class:`UsageError` whose message is one line naming the
@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from megatron_lora.arguments import add_lora_args, lora_config_from_args
-from megatron_lora.config import DEFAULT_TARGET_MODULES
-from megatron_lora.preemption import EXIT_SIGNALS
+from megatron_lora.training.arguments import add_lora_args, lora_config_from_args
+from megatron_lora.core.config import DEFAULT_TARGET_MODULES
+from megatron_lora.training.preemption import EXIT_SIGNALS
 
 # The architecture flags a checkpoint records (``model_args.json``) and a run must match.
 MODEL_ARG_NAMES = (
@@ -159,7 +159,7 @@ def _fail(message: str) -> None:
 
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Check every flag combination and fill derived values; raises UsageError (one line)."""
-    from megatron_lora.data import DataError, check_data_prefixes
+    from megatron_lora.training.data import DataError, check_data_prefixes
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
@@ -227,7 +227,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                   f"choose from {' '.join(DEFAULT_TARGET_MODULES)}.")
     elif args.lora_load or args.lora_save_merged:
         _fail("--lora-load / --lora-save-merged need --lora-rank (the adapter's rank).")
-    from megatron_lora.data import build_tokenizer
+    from megatron_lora.training.data import build_tokenizer
 
     try:
         tokenizer_vocab = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size

@@ -29,10 +29,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_lora import collectives as C
-from megatron_lora.functions import _dropped, _flat, deliver_factor_grads, main_grads_for
-from megatron_lora.layers import LoRALayerMixin
-from megatron_lora.layout import AdapterLayout
+from megatron_lora.core import collectives as C
+from megatron_lora.core.ops import _dropped, _flat, deliver_factor_grads, main_grads_for
+from megatron_lora.core.layers import LoRALayerMixin
+from megatron_lora.core.layout import AdapterLayout
 
 
 class _Rider:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_lora import collectives as C
+from megatron_lora.core import collectives as C
 
 
 def _dropped(x: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:

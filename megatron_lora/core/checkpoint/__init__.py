@@ -1,0 +1,1 @@
+"""Adapter and base-model checkpoints (Megatron dist checkpoints and safetensors)."""
