@@ -1,6 +1,6 @@
 """LoRA for Megatron-Core tensor/sequence/data/pipeline-parallel models.
 
-Public API (DESIGN §6): ``LoRAConfig``, ``apply_lora``, ``LoRAColumnParallelLinear``,
+Public API (docs/design.md §12): ``LoRAConfig``, ``apply_lora``, ``LoRAColumnParallelLinear``,
 ``LoRARowParallelLinear``; CPU mode is ``megatron_lora.cpu.enable_cpu`` (opt-in).
 
 The names are resolved on first use, so ``import megatron_lora.training.pretrain_args`` (the script's

@@ -14,7 +14,7 @@
     # a Megatron base checkpoint (e.g. pretrained with pretrain_gpt_lora.py) -> Hugging Face
     python scripts/convert_checkpoint.py megatron-to-hf --base ckpt/base --output base-hf
 
-Conversions run in one process on CPU (or one GPU); the logic lives in megatron_lora.hf.convert.
+Conversions run in one process on CPU (or one GPU); the logic lives in megatron_lora.hf.
 Bad input exits with one ``error: ...`` line (status 2) before anything is written.
 """
 
@@ -86,22 +86,23 @@ def _quiet():
 
 
 def run(args) -> None:
-    from megatron_lora.hf import convert
+    from megatron_lora.hf.adapters import megatron_to_peft, peft_to_megatron
+    from megatron_lora.hf.merge import merge
+    from megatron_lora.hf.to_megatron import hf_to_megatron
 
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.command == "hf-to-megatron":
-        convert.hf_to_megatron(args.hf_dir, args.output, args.target_tensor_parallel_size,
-                               args.target_pipeline_parallel_size, args.dtype, log)
+        hf_to_megatron(args.hf_dir, args.output, args.target_tensor_parallel_size,
+                       args.target_pipeline_parallel_size, args.dtype, log)
     elif args.command == "peft-to-megatron":
-        convert.peft_to_megatron(args.peft_dir, args.output, args.base, log)
+        peft_to_megatron(args.peft_dir, args.output, args.base, log)
     elif args.command == "megatron-to-peft":
-        convert.megatron_to_peft(args.adapter, args.output, args.base, args.iteration, not args.keep_rank,
-                                 args.base_model_name_or_path, log)
+        megatron_to_peft(args.adapter, args.output, args.base, args.iteration, not args.keep_rank,
+                         args.base_model_name_or_path, log)
     elif args.command == "merge":
-        convert.merge(args.base, args.adapter, args.output, args.to, args.hf_config_dir, args.dtype,
-                      args.iteration, log)
+        merge(args.base, args.adapter, args.output, args.to, args.hf_config_dir, args.dtype, args.iteration, log)
     else:
-        convert.merge(args.base, None, args.output, "hf", args.hf_config_dir, args.dtype, log=log)
+        merge(args.base, None, args.output, "hf", args.hf_config_dir, args.dtype, log=log)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ Layers never call ``torch.distributed`` directly. Per forward / backward of one 
 | row, SP                      | 1 reduce-scatter of ``[Y | X_i A_i^T]`` | 1 all-gather of dY (as base) |
 
 That is exactly the base layer's count: the rank-r term the replicated factor's gradient needs
-rides in the base layer's own message (DESIGN §3). The one exception is a layer whose base issues
+rides in the base layer's own message (docs/design.md §3). The one exception is a layer whose base issues
 no TP collective although TP > 1 (expert layers with explicit expert communication,
 ``disable_grad_reduce``): there the dispatcher (or the caller) reduces the base output, so the
 rank-r term gets its own small all-reduce (mode ``"rider_only"``).
@@ -70,15 +70,30 @@ def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
 MODES = ("all_reduce", "reduce_scatter", "rider_only", "none")
 
 
+def comm_mode(tp_size: int, sequence_parallel: bool, base_reduces: bool = True) -> str:
+    """How a LoRA layer's one collective runs, read off what its base layer does (one of MODES).
+
+    ``sequence_parallel``: the base gathers its input / reduce-scatters its output along the
+    sequence. ``base_reduces``: the base layer issues its TP reduction itself; False for expert
+    layers with explicit expert communication and for ``disable_grad_reduce``, where the caller
+    reduces the base part and the rank-r rider gets its own small all-reduce (``"rider_only"``).
+    """
+    if tp_size == 1:
+        return "none"
+    if sequence_parallel:
+        return "reduce_scatter"
+    return "all_reduce" if base_reduces else "rider_only"
+
+
 def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The base layer's ONE collective over ``[main | rider]``, split afterwards.
 
-    ``mode``: ``"all_reduce"``; ``"reduce_scatter"`` along dim 0 (sequence parallel);
-    ``"rider_only"`` when the base issues no TP collective although TP > 1 (the caller reduces
-    ``main``, the rank-r rider gets its own small all-reduce); ``"none"`` at TP = 1.
-    The rider is the rank-r activation whose TP sum completes the gradient of a replicated LoRA
-    factor; it costs ``r / hidden`` more bytes and no extra message.
+    ``mode`` (see ``comm_mode``): ``"all_reduce"``; ``"reduce_scatter"`` along dim 0 (sequence
+    parallel); ``"rider_only"``: the caller reduces ``main``, the rank-r rider gets its own small
+    all-reduce; ``"none"`` at TP = 1. The rider is the rank-r activation whose TP sum completes
+    the gradient of a replicated LoRA factor; it costs ``r / hidden`` more bytes and no extra
+    message (docs/design.md §3).
     """
     if mode == "none":
         return main, rider
@@ -90,8 +105,8 @@ def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
 
 def reduce(x: torch.Tensor, group, mode: str) -> torch.Tensor:
     """One tensor through the base layer's collective: ``"all_reduce"``, ``"reduce_scatter"``
-    along dim 0, or ``"none"`` (TP = 1)."""
-    if mode == "none":
+    along dim 0, or nothing (``"none"``: TP = 1; ``"rider_only"``: the caller reduces it)."""
+    if mode in ("none", "rider_only"):
         return x
     if mode == "reduce_scatter":
         return reduce_scatter_first_dim(x, group)

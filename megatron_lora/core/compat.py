@@ -1,21 +1,20 @@
 """Every Megatron-Core call whose spelling differs between supported releases lives here.
 
-Supported: megatron-core >= MIN_VERSION, tested on MIN_VERSION and 0.16.1. The layers subclass
-the public ColumnParallelLinear / RowParallelLinear and rely on their ``tp_group`` attribute.
+Supported: megatron-core >= MIN_VERSION (CI runs the suite on MIN_VERSION and 0.16.1). The layers
+subclass the public ColumnParallelLinear / RowParallelLinear and rely on their ``tp_group``
+attribute. Calls are switched by feature (a signature, an attribute) where possible: forks may
+backport a change without changing the version.
 """
 
 from __future__ import annotations
 
 import inspect
 
-import torch
 from packaging.version import Version
 
 import megatron.core
-from megatron.core.tensor_parallel import mappings
 
 MIN_VERSION = "0.13.0"
-TESTED_VERSIONS = (MIN_VERSION, "0.16.1")
 MEGATRON_VERSION = Version(getattr(megatron.core, "__version__", "0"))
 
 if MEGATRON_VERSION < Version(MIN_VERSION):
@@ -23,11 +22,6 @@ if MEGATRON_VERSION < Version(MIN_VERSION):
         f"megatron_lora needs megatron-core >= {MIN_VERSION}, found {MEGATRON_VERSION}. "
         f"Upgrade with: pip install 'megatron-core>={MIN_VERSION}'"
     )
-
-
-def default_param_device(config):
-    """Where Megatron allocates parameters for this config (its own rule)."""
-    return torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
 
 
 def te_tp_group(te_module):
@@ -39,16 +33,6 @@ def te_tp_group(te_module):
 
         group = parallel_state.get_tensor_model_parallel_group()
     return group
-
-
-def gather_from_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    """Forward all-gather along the last dim, backward split: the base layer's gather_output."""
-    return mappings.gather_from_tensor_model_parallel_region(x, group=group)
-
-
-def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    """Forward split along the last dim, backward all-gather: input_is_parallel=False."""
-    return mappings.scatter_to_tensor_model_parallel_region(x, group=group)
 
 
 def _accepts(fn, name: str) -> bool:

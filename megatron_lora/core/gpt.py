@@ -5,11 +5,11 @@ gets the same module tree (and so the same checkpoint keys):
 
 * Megatron's local GPT layer spec (``get_gpt_layer_local_spec``), rewritten by
   ``lora_layer_spec`` when a ``LoRAConfig`` is given;
-* :class:`TorchNorm` for the two per-layer norms and the final norm. Without Apex, Megatron's
-  local spec falls back to ``WrappedTorchNorm``, which refuses ``sequence_parallel=True``; this
-  norm is the same torch module with its weights marked the way Megatron's ``FusedLayerNorm``
-  marks them, so sequence parallelism works on CPU too. The parameter names (``weight``,
-  ``bias``) and so the checkpoint keys are Megatron's;
+* :class:`RMSNorm` / :class:`LayerNorm` for the two per-layer norms and the final norm. Without
+  Apex, Megatron's local spec falls back to ``WrappedTorchNorm``, which refuses
+  ``sequence_parallel=True``; these are the same torch modules with their weights marked the way
+  Megatron's ``FusedLayerNorm`` marks them, so sequence parallelism works on CPU too. The
+  parameter names (``weight``, ``bias``) and so the checkpoint keys are Megatron's;
 * or, with ``transformer_impl="transformer_engine"`` (CUDA), Megatron's TE spec with the LoRA TE
   layers of ``te_layers.py``.
 """
@@ -25,33 +25,50 @@ from megatron.core import parallel_state
 from megatron_lora.core.config import LoRAConfig
 
 
-class TorchNorm:
-    """``torch.nn.RMSNorm`` / ``LayerNorm`` behind Megatron's norm constructor, SP-capable.
+class _MegatronNormArguments:
+    """Megatron's norm constructor arguments on a torch norm, with SP-marked weights.
 
     Under SP each TP rank normalises its own sequence chunk, so the weight gradient is a partial
     sum; marking the weights ``sequence_parallel`` makes ``finalize_model_grads`` all-reduce it
-    over TP.
+    over TP (Megatron marks its ``FusedLayerNorm`` the same way).
     """
 
-    def __new__(cls, config, hidden_size, eps=1e-5, **unused_megatron_kwargs):
-        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}[config.normalization]
-        norm = norm_cls(hidden_size, eps=eps, device=torch.cuda.current_device())
-        for param in norm.parameters():
+    def __init__(self, config, hidden_size, eps=1e-5, **unused_megatron_kwargs):
+        super().__init__(hidden_size, eps=eps, device=torch.cuda.current_device())
+        for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel
-        return norm
 
 
-def with_torch_norms(layer_spec):
-    """A copy of a GPT layer spec whose two norms are :class:`TorchNorm`."""
+class RMSNorm(_MegatronNormArguments, torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` built from Megatron's norm arguments, sequence-parallel capable."""
+
+
+class LayerNorm(_MegatronNormArguments, torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` built from Megatron's norm arguments, sequence-parallel capable."""
+
+
+TORCH_NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
+
+
+def torch_norm(normalization: str) -> type:
+    """The SP-capable torch norm class for ``config.normalization``."""
+    if normalization not in TORCH_NORMS:
+        raise ValueError(f"normalization must be one of {sorted(TORCH_NORMS)}, got {normalization!r}.")
+    return TORCH_NORMS[normalization]
+
+
+def with_torch_norms(layer_spec, normalization: str):
+    """A copy of a GPT layer spec whose two norms are SP-capable torch norms."""
+    norm = torch_norm(normalization)
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-        layer_spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm))
+        layer_spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm))
 
 
 def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRAConfig] = None,
                    qk_layernorm: bool = False, transformer_impl: str = "local"):
     """Megatron's GPT layer spec and, given a config, LoRA layers.
 
-    "local": the local spec with SP-capable :class:`TorchNorm` norms; "transformer_engine": the
+    "local": the local spec with SP-capable torch norms; "transformer_engine": the
     TE spec (norms fused into ``linear_qkv`` / ``linear_fc1``; CUDA + TE). Both give the same
     dist-checkpoint keys (Megatron maps the local norms onto the TE names), so base checkpoints
     and adapters move between them.
@@ -60,7 +77,7 @@ def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRACon
 
     if transformer_impl == "local":
         spec = with_torch_norms(megatron_gpt_layer_spec(
-            "local", normalization=normalization, qk_layernorm=qk_layernorm))
+            "local", normalization=normalization, qk_layernorm=qk_layernorm), normalization)
     else:
         spec = megatron_gpt_layer_spec(transformer_impl, qk_layernorm=qk_layernorm)
     return lora_layer_spec(spec, lora_config) if lora_config is not None else spec
@@ -73,7 +90,7 @@ def gpt_block_spec(config, layer_spec, transformer_impl: str = "local"):
         get_num_layers_to_build,
     )
 
-    final_norm = TorchNorm
+    final_norm = torch_norm(config.normalization)
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
@@ -86,7 +103,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
                     transformer_impl: str = "local", **gpt_kwargs):
     """This rank's ``GPTModel`` stage (embedding on the first stage, output layer on the last).
 
-    ``layer_spec`` (a GPT layer spec; a local spec's norms become :class:`TorchNorm`) defaults to
+    ``layer_spec`` (a GPT layer spec; a local spec's norms become SP-capable torch norms) defaults to
     :func:`gpt_layer_spec` for ``config.normalization`` and ``transformer_impl``;
     ``lora_config`` puts LoRA layers into it
     (call ``apply_lora(model, cfg)`` afterwards to initialise them).
@@ -99,7 +116,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
         layer_spec = gpt_layer_spec(config.normalization, lora_config, transformer_impl=transformer_impl)
     else:
         if transformer_impl == "local":  # a TE spec's norms are fused into its linears
-            layer_spec = with_torch_norms(layer_spec)
+            layer_spec = with_torch_norms(layer_spec, config.normalization)
         if lora_config is not None:
             from megatron_lora.core.inject import lora_layer_spec
 

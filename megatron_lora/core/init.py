@@ -1,4 +1,4 @@
-"""TP-aware initialisation of LoRA factors (DESIGN §4).
+"""TP-aware initialisation of LoRA factors (docs/design.md §5).
 
 The logical ``lora_A`` is drawn ONCE, on the TP group's source rank, from a generator seeded by
 (user seed, the module's qualified name with its GLOBAL layer number); it is then broadcast when A
@@ -8,7 +8,7 @@ size, construction order or rank. ``lora_B`` starts at zero, so the adapted mode
 at the base model.
 
 The kaiming bound uses the LOGICAL fan-in (``in``, not ``in/t``): computing it from a row shard
-inflates A by sqrt(t) (LESSONS 1).
+inflates A by sqrt(t) (docs/design.md §10, trap 1).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.init import init_lora_factors
-from megatron_lora.core.layers import LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear
+from megatron_lora.core.layers import (
+    LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +150,7 @@ def apply_lora(model, cfg: LoRAConfig):
                 if module.lora_config != cfg:
                     raise ValueError(f"{name} already has LoRA with {module.lora_config}, not {cfg}.")
             else:
-                gated = leaf == "linear_fc1" and module.config.gated_linear_unit
-                classes[type(module)].from_base(module, cfg, gated=gated)
+                classes[type(module)].from_base(module, cfg, gated=is_gated_fc1(module.config, leaf))
             if module.lora_init_name is None:
                 init_lora_factors(module, name)
             wrapped[leaf] = wrapped.get(leaf, 0) + 1

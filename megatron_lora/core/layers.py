@@ -13,13 +13,13 @@ layer's own ``tp_group`` (expert layers get the expert-TP group from the base cl
 | column | [r, in] replicated           | [out/t, r] sharded on dim 0  | lora_B only           |
 | row    | [r, in/t] sharded on dim 1   | [out, r] replicated          | lora_A only           |
 
-Replicated-factor gradient (DESIGN §3, LESSONS 2): the TP sum the replicated factor's gradient
+Replicated-factor gradient (docs/design.md §3; §10, trap 2): the TP sum the replicated factor's gradient
 needs is computed INSIDE the base layer's one collective (``functions.py``), so without SP the
 gradient is complete and bitwise identical on all TP ranks in any training loop; under SP the
 replicated factor carries ``sequence_parallel = True`` and Megatron's ``finalize_model_grads``
 sums it in the all-reduce it already issues for sequence-parallel norm weights. Replicated
 factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping counts them once
-(LESSONS 8).
+(docs/design.md §10, trap 8).
 
 Dropout rule: the mask is drawn for the LOGICAL (unsharded, full-sequence) branch input from the
 default generator, which Megatron keeps in sync across the TP group, and each rank keeps its own
@@ -34,15 +34,31 @@ from typing import Optional
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
 
 from megatron_lora.core import collectives as C
 from megatron_lora.core import compat
 from megatron_lora.core.config import LoRAConfig
-from megatron_lora.core.ops import LoRAColumnParallelFn, LoRARowParallelFn
+from megatron_lora.core.ops import Branch, ColumnEntry, ColumnJoin, Rider, RowJoin
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
 
 LORA_FACTORS = ("lora_A", "lora_B")
+
+
+def is_lora_key(key: str) -> bool:
+    """True for a LoRA factor's parameter / state-dict / checkpoint key (``...linear_qkv.lora_A``)."""
+    return key.rsplit(".", 1)[-1] in LORA_FACTORS
+
+
+def is_gated_fc1(config, name: Optional[str]) -> bool:
+    """Whether a layer's rows are ``[gate; up]`` per TP shard (docs/design.md §7): ``linear_fc1``
+    of a gated MLP. ``name``: the module name, or the ``tp_comm_buffer_name`` ("fc1") Megatron's
+    MLP builds it with, which is all a constructor sees."""
+    return name in ("linear_fc1", "fc1") and bool(getattr(config, "gated_linear_unit", False))
 
 
 class LoRALayerMixin:
@@ -50,11 +66,8 @@ class LoRALayerMixin:
 
     @property
     def lora_group(self):
-        """The TP group the factors are laid out over (the layer's own, DESIGN §1)."""
+        """The TP group the factors are laid out over (the layer's own, docs/design.md §1)."""
         return self.tp_group
-
-    def _branch_sequence_parallel(self) -> bool:
-        return self.sequence_parallel
 
     def _setup_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name: Optional[str]):
         if not isinstance(lora_config, LoRAConfig):
@@ -69,7 +82,9 @@ class LoRALayerMixin:
         self.lora_init_name = None  # set by init_lora_factors
         world = C.group_size(self.lora_group)
         ref = self.weight
-        device = ref.device if ref is not None else compat.default_param_device(self.config)
+        # Megatron's own rule for where a layer allocates its parameters.
+        cpu_init = self.config.use_cpu_initialization
+        device = ref.device if ref is not None else "cpu" if cpu_init else torch.cuda.current_device()
         dtype = ref.dtype if ref is not None else self.config.params_dtype
         for factor in LORA_FACTORS:
             shape = self.lora_layout.local_shape(factor, self.lora_logical_shape(factor), world)
@@ -78,8 +93,9 @@ class LoRALayerMixin:
             if dim is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
             else:
-                # Only the replicated factor holds a per-sequence-chunk partial gradient under SP.
-                param.sequence_parallel = self._branch_sequence_parallel()
+                # The replicated factor's gradient is a per-sequence-chunk partial sum exactly
+                # when the layer's collective is a reduce-scatter (SP; not expert layers).
+                param.sequence_parallel = self._comm_mode() == "reduce_scatter"
             # Expert params are reduced over the expert-data-parallel group, like the base weight.
             param.allreduce = not (self.is_expert and self.expert_parallel)
             setattr(self, factor, param)
@@ -98,6 +114,11 @@ class LoRALayerMixin:
             )
         return self.lora_enabled and not self.lora_merged
 
+    def _lora_branch(self) -> Branch:
+        """This call's branch settings (the collective mode is the base layer's, see ``_comm_mode``)."""
+        return Branch(self.lora_scaling, self.lora_config.dropout, self.lora_group, self._comm_mode(),
+                      self.config.gradient_accumulation_fusion)
+
     def _lora_dropout_mask(self, logical_shape, keep_slice=None) -> Optional[torch.Tensor]:
         """Mask of the logical branch input (see the module docstring); None when inactive."""
         p = self.lora_config.dropout
@@ -111,7 +132,7 @@ class LoRALayerMixin:
 
     @torch.no_grad()
     def lora_delta(self) -> torch.Tensor:
-        """``s * B @ A`` for this rank's base shard (local by construction, DESIGN §1)."""
+        """``s * B @ A`` for this rank's base shard (local by construction, docs/design.md §1)."""
         delta = self.lora_B.float() @ self.lora_A.float()
         return (delta * self.lora_scaling).to(self.weight.dtype)
 
@@ -133,8 +154,9 @@ class LoRALayerMixin:
         """Base tensors as Megatron shards them, LoRA factors by their declared layout.
 
         The inherited version would save the sharded factor as if it were replicated (one TP
-        shard kept, LESSONS 3). A gated ``linear_fc1`` gets Megatron's [gate; up] factory for
-        ``lora_B``, exactly as its MLP does for the base weight, so TP can change (LESSONS 5).
+        shard kept: docs/design.md §10, trap 3). A gated ``linear_fc1`` gets Megatron's [gate; up]
+        factory for ``lora_B``, exactly as its MLP does for the base weight, so TP can change
+        (trap 5).
         """
         axes = dict(self._base_tp_axes)
         for factor in LORA_FACTORS:
@@ -181,21 +203,17 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
     def __init__(self, input_size, output_size, *, lora_config: LoRAConfig,
                  lora_init_name: Optional[str] = None, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        # Megatron's MLP builds linear_fc1 with tp_comm_buffer_name="fc1"; gated MLPs store [gate; up].
-        gated = kwargs.get("tp_comm_buffer_name") == "fc1" and getattr(self.config, "gated_linear_unit", False)
+        gated = is_gated_fc1(self.config, kwargs.get("tp_comm_buffer_name"))
         self._setup_lora(lora_config, gated, lora_init_name)
 
     def _lora_layout(self, gated: bool) -> AdapterLayout:
         return AdapterLayout.column(gated=gated)
 
     def _comm_mode(self) -> str:
-        if C.group_size(self.tp_group) == 1:
-            return "none"
-        if self.sequence_parallel and not self.explicit_expert_comm:
-            return "reduce_scatter"
-        if self.explicit_expert_comm or self.disable_grad_reduce:
-            return "rider_only"
-        return "all_reduce"
+        # Megatron's column layer: explicit expert communication turns SP and the dX reduction
+        # off, disable_grad_reduce the dX reduction only.
+        return C.comm_mode(C.group_size(self.tp_group), self.sequence_parallel and not self.explicit_expert_comm,
+                           base_reduces=not (self.explicit_expert_comm or self.disable_grad_reduce))
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
@@ -209,18 +227,20 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
         elif weight.shape != (self.output_size_per_partition, self.input_size):
             raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
                                f"{(self.output_size_per_partition, self.input_size)} as expected")
-        mode = self._comm_mode()
+        branch = self._lora_branch()
         full_shape = list(input_.shape)
-        if mode == "reduce_scatter":
+        if branch.mode == "reduce_scatter":
             full_shape[0] *= C.group_size(self.tp_group)  # the mask covers the gathered sequence
         mask = self._lora_dropout_mask(full_shape)
         bias = self.bias if not self.skip_bias_add else None
-        output = LoRAColumnParallelFn.apply(
-            input_, weight, bias, self.lora_A, self.lora_B, self.lora_scaling, mask,
-            self.lora_config.dropout, self.tp_group, mode, self.config.gradient_accumulation_fusion)
+        rider = Rider()
+        x_total = ColumnEntry.apply(input_, self.lora_A, rider, branch)
+        # Under SP dA needs only this rank's chunk of the branch input: the layer's own input.
+        chunk = input_ if branch.mode == "reduce_scatter" else None
+        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_B, mask, chunk, rider, branch)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
-            output = compat.gather_from_tensor_model_parallel_region(output, self.tp_group)
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
         return output, (self.bias if self.skip_bias_add else None)
 
 
@@ -243,11 +263,9 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
         return AdapterLayout.row()
 
     def _comm_mode(self) -> str:
-        if C.group_size(self.tp_group) == 1:
-            return "none"
-        if self.explicit_expert_comm:
-            return "rider_only"
-        return "reduce_scatter" if self.sequence_parallel else "all_reduce"
+        # Megatron's row layer: explicit expert communication leaves the output unreduced.
+        return C.comm_mode(C.group_size(self.tp_group), self.sequence_parallel and not self.explicit_expert_comm,
+                           base_reduces=not self.explicit_expert_comm)
 
     def forward(self, input_: torch.Tensor):
         if not self._lora_active():
@@ -255,14 +273,11 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
         if self.input_is_parallel:
             x = input_
         else:
-            x = compat.scatter_to_tensor_model_parallel_region(input_, self.tp_group)
-        mode = self._comm_mode()
+            x = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         width = self.input_size_per_partition
         mask = self._lora_dropout_mask(
             list(x.shape[:-1]) + [self.input_size], (-1, C.group_rank(self.tp_group) * width, width))
-        output = LoRARowParallelFn.apply(
-            x, self.weight, self.lora_A, self.lora_B, self.lora_scaling, mask,
-            self.lora_config.dropout, self.tp_group, mode, self.config.gradient_accumulation_fusion)
+        output = RowJoin.apply(x, None, self.weight, self.lora_A, self.lora_B, mask, self._lora_branch())
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None

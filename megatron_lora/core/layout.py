@@ -1,6 +1,6 @@
 """How a logical (unsharded) adapter maps onto TP shards: one declarative helper, many users.
 
-The layout is derived from the base layer (DESIGN §1) and then drives parameter shapes, TP
+The layout is derived from the base layer (docs/design.md §1) and then drives parameter shapes, TP
 attributes, initialisation, gathering for tests and export, and slicing on load:
 
     ColumnParallelLinear  W: [out/t, in]   lora_A [r, in]  replicated   lora_B [out/t, r] dim 0
@@ -8,9 +8,10 @@ attributes, initialisation, gathering for tests and export, and slicing on load:
 
 Gated MLPs (SwiGLU) store ``linear_fc1`` as ``[gate; up]`` *per TP shard*, so shard ``i`` of the
 logical ``[gate; up]`` rows is ``[gate_i; up_i]``, not rows ``i*out/t:(i+1)*out/t``. A naive split
-silently permutes rows when TP changes (LESSONS 5). ``linear_qkv`` rows are grouped per query
-group (``[q_g, k_g, v_g]`` for g = 0..G-1) and TP splits whole groups, so a contiguous split is
-right there as long as the group count divides by t (checked when the model is built).
+silently permutes rows when TP changes (docs/design.md §10, trap 5). ``linear_qkv`` rows are
+grouped per query group (``[q_g, k_g, v_g]`` for g = 0..G-1) and TP splits whole groups, so a
+contiguous split is right there as long as the group count divides by t (checked when the model
+is built).
 """
 
 from __future__ import annotations

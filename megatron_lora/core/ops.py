@@ -1,22 +1,64 @@
-"""The two fused LoRA linear operators: base GEMM + LoRA branch + the base layer's ONE collective.
+"""The one LoRA operator set: branch, rank-r rider and the base layer's ONE collective.
 
-Why fused: the replicated factor's gradient needs a TP-sum of a rank-r activation (DESIGN §3).
-Autograd runs the base and LoRA backward nodes separately, so only an operator that owns both
-branches can put that rank-r term into the base layer's own message. Nothing has to run after
-backward, so any training loop (plain PyTorch, Megatron DDP, gradient accumulation) stays correct.
+Every LoRA layer, local or on Transformer Engine, runs these three autograd functions
+(docs/design.md §2-§4):
 
-Shapes use Megatron's ``[s, b, h]``; ``t`` = TP size, ``r`` = LoRA rank, ``s_`` = scaling.
-Dropout: ``mask`` is a bool tensor shaped like the LoRA branch input (or None); the layer draws it
-so that replicated inputs get the same mask on every TP rank (see ``layers.py``).
+    column:  X ─► ColumnEntry ─► X_total ─► [base GEMM_i] ─► ColumnJoin ─► Y_i
+             (SP: all-gather X;                ColumnJoin: + s drop(X_in) A^T B_i^T (+ bias);
+              backward: ONE all-reduce /       hands dY_i B_i to ColumnEntry through the Rider)
+              reduce-scatter of [dX | dY_i B_i], then dA)
+    row:     X_i ─► [base GEMM_i] ─► RowJoin ─► Y
+                     (+ s drop(X_i) A_i^T B^T, then ONE all-reduce / reduce-scatter of
+                      [Y_i | X_i A_i^T]; SP backward: all-gather dY)
+
+Why operators that own the branch: the replicated factor's gradient needs a TP sum of a rank-r
+activation, and only an operator next to the base layer's collective can put that term into
+the same message (§3). Nothing runs after backward, so any training loop stays correct.
+
+The base GEMM: a layer that owns its weight (``layers.py``) passes ``weight`` and the Join runs
+the GEMM itself, so dX is one buffer the branch term is added to in place and the frozen weight
+gets no gradient GEMM; a layer on a GEMM we do not own (``external_gemm.py``, Transformer
+Engine) runs it between Entry and Join and passes its output ``out``. ColumnEntry's backward
+runs only after every consumer of ``X_total`` has run, so the Rider holds ColumnJoin's rank-r
+term when the collective goes.
+
+Shapes use Megatron's ``[s, b, h]``; ``t`` = TP size, ``r`` = LoRA rank, ``s`` = scaling.
+Dropout: ``mask`` is a bool tensor shaped like the LOGICAL branch input (or None), drawn by the
+layer so that replicated inputs get the same mask on every TP rank (§6).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-from megatron_lora.core import collectives as C
+from megatron_lora.core import collectives
+
+
+@dataclass(frozen=True)
+class Branch:
+    """The non-tensor settings of one LoRA layer call.
+
+    ``mode``: ``collectives.comm_mode``; ``fuse``: ``config.gradient_accumulation_fusion``.
+    """
+
+    scaling: float
+    dropout: float
+    group: Any
+    mode: str
+    fuse: bool = False
+
+
+class Rider:
+    """ColumnJoin's backward terms for ColumnEntry's collective (lives for one forward):
+    ``g`` = dY_i B_i, and the branch input (this rank's sequence chunk under SP) with its mask."""
+
+    __slots__ = ("g", "branch_input", "mask")
+
+    def __init__(self):
+        self.g = self.branch_input = self.mask = None
 
 
 def _dropped(x: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
@@ -27,12 +69,15 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _add_lora_input_grad(dx, g, lora_a, scaling, mask, p):
-    """``dx += s * drop'(g @ A)`` in place: no full-size temporaries when there is no dropout."""
+def _branch_input_grad(dx: Optional[torch.Tensor], g, lora_a, scaling, mask, p) -> torch.Tensor:
+    """``dx + s * drop'(g @ A)``: in place into the base's dX when there is one and no dropout."""
+    if dx is None:
+        return _dropped(torch.matmul(g, lora_a) * scaling, mask, p)
     if mask is None:
         _flat(dx).addmm_(_flat(g), lora_a, alpha=scaling)
     else:
         dx += _dropped(torch.matmul(g, lora_a) * scaling, mask, p)
+    return dx
 
 
 def main_grads_for(params, fuse: bool):
@@ -53,7 +98,7 @@ def deliver_factor_grads(fused_params, grads):
     here, the parameter is flagged ``grad_added_to_main_grad`` and a dummy gradient is returned, so
     DDP's hook skips its own add but still fires on the backward thread (overlap_grad_reduce needs
     that). The added value is the same tensor DDP would add, so fused and unfused agree bitwise.
-    No per-parameter hook is involved (LESSONS 7).
+    No per-parameter hook is involved (docs/design.md §8).
     """
     if fused_params is None:
         return grads
@@ -63,98 +108,147 @@ def deliver_factor_grads(fused_params, grads):
         param.grad_added_to_main_grad = True
         dummy = torch.zeros_like if getattr(param, "zero_out_wgrad", False) else torch.empty_like
         out.append(dummy(param, memory_format=torch.contiguous_format).detach())
-    return tuple(out)
+    return out
 
 
-def _weight_grad(needed: bool, dy: torch.Tensor, x: torch.Tensor):
-    # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
-    return _flat(dy).t().matmul(_flat(x)) if needed else None
+def _base_gemm(x: torch.Tensor, weight: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The base output: ``x W^T`` for a weight we own, else the given output of a foreign GEMM."""
+    return torch.matmul(x, weight.t()) if weight is not None else out
 
 
-class LoRAColumnParallelFn(torch.autograd.Function):
-    """Column-parallel ``Y_i = X W_i^T + b_i + s (drop(X) A^T) B_i^T``.
+def _join_branch(base: torch.Tensor, owned: bool, u: torch.Tensor, lora_b, scaling) -> torch.Tensor:
+    """``base + s u B^T``: in place into our own GEMM's output, out of place into a foreign one."""
+    if owned:
+        _flat(base).addmm_(_flat(u), lora_b.t(), alpha=scaling)
+        return base
+    return torch.addmm(_flat(base), _flat(u), lora_b.t(), alpha=scaling).view_as(base)
 
-    | input X                 | [s, b, h] replicated, or [s/t, b, h] under SP          |
-    | W_i, b_i / A / B_i      | [o/t, h], [o/t] / [r, h] replicated / [o/t, r] sharded  |
-    | forward collective      | SP: all-gather X (the base layer's own); else none      |
-    | backward collective     | ONE all-reduce (SP: reduce-scatter) of [dX_i | dY_i B_i] |
+
+class ColumnEntry(torch.autograd.Function):
+    """Column layer input: SP all-gather; backward the ONE reduction of ``[dX_total | dY_i B_i]``.
 
     ``dA = s (sum_i dY_i B_i)^T drop(X)`` is then complete and bitwise identical on every TP rank
     (no SP); under SP each rank holds it for its sequence chunk only, so lora_A carries
     ``sequence_parallel = True`` and Megatron's ``finalize_model_grads`` sums it over TP.
+    ``lora_a`` is an input only so that its gradient is returned here; ``rider`` is None when the
+    branch is off (then only dX is reduced).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, p, group, mode, fuse=False):
-        # mode: see collectives.reduce_with_rider; fuse: config.gradient_accumulation_fusion
-        x_total = C.all_gather_first_dim(x, group) if mode == "reduce_scatter" else x
-        u = torch.matmul(_dropped(x_total, mask, p), lora_a.t())  # [s, b, r]
-        y = torch.matmul(x_total, weight.t())
-        _flat(y).addmm_(_flat(u), lora_b.t(), alpha=scaling)  # summed before any collective
+    def forward(ctx, x, lora_a, rider: Optional[Rider], branch: Branch):
+        ctx.rider, ctx.branch = rider, branch
+        ctx.fused = main_grads_for((lora_a,), branch.fuse) if lora_a is not None else None
+        if branch.mode == "reduce_scatter":
+            return collectives.all_gather_first_dim(x, branch.group)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx_total):
+        rider, b = ctx.rider, ctx.branch
+        if rider is None or rider.g is None:  # branch off, or it received no gradient
+            return collectives.reduce(dx_total.contiguous(), b.group, b.mode), None, None, None
+        dx, g_sum = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
+        x_in = _dropped(rider.branch_input, rider.mask, b.dropout)
+        d_a = b.scaling * _flat(g_sum).t().matmul(_flat(x_in))
+        [d_a] = deliver_factor_grads(ctx.fused, [d_a])
+        rider.g = rider.branch_input = rider.mask = None
+        return dx, d_a, None, None
+
+
+class ColumnJoin(torch.autograd.Function):
+    """``Y_i = base_i + s (drop(X_in) A^T) B_i^T (+ bias)``; dA is finished by ColumnEntry.
+
+    | X_in                 | [s, b, h]: X_total, or a fused norm's output of it        |
+    | W_i, bias_i / A / B_i | [o/t, h], [o/t] / [r, h] replicated / [o/t, r] sharded    |
+    | base_i               | ``X_in W_i^T`` (``weight`` given) or ``out`` (foreign GEMM) |
+
+    ``chunk``: this rank's sequence chunk of X_in under SP, the only part dA needs (the whole
+    gathered input is then not kept); None otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x_in, out, weight, bias, lora_a, lora_b, mask, chunk, rider: Rider, branch: Branch):
+        b = branch
+        u = torch.matmul(_dropped(x_in, mask, b.dropout), lora_a.t())  # [s, b, r]
+        y = _join_branch(_base_gemm(x_in, weight, out), weight is not None, u, lora_b, b.scaling)
         if bias is not None:
             y += bias
-        # Under SP the frozen base needs no input and dA only this rank's sequence chunk, so the
-        # gathered input is kept only for a trainable base weight.
-        keep_total = mode == "reduce_scatter" and ctx.needs_input_grad[1]
-        ctx.save_for_backward(x, x_total if keep_total else None, weight, lora_a, lora_b, u, mask)
-        ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
-        ctx.fused = main_grads_for((lora_a, lora_b), fuse)
+        keep_x = chunk is None or (weight is not None and ctx.needs_input_grad[2])
+        ctx.save_for_backward(x_in if keep_x else None, weight, lora_a, lora_b, u, mask, chunk)
+        ctx.rider, ctx.branch, ctx.foreign = rider, branch, weight is None
+        ctx.fused = main_grads_for((lora_b,), b.fuse)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, x_total, weight, lora_a, lora_b, u, mask = ctx.saved_tensors
-        s, mode, group = ctx.scaling, ctx.mode, ctx.group
-        g = torch.matmul(dy, lora_b)  # [s, b, r]: rank i's term of dY B
-        dx = torch.matmul(dy, weight)
-        _add_lora_input_grad(dx, g, lora_a, s, mask, ctx.p)
-        dx, g_sum = C.reduce_with_rider(dx, g, group, mode)
-        if mode == "reduce_scatter" and mask is not None:  # this rank's sequence chunk
-            mask = mask.narrow(0, C.group_rank(group) * x.shape[0], x.shape[0])
-        d_a = s * _flat(g_sum).t().matmul(_flat(_dropped(x, mask, ctx.p)))
-        d_b = s * _flat(dy).t().matmul(_flat(u))
-        d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[2] else None
-        d_w = _weight_grad(ctx.needs_input_grad[1], dy, x if x_total is None else x_total)
-        d_a, d_b = deliver_factor_grads(ctx.fused, (d_a, d_b))
-        return dx, d_w, d_bias, d_a, d_b, None, None, None, None, None, None
+        x_in, weight, lora_a, lora_b, u, mask, chunk = ctx.saved_tensors
+        b, rider = ctx.branch, ctx.rider
+        g = torch.matmul(dy, lora_b)  # [s, b, r]: this rank's term of dY B
+        d_in = None
+        if weight is not None or ctx.needs_input_grad[0]:
+            d_base = torch.matmul(dy, weight) if weight is not None else None
+            d_in = _branch_input_grad(d_base, g, lora_a, b.scaling, mask, b.dropout)
+        d_b = b.scaling * _flat(dy).t().matmul(_flat(u))
+        # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
+        d_w = _flat(dy).t().matmul(_flat(x_in)) if ctx.needs_input_grad[2] else None
+        d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[3] else None
+        [d_b] = deliver_factor_grads(ctx.fused, [d_b])
+        if chunk is not None:
+            rider.branch_input = chunk
+            if mask is not None:
+                mask = mask.narrow(0, collectives.group_rank(b.group) * chunk.shape[0], chunk.shape[0])
+        else:
+            rider.branch_input = x_in
+        rider.g, rider.mask = g, mask
+        return d_in, dy if ctx.foreign else None, d_w, d_bias, None, d_b, None, None, None, None
 
 
-class LoRARowParallelFn(torch.autograd.Function):
-    """Row-parallel ``Y = sum_i (X_i W_i^T + s (drop(X_i) A_i^T) B^T)`` (bias added by the layer).
+class RowJoin(torch.autograd.Function):
+    """Row-parallel ``Y = sum_i (base_i + s (drop(X_i) A_i^T) B^T)`` in ONE reduction of
+    ``[Y_i | X_i A_i^T]`` (bias added by the layer, after the reduction).
 
-    | input X_i               | [s, b, h/t]                                            |
-    | W_i / A_i / B           | [o, h/t] / [r, h/t] sharded / [o, r] replicated         |
-    | forward collective      | ONE all-reduce (SP: reduce-scatter) of [Y_i | X_i A_i^T] |
-    | backward collective     | SP: all-gather dY (the base layer's own); else none      |
+    | X_i                  | [s, b, h/t]                                              |
+    | W_i / A_i / B        | [o, h/t] / [r, h/t] sharded / [o, r] replicated          |
+    | base_i               | ``X_i W_i^T`` (``weight`` given) or ``out`` (foreign GEMM) |
+    | forward collective   | ONE all-reduce (SP: reduce-scatter) of [Y_i | X_i A_i^T] |
+    | backward collective  | SP: all-gather dY (the base layer's own); else none      |
 
-    ``dB = s dY^T (sum_i drop(X_i) A_i^T)`` is then complete and bitwise identical on every TP rank
-    (no SP); under SP it covers this rank's sequence chunk, so lora_B carries
-    ``sequence_parallel = True`` and ``finalize_model_grads`` sums it over TP.
+    ``dB = s dY^T (sum_i drop(X_i) A_i^T)`` is then complete and bitwise identical on every TP
+    rank (no SP); under SP it covers this rank's sequence chunk, so lora_B carries
+    ``sequence_parallel = True`` and ``finalize_model_grads`` sums it over TP. With ``lora_a``
+    None the branch is off and only the foreign GEMM's output is reduced.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling, mask, p, group, mode, fuse=False):
-        h = torch.matmul(_dropped(x, mask, p), lora_a.t())  # [s, b, r]: rank i's term
-        y = torch.matmul(x, weight.t())
-        _flat(y).addmm_(_flat(h), lora_b.t(), alpha=scaling)
+    def forward(ctx, x, out, weight, lora_a, lora_b, mask, branch: Branch):
+        b = branch
+        ctx.branch, ctx.foreign, ctx.active = branch, weight is None, lora_a is not None
+        if not ctx.active:
+            return collectives.reduce(out.contiguous(), b.group, b.mode) if b.mode != "none" else out.view_as(out)
+        h = torch.matmul(_dropped(x, mask, b.dropout), lora_a.t())  # [s, b, r]: rank i's term
+        y = _join_branch(_base_gemm(x, weight, out), weight is not None, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
-        y, h_sum = C.reduce_with_rider(y, h, group, mode)
+        y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
         # A view would keep the whole reduced message alive until backward: copy the r columns.
         ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum.contiguous(), mask)
-        ctx.scaling, ctx.p, ctx.group, ctx.mode = scaling, p, group, mode
-        ctx.fused = main_grads_for((lora_a, lora_b), fuse)
+        ctx.fused = main_grads_for((lora_a, lora_b), b.fuse)
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        b = ctx.branch
+        dy_total = collectives.all_gather_first_dim(dy, b.group) if b.mode == "reduce_scatter" else dy
+        if not ctx.active:
+            return None, dy_total, None, None, None, None, None
         x, weight, lora_a, lora_b, h_sum, mask = ctx.saved_tensors
-        s = ctx.scaling
+        s = b.scaling
         d_b = s * _flat(dy).t().matmul(_flat(h_sum))  # SP: this chunk's part
-        if ctx.mode == "reduce_scatter":
-            dy = C.all_gather_first_dim(dy, ctx.group)
-        g = torch.matmul(dy, lora_b)  # [s, b, r]: identical on every rank
-        dx = torch.matmul(dy, weight)
-        _add_lora_input_grad(dx, g, lora_a, s, mask, ctx.p)
-        d_a = s * _flat(g).t().matmul(_flat(_dropped(x, mask, ctx.p)))
-        d_a, d_b = deliver_factor_grads(ctx.fused, (d_a, d_b))
-        return dx, _weight_grad(ctx.needs_input_grad[1], dy, x), d_a, d_b, None, None, None, None, None, None
+        g = torch.matmul(dy_total, lora_b)  # [s, b, r]: identical on every rank
+        d_x = None
+        if weight is not None or ctx.needs_input_grad[0]:
+            d_base = torch.matmul(dy_total, weight) if weight is not None else None
+            d_x = _branch_input_grad(d_base, g, lora_a, s, mask, b.dropout)
+        d_a = s * _flat(g).t().matmul(_flat(_dropped(x, mask, b.dropout)))
+        d_w = _flat(dy_total).t().matmul(_flat(x)) if ctx.needs_input_grad[2] else None
+        d_a, d_b = deliver_factor_grads(ctx.fused, [d_a, d_b])
+        return d_x, dy_total if ctx.foreign else None, d_w, d_a, d_b, None, None

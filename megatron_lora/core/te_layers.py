@@ -27,6 +27,7 @@ import importlib
 from megatron_lora.core import collectives as C
 from megatron_lora.core import compat
 from megatron_lora.core.external_gemm import ExternalGEMMLoRA
+from megatron_lora.core.layers import is_gated_fc1
 
 try:
     importlib.import_module("transformer_engine")
@@ -75,8 +76,7 @@ class _TELoRA(ExternalGEMMLoRA):
             raise ValueError(f"{type(self).__name__}: LoRA on Transformer Engine expert layers is "
                              "not supported; build MoE experts with the local spec.")
         self._te_base.__init__(self, input_size, output_size, **kwargs)
-        gated = kwargs.get("tp_comm_buffer_name") == "fc1" and getattr(self.config, "gated_linear_unit", False)
-        self._become_lora(lora_config, gated, lora_init_name)
+        self._become_lora(lora_config, is_gated_fc1(self.config, kwargs.get("tp_comm_buffer_name")), lora_init_name)
 
     @property
     def _base_tp_axes(self):

@@ -17,8 +17,9 @@ its H/G query heads, then its key head, then its value head. Worked example, H=4
 
     rows  0-31 q heads 0,1 | 32-47 k0 | 48-63 v0 | 64-95 q heads 2,3 | 96-111 k1 | 112-127 v1
 
-Reading them as ``[Q; K; V]`` blocks still trains, but is a different model (LESSONS 6). TP then
-splits whole groups, and ``linear_fc1`` per shard as ``[gate_i; up_i]`` (``layout.py``).
+Reading them as ``[Q; K; V]`` blocks still trains, but is a different model (docs/design.md
+§10, trap 6). TP then splits whole groups, and ``linear_fc1`` per shard as ``[gate_i; up_i]``
+(``core/layout.py``).
 HF Llama's ``rotate_half`` RoPE is Megatron's non-interleaved RoPE, so q/k rows copy unpermuted.
 """
 

@@ -2,6 +2,7 @@
 
     pretrain(..., extra_args_provider=add_lora_args)      # Megatron-LM's hook
     cfg = lora_config_from_args(args)                     # None without --lora-rank
+    lora_flags(cfg)                                       # the flags that give cfg back
 
 Each ``LoRAConfig`` field ``x_y`` becomes ``--lora-x-y`` with the field's help text; booleans
 are switches, tuples take several values. Two flags are not config fields: ``--lora-load`` (a
@@ -59,3 +60,23 @@ def lora_config_from_args(args: argparse.Namespace) -> Optional[LoRAConfig]:
         for f in dataclasses.fields(LoRAConfig):
             message = message.replace(f"LoRAConfig.{f.name}", _flag(f.name))
         raise ValueError(message) from None
+
+
+def lora_flags(cfg: LoRAConfig) -> list:
+    """The ``--lora-*`` flags that ``lora_config_from_args`` turns back into ``cfg`` (the reverse
+    of ``add_lora_args``): rank, alpha and targets always, every other field when not default."""
+    hints = typing.get_type_hints(LoRAConfig)
+    flags = []
+    for field in dataclasses.fields(LoRAConfig):
+        value = getattr(cfg, field.name)
+        if field.name not in ("rank", "alpha", "target_modules") and value == field.default:
+            continue
+        if hints[field.name] is bool:
+            flags += [_flag(field.name)] if value else []
+        elif typing.get_origin(hints[field.name]) is tuple:
+            flags += [_flag(field.name), *value]
+        elif isinstance(value, float) and value.is_integer():
+            flags += [_flag(field.name), int(value)]
+        else:
+            flags += [_flag(field.name), value]
+    return [str(f) for f in flags]

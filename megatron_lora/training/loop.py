@@ -37,7 +37,6 @@ from megatron_lora.training.pretrain_args import (
     transformer_config_from_args,
 )
 
-FULL_ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.json"  # this run's losses, for scripts (rank 0 writes it into --save)
 
 
@@ -103,12 +102,16 @@ def initialize(args) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def gpt_stage_from_args(args, lora_config=None):
-    """This rank's ``GPTModel`` stage for the flags, freshly initialised (LoRA layers optional)."""
+def gpt_stage_from_args(args, lora_config=None, initialize: bool = True):
+    """This rank's ``GPTModel`` stage for the flags (LoRA layers optional): the one builder of
+    the script, the conversions and the tests. ``initialize=False`` leaves the weights
+    uninitialised, for a model whose weights are loaded next."""
     from megatron_lora.core.gpt import build_gpt_stage
 
+    config = transformer_config_from_args(args)
+    config.perform_initialization = initialize
     return build_gpt_stage(
-        transformer_config_from_args(args), args.padded_vocab_size, args.max_position_embeddings,
+        config, args.padded_vocab_size, args.max_position_embeddings,
         lora_config=lora_config, transformer_impl=args.transformer_impl,
         position_embedding_type=args.position_embedding_type,
         rotary_base=args.rotary_base,
@@ -221,7 +224,7 @@ def evaluate(args, model, ddp, valid) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 def save(args, model, optimizer, iteration: int, final: bool) -> None:
-    from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.adapter import FULL_ADAPTER_FILE, save_adapter, save_full_adapter
     from megatron_lora.core.checkpoint.model import save_model
 
     optim = None if args.no_save_optim else optimizer
@@ -277,15 +280,16 @@ def save_merged(args, model, log: Log) -> None:
 def _replicated_factors_identical(model) -> tuple:
     """(identical, total) over replicated LoRA factors, compared bitwise across each TP group.
 
-    They must be identical by construction (DESIGN §3); a run that prints less than total/total
+    They must be identical by construction (docs/design.md §3); a run that prints less than total/total
     has a bug, so the script reports it at the end of every TP > 1 LoRA run.
     """
-    from megatron_lora.core import collectives as C
     from megatron_lora import lora_modules
+    from megatron_lora.core import collectives as C
+    from megatron_lora.core.layers import LORA_FACTORS
 
     same = total = 0
     for m in lora_modules(model):
-        for factor in ("lora_A", "lora_B"):
+        for factor in LORA_FACTORS:
             if m.lora_layout.partition_dim(factor) is None and C.group_size(m.lora_group) > 1:
                 mine = getattr(m, factor).detach().contiguous()
                 copies = [torch.empty_like(mine) for _ in range(C.group_size(m.lora_group))]

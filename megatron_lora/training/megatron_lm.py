@@ -26,9 +26,6 @@ import inspect
 
 import torch.distributed as dist
 
-LORA_SUFFIXES = (".lora_A", ".lora_B")
-
-
 def lora_pretrain(pretrain):
     """``megatron.training.pretrain`` with the LoRA args provider and model provider swapped in."""
     from megatron_lora.training.arguments import add_lora_args
@@ -133,12 +130,14 @@ def adapter_only_checkpoints(model):
     resume then hands ``load_state_dict`` the adapter only; it is checked strictly against the
     model's LoRA factors. The frozen base comes from ``--pretrained-checkpoint`` on every start.
     """
+    from megatron_lora.core.layers import is_lora_key
+
     full_sharded_state_dict, full_load_state_dict = model.sharded_state_dict, model.load_state_dict
-    adapter = {name for name, _ in model.named_parameters() if name.endswith(LORA_SUFFIXES)}
+    adapter = {name for name, _ in model.named_parameters() if is_lora_key(name)}
 
     def sharded_state_dict(prefix="", sharded_offsets=(), metadata=None):
         full = full_sharded_state_dict(prefix, sharded_offsets, metadata)
-        return {key: value for key, value in full.items() if key.endswith(LORA_SUFFIXES)}
+        return {key: value for key, value in full.items() if is_lora_key(key)}
 
     def load_state_dict(state_dict, strict=True):
         missing, unexpected = sorted(adapter - set(state_dict)), sorted(set(state_dict) - adapter)

@@ -35,7 +35,11 @@ class UsageError(ValueError):
     """A flag combination that cannot work; the message is the one line the user sees."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(require_run_flags: bool = True) -> argparse.ArgumentParser:
+    """The script's parser. ``require_run_flags=False`` leaves the flags every training run must
+    give (sequence length, batch size, iterations, learning rate) optional: for reading model flags
+    outside a run (conversions, see ``model_args_from_flags`` / ``args_for_model``)."""
+    required = require_run_flags
     p = argparse.ArgumentParser(
         description="GPT pretraining / LoRA fine-tuning on Megatron-Core (Megatron-LM flag names).",
         allow_abbrev=False)
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--seq-length", type=int, required=required)
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
     g.add_argument("--fp16", action="store_true",
                    help="fp16 parameters and activations, with dynamic loss scaling.")
@@ -92,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "launcher's ranks when started by torchrun / srun.")
 
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, required=required)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Default: micro batch size * data-parallel size.")
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--train-iters", type=int, required=required)
+    g.add_argument("--lr", type=float, required=required)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="linear")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -174,8 +178,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
               f"{tp * pp} ranks (--nproc-per-node / torchrun --nproc-per-node).")
     args.world_size = world_size
     args.data_parallel_size = world_size // (tp * pp)
+    fill_model_defaults(args)
     heads = args.num_attention_heads
-    args.num_query_groups = args.num_query_groups or heads
     if heads % tp:
         _fail(f"--num-attention-heads {heads} does not divide by --tensor-model-parallel-size {tp}; "
               f"pick a TP size that divides {heads}.")
@@ -185,7 +189,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.kv_channels is None and args.hidden_size % heads:
         _fail(f"--hidden-size {args.hidden_size} does not divide by --num-attention-heads {heads}; "
               "set --kv-channels or change the sizes.")
-    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     if args.ffn_hidden_size % tp:
         _fail(f"--ffn-hidden-size {args.ffn_hidden_size} does not divide by TP={tp}.")
     if args.num_layers % pp:
@@ -195,7 +198,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
               "over the TP ranks); drop the flag or raise the TP size.")
     if args.sequence_parallel and args.seq_length % tp:
         _fail(f"--seq-length {args.seq_length} does not divide by TP={tp}, which --sequence-parallel needs.")
-    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     step = args.micro_batch_size * args.data_parallel_size
     args.global_batch_size = args.global_batch_size or step
     if args.global_batch_size % step:
@@ -211,9 +213,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         check_data_prefixes(args.data_path)
     except DataError as err:
         _fail(str(err))
-    for flag, path in (("--pretrained-checkpoint", args.pretrained_checkpoint),):
-        if path is not None and not os.path.isdir(path):
-            _fail(f"{flag} {path}: no such directory; pass a checkpoint saved with --save.")
+    if args.pretrained_checkpoint is not None and not os.path.isdir(args.pretrained_checkpoint):
+        _fail(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no such directory; pass a "
+              "checkpoint saved with --save.")
     if args.lora_load is not None and not os.path.exists(args.lora_load):
         _fail(f"--lora-load {args.lora_load}: no such file; pass a full adapter (.safetensors).")
     try:
@@ -257,6 +259,34 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.gradient_accumulation_fusion = args.gradient_accumulation_fusion and not args.use_cpu and (
         args.transformer_impl == "transformer_engine"
         or importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
+    return args
+
+
+def fill_model_defaults(args: argparse.Namespace) -> None:
+    """The architecture values the flags leave to defaults (Megatron-LM's rules)."""
+    args.num_query_groups = args.num_query_groups or args.num_attention_heads
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+
+
+def model_args_from_flags(flags) -> dict:
+    """The ``model_args.json`` record a run with these model flags writes, without reading a
+    tokenizer: ``--vocab-size`` gives the vocabulary (padded as the script pads it)."""
+    args = build_parser(require_run_flags=False).parse_args([str(f) for f in flags])
+    if args.vocab_size is None:
+        raise UsageError("model_args_from_flags needs --vocab-size (no tokenizer is read).")
+    fill_model_defaults(args)
+    args.padded_vocab_size = padded_vocab_size(args.vocab_size, args)
+    return model_args(args)
+
+
+def args_for_model(saved_model_args: dict, **settings) -> argparse.Namespace:
+    """The script's flags for the model a checkpoint records (``model_args.json``), defaults
+    elsewhere, ``settings`` on top (e.g. the layout, dtype, ``use_cpu``): how a model is built
+    outside a training run, by the same builder (``loop.gpt_stage_from_args``)."""
+    args = build_parser(require_run_flags=False).parse_args([])
+    vars(args).update({k: v for k, v in saved_model_args.items() if k in MODEL_ARG_NAMES})
+    vars(args).update(settings)
     return args
 
 

@@ -1,18 +1,18 @@
-"""Adapter checkpoints: only the LoRA factors, under any TP / PP layout (DESIGN §5).
+"""Adapter checkpoints: only the LoRA factors, under any TP / PP layout (docs/design.md §7).
 
 Two formats:
 
 1. **Adapter-only Megatron dist checkpoint** (``torch_dist``): ``save_adapter(model, root, it)``
    writes ``root/iter_0000010/`` holding the LoRA ``ShardedTensor``s (each with its declared TP
    axis, PP-aware keys and replica ids, see ``layers.sharded_state_dict``), optionally the
-   optimizer and RNG state for resume, and ``adapter_config.json`` (format version, LoRAConfig,
+   optimizer and RNG state for resume, and ``lora_adapter.json`` (format version, LoRAConfig,
    every tensor's logical shape). It is written to a temporary sibling and renamed; only then
    does ``root/latest_adapter_iteration.txt`` move, so a crash mid-save leaves the previous
    checkpoint as the latest. ``load_adapter`` reshards to the model's layout on load.
 2. **Full (unsharded) adapter** in safetensors, keyed by qualified name with global layer numbers
    (a TP=1 export, or an imported PEFT adapter). ``load_full_adapter`` slices each rank's shard
    along the layer's DECLARED layout with strict checks (never by guessing from a shape mismatch,
-   LESSONS 11).
+   docs/design.md §10, trap 11).
 
 The frozen base is never written here: it loads from its own checkpoint.
 Nothing here unpickles arbitrary objects: full adapters are safetensors; a dist checkpoint holds
@@ -29,28 +29,28 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from megatron_lora.core.checkpoint import common as io
 from megatron_lora.core import collectives as C
+from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
-from megatron_lora.core.layers import LORA_FACTORS
+from megatron_lora.core.layers import LORA_FACTORS, is_lora_key
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
+DESCRIPTOR_FILE = "lora_adapter.json"
+# Earlier releases named the descriptor like PEFT's adapter_config.json; still read.
+LEGACY_DESCRIPTOR_FILE = "adapter_config.json"
 LATEST_FILE = "latest_adapter_iteration.txt"
+FULL_ADAPTER_FILE = "adapter.safetensors"  # what the training script writes into --save at the end
 # Fields that change what the saved numbers mean; dropout / init / seed only affect training.
 CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules")
-
-
-AdapterCheckpointError = CheckpointError  # the name callers of this module catch
 
 
 def _model_config(model) -> LoRAConfig:
     configs = {m.lora_config for m in lora_modules(model)}
     if len(configs) != 1:
-        raise AdapterCheckpointError(
+        raise CheckpointError(
             f"expected a model with one LoRA config, found {len(configs)}; call apply_lora(model, cfg) first.")
     return configs.pop()
 
@@ -60,7 +60,7 @@ def _named_factors(model) -> Dict[str, tuple]:
     out = {}
     for m in lora_modules(model):
         if m.lora_init_name is None:
-            raise AdapterCheckpointError(
+            raise CheckpointError(
                 f"{type(m).__name__} has no name yet: call apply_lora(model, cfg) before saving or loading.")
         for factor in LORA_FACTORS:
             out[f"{m.lora_init_name}.{factor}"] = (m, factor)
@@ -71,7 +71,7 @@ def _logical_shapes(model) -> Dict[str, List[int]]:
     """Logical shape of every LoRA tensor of the WHOLE model (all PP stages)."""
     mine = {name: list(m.lora_logical_shape(f)) for name, (m, f) in _named_factors(model).items()}
     merged = {}
-    for shapes in io.all_ranks(mine):
+    for shapes in common.all_ranks(mine):
         merged.update(shapes)
     return merged
 
@@ -82,7 +82,7 @@ def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
            if found.get(k) != expected[k]}
     if bad:
         detail = "; ".join(f"{k}: model has {e!r}, checkpoint has {f!r}" for k, (e, f) in bad.items())
-        raise AdapterCheckpointError(
+        raise CheckpointError(
             f"{where} was saved with another LoRA config ({detail}). Build the model with the "
             "checkpoint's LoRA settings (--lora-rank / --lora-alpha / --lora-target-modules).")
 
@@ -95,7 +95,7 @@ def lora_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     for chunk in model_chunks(model):
         module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
         for key, value in module.sharded_state_dict(metadata=metadata).items():
-            if key.endswith((".lora_A", ".lora_B")):
+            if is_lora_key(key):
                 out[key] = value
     return out
 
@@ -108,35 +108,44 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
     from megatron.core import dist_checkpointing
 
     cfg = _model_config(model)
-    tmp = io.begin_save(root, iteration)
-    dist_checkpointing.save(io.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
+    tmp = common.begin_save(root, iteration)
+    dist_checkpointing.save(common.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
     shapes = _logical_shapes(model)
-    if io.rank() == 0:
+    if common.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),
                           tensors=shapes, has_optimizer=optimizer is not None, has_rng=save_rng,
-                          world_size=io.world(), iteration=iteration)
-        io.atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(descriptor, indent=2))
-    return io.commit_save(root, iteration, LATEST_FILE)
+                          world_size=common.world(), iteration=iteration)
+        common.atomic_write_text(os.path.join(tmp, DESCRIPTOR_FILE), json.dumps(descriptor, indent=2))
+    return common.commit_save(root, iteration, LATEST_FILE)
 
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE adapter checkpoint under ``root``, or None."""
-    return io.latest_iteration(root, LATEST_FILE)
+    return common.latest_iteration(root, LATEST_FILE)
+
+
+def descriptor_path(ckpt_dir: str) -> Optional[str]:
+    """The descriptor file of an adapter dist checkpoint directory (this name or the legacy one)."""
+    for name in (DESCRIPTOR_FILE, LEGACY_DESCRIPTOR_FILE):
+        path = os.path.join(ckpt_dir, name)
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def read_descriptor(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, CONFIG_FILE)
+    path = descriptor_path(ckpt_dir)
+    if path is None:
+        raise CheckpointError(
+            f"{ckpt_dir} has no {DESCRIPTOR_FILE}: not a complete megatron_lora adapter checkpoint "
+            "(an interrupted save?). Load the latest complete one with load_adapter(model, root).")
     try:
         with open(path, encoding="utf-8") as f:
             descriptor = json.load(f)
-    except FileNotFoundError:
-        raise AdapterCheckpointError(
-            f"{ckpt_dir} has no {CONFIG_FILE}: not a complete megatron_lora adapter checkpoint "
-            "(an interrupted save?). Load the latest complete one with load_adapter(model, root).")
     except json.JSONDecodeError as err:
-        raise AdapterCheckpointError(f"{path} is corrupted ({err}); load an earlier checkpoint.")
+        raise CheckpointError(f"{path} is corrupted ({err}); load an earlier checkpoint.")
     if descriptor.get("format") != FORMAT or descriptor.get("format_version") != FORMAT_VERSION:
-        raise AdapterCheckpointError(
+        raise CheckpointError(
             f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, found "
             f"{descriptor.get('format')!r} version {descriptor.get('format_version')!r}.")
     return descriptor
@@ -154,7 +163,7 @@ def _check_tensors(expected: Dict[str, List[int]], found: Dict[str, List[int]], 
     for name, (e, f) in list(wrong.items())[:6]:
         problems.append(f"{name}: model expects logical shape {tuple(e)}, checkpoint has {tuple(f)}")
     if problems:
-        raise AdapterCheckpointError(
+        raise CheckpointError(
             f"{where} does not fit this model: " + "; ".join(problems) +
             ". Check --lora-target-modules / --lora-rank and the model size flags.")
 
@@ -169,17 +178,17 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
-            raise AdapterCheckpointError(
+            raise CheckpointError(
                 f"no complete adapter checkpoint under {root} ({LATEST_FILE} is missing).")
-    ckpt_dir = io.iteration_dir(root, iteration)
+    ckpt_dir = common.iteration_dir(root, iteration)
     descriptor = read_descriptor(ckpt_dir)
     _check_config(descriptor["lora_config"], _model_config(model), ckpt_dir)
     _check_tensors(_logical_shapes(model), descriptor["tensors"], ckpt_dir)
-    io.check_saved_state(descriptor, ckpt_dir, optimizer, load_rng)
+    common.check_saved_state(descriptor, ckpt_dir, optimizer, load_rng)
     sharded = lora_sharded_state_dict(model)
-    loaded = io.load_dist(io.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
+    loaded = common.load_dist(common.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
                           "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
-    io.restore_training_state(sharded, loaded, optimizer, load_rng)
+    common.restore_training_state(sharded, loaded, optimizer, load_rng)
     return iteration
 
 
@@ -196,23 +205,27 @@ def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
             dist.all_gather(shards, local.contiguous(), group=m.lora_group)
         full[name] = m.lora_layout.unshard(factor, shards).cpu().contiguous()
     merged = {}
-    for part in io.all_ranks(full):  # PP stages hold different layers
+    for part in common.all_ranks(full):  # PP stages hold different layers
         merged.update(part)
     return merged
 
 
-def save_full_adapter(model, path: str) -> None:
-    """Write the logical adapter as one safetensors file (rank 0 writes; collective)."""
+def write_full_adapter(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, path: str, **metadata: str) -> None:
+    """Write logical adapter tensors as one safetensors file (atomic), with their LoRAConfig."""
     from safetensors.torch import save_file
 
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=dict(format=FORMAT, format_version=str(FORMAT_VERSION),
+                                          lora_config=json.dumps(cfg.to_dict()), **metadata))
+    os.replace(tmp, path)
+
+
+def save_full_adapter(model, path: str) -> None:
+    """Write the logical adapter as one safetensors file (rank 0 writes; collective)."""
     tensors = gather_full_adapter(model)
-    if io.rank() == 0:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        meta = dict(format=FORMAT, format_version=str(FORMAT_VERSION),
-                    lora_config=json.dumps(_model_config(model).to_dict()))
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    io.barrier()
+    if common.rank() == 0:
+        write_full_adapter(tensors, _model_config(model), path)
+    common.barrier()
 
 
 def read_full_adapter(path: str):
@@ -223,9 +236,9 @@ def read_full_adapter(path: str):
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except FileNotFoundError:
-        raise AdapterCheckpointError(f"{path}: no such adapter file.")
+        raise CheckpointError(f"{path}: no such adapter file.")
     except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterCheckpointError(
+        raise CheckpointError(
             f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupted. "
             "Re-export the adapter.")
 
@@ -248,17 +261,17 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
     named = _named_factors(model)
     if strict:
         known = set()
-        for names in io.all_ranks(sorted(named)):
+        for names in common.all_ranks(sorted(named)):
             known.update(names)
         unexpected = sorted(set(tensors) - known)
         if unexpected:
-            raise AdapterCheckpointError(
+            raise CheckpointError(
                 f"{where} has tensors this model has no place for: {unexpected[:6]}. Check the "
                 "targets and layer count, or pass strict=False to ignore them.")
     with torch.no_grad():
         for name, (m, factor) in named.items():
             if name not in tensors:
-                raise AdapterCheckpointError(
+                raise CheckpointError(
                     f"{where} is missing {name}; the model has LoRA on it. Export the adapter with "
                     f"the same targets {list(m.lora_config.target_modules)}.")
             full = tensors[name]
@@ -284,6 +297,6 @@ def _check_full_tensor(name, full, m, factor, where) -> None:
         hint = f"size {found[dim]} on the TP-split dim {dim} does not divide by TP={world}"
     else:
         hint = "the base layer's size differs: check the model size flags"
-    raise AdapterCheckpointError(
+    raise CheckpointError(
         f"{where}: {name} has shape {found}, expected the logical shape {expected} "
         f"(TP={world}, local shard {local}, split on dim {dim}); {hint}.")

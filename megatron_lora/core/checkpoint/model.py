@@ -8,7 +8,7 @@ Layout, Megatron-LM's: ``root/iter_XXXXXXX/`` is a ``torch_dist`` checkpoint of 
   loads the checkpoint with other sizes fails with the flag that differs, not a shape error;
 * optionally the optimizer and RNG state (as tensors) for resuming pretraining.
 
-LoRA tensors are never part of a base checkpoint (see ``checkpoint.py`` for adapters); entries
+LoRA tensors are never part of a base checkpoint (see ``adapter.py`` for adapters); entries
 Megatron stores as pickled objects (``_extra_state``) are left out, so loading never unpickles.
 """
 
@@ -18,9 +18,10 @@ import json
 import os
 from typing import Optional
 
-from megatron_lora.core.checkpoint import common as io
+from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
 from megatron_lora.core.inject import model_chunks
+from megatron_lora.core.layers import is_lora_key
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_ARGS_FILE = "model_args.json"
@@ -38,7 +39,7 @@ def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     for chunk in model_chunks(model):
         module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
         for key, value in module.sharded_state_dict(metadata=metadata).items():
-            if key.endswith((".lora_A", ".lora_B", "_extra_state")) or isinstance(value, ShardedObject):
+            if is_lora_key(key) or key.endswith("_extra_state") or isinstance(value, ShardedObject):
                 continue
             out[key] = value
     return out
@@ -46,7 +47,7 @@ def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE model checkpoint under ``root``, or None."""
-    return io.latest_iteration(root, TRACKER)
+    return common.latest_iteration(root, TRACKER)
 
 
 def resolve(path: str) -> str:
@@ -60,7 +61,7 @@ def resolve(path: str) -> str:
     if iteration is None:
         raise CheckpointError(f"{path}: no checkpoint ({TRACKER} and .metadata are both missing); "
                               "pass a directory written by --save.")
-    return io.iteration_dir(path, iteration)
+    return common.iteration_dir(path, iteration)
 
 
 def read_model_args(path: str) -> Optional[dict]:
@@ -77,13 +78,13 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
     """Write the base weights (and optionally optimizer / RNG state); collective over all ranks."""
     from megatron.core import dist_checkpointing
 
-    tmp = io.begin_save(root, iteration)
-    dist_checkpointing.save(io.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
-    if io.rank() == 0:
+    tmp = common.begin_save(root, iteration)
+    dist_checkpointing.save(common.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
+    if common.rank() == 0:
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
-                      has_rng=save_rng, world_size=io.world())
-        io.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
-    return io.commit_save(root, iteration, TRACKER)
+                      has_rng=save_rng, world_size=common.world())
+        common.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
+    return common.commit_save(root, iteration, TRACKER)
 
 
 def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
@@ -96,11 +97,11 @@ def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
     """
     ckpt_dir = resolve(path)
     saved = read_model_args(ckpt_dir) or {}
-    io.check_saved_state(saved, ckpt_dir, optimizer, load_rng)
+    common.check_saved_state(saved, ckpt_dir, optimizer, load_rng)
     from megatron.core import dist_checkpointing
 
-    io.check_common_state(ckpt_dir)  # content metadata lives in common.pt: screen it first
+    common.check_common_state(ckpt_dir)  # content metadata lives in common.pt: screen it first
     sharded = base_sharded_state_dict(model, metadata=dist_checkpointing.load_content_metadata(ckpt_dir))
-    loaded = io.load_dist(io.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir)
-    io.restore_training_state(sharded, loaded, optimizer, load_rng)
+    loaded = common.load_dist(common.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir)
+    common.restore_training_state(sharded, loaded, optimizer, load_rng)
     return int(saved.get("iteration", 0))

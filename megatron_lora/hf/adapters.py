@@ -1,0 +1,52 @@
+"""``peft-to-megatron`` and ``megatron-to-peft``: adapters between PEFT and megatron_lora.
+
+The tensor mapping (stacked q/k/v A, block B, rank padding, alpha rule) is ``peft_adapters``;
+this module reads and writes the files. Neither transformers nor peft is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from typing import Optional
+
+from megatron_lora.core.checkpoint import common
+from megatron_lora.core.checkpoint.adapter import write_full_adapter
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.hf.mapping import ConversionError, arch_from_model_args
+from megatron_lora.hf.peft_adapters import peft_from_megatron
+from megatron_lora.hf.sources import (
+    PEFT_CONFIG, PEFT_WEIGHTS, Log, check_new_output, read_adapter, read_base, read_peft, silent,
+)
+from megatron_lora.training.arguments import lora_flags
+
+
+def peft_to_megatron(peft_dir: str, output: str, base: str, log: Log = silent) -> LoRAConfig:
+    """Import a PEFT adapter as a full adapter file; returns its LoRAConfig."""
+    model_args, _ = read_base(base)
+    if os.path.exists(output):
+        raise ConversionError(f"--output {output} already exists; choose a new path or delete it.")
+    tensors, cfg = read_peft(peft_dir, arch_from_model_args(model_args, base))
+    write_full_adapter(tensors, cfg, output, converted_from=f"peft:{os.path.abspath(peft_dir)}")
+    log(f"wrote {output}: rank {cfg.rank}, alpha {cfg.alpha:g} on {' '.join(cfg.target_modules)}. "
+        f"LoRA flags for pretrain_gpt_lora.py:\n  {shlex.join(['--lora-load', output, *lora_flags(cfg)])}")
+    return cfg
+
+
+def megatron_to_peft(adapter: str, output: str, base: str, iteration: Optional[int] = None, compact: bool = True,
+                     base_model_name_or_path: Optional[str] = None, log: Log = silent) -> dict:
+    """Export an adapter for transformers + peft; returns the adapter_config written."""
+    from safetensors.torch import save_file
+
+    model_args, hf_dir = read_base(base)
+    arch = arch_from_model_args(model_args, base)
+    check_new_output(output)
+    tensors, cfg = read_adapter(adapter, model_args, iteration, log)
+    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path or hf_dir, adapter)
+    os.makedirs(output, exist_ok=True)
+    save_file(peft_tensors, os.path.join(output, PEFT_WEIGHTS), metadata={"format": "pt"})
+    common.atomic_write_text(os.path.join(output, PEFT_CONFIG), json.dumps(config, indent=2))
+    log(f"wrote the PEFT adapter {output}: r={config['r']}, lora_alpha={config['lora_alpha']} on "
+        f"{', '.join(config['target_modules'])}")
+    return config

@@ -1,0 +1,170 @@
+"""Reading what a conversion is given: Hugging Face model directories, ``--base`` in any of its
+forms, and adapters (full adapter files, PEFT directories, training ``--save`` directories).
+
+Every input is checked before a model is built or a file written; expected problems raise
+``ConversionError`` or ``CheckpointError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from megatron_lora.core.checkpoint import adapter as adapter_checkpoint
+from megatron_lora.core.checkpoint import common
+from megatron_lora.core.checkpoint import model as model_checkpoint
+from megatron_lora.core.config import LoRAConfig
+from megatron_lora.hf.mapping import Arch, ConversionError, arch_from_model_args, check_hf_config, megatron_flags
+from megatron_lora.hf.peft_adapters import check_peft_config, megatron_from_peft
+from megatron_lora.training.pretrain_args import model_args_from_flags
+
+Log = Callable[[str], None]
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def silent(_: str) -> None:
+    pass
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found; {what}.") from None
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path}: not valid JSON ({err}).") from None
+
+
+def check_new_output(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConversionError(f"--output {path} already exists; choose a new path or delete it.")
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory: config.json plus safetensors (one file or an index)."""
+
+    def __init__(self, hf_dir: str):
+        self.dir = hf_dir
+        self.config = read_json(os.path.join(hf_dir, "config.json"), "pass a Hugging Face model directory")
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            self.files = {n: os.path.join(hf_dir, f) for n, f in read_json(index, "")["weight_map"].items()}
+        elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+            self.files = None
+        elif any(f.endswith(".bin") for f in os.listdir(hf_dir)):
+            raise ConversionError(f"{hf_dir} holds only pytorch .bin weights, which would be unpickled; re-save "
+                                  "the model with safetensors (save_pretrained(..., safe_serialization=True)).")
+        else:
+            raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json.")
+        self._stack = contextlib.ExitStack()
+        self._open: Dict[str, object] = {}
+        if self.files is None:
+            path = os.path.join(hf_dir, "model.safetensors")
+            self.files = {n: path for n in self._handle(path).keys()}
+
+    def _handle(self, path: str):
+        from safetensors import safe_open
+
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._open[path]
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {n: tuple(self._handle(f).get_slice(n).get_shape()) for n, f in self.files.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def hf_model_args(cfg: dict, hf_dir: str) -> dict:
+    """The ``model_args.json`` record of the training script's model for a Hugging Face config."""
+    check_hf_config(cfg)
+    return model_args_from_flags(megatron_flags(cfg, hf_dir))
+
+
+def read_base(path: str) -> Tuple[dict, Optional[str]]:
+    """(model_args, HF dir or None) of ``--base``: a Megatron checkpoint (root or iteration dir),
+    a model_args.json, or a Hugging Face model dir / config.json."""
+    if os.path.isfile(path):
+        record = read_json(path, "")
+        if "model_type" in record:
+            return hf_model_args(record, os.path.dirname(os.path.abspath(path))), os.path.dirname(path)
+        if "num_layers" in record:
+            return record, None
+        raise ConversionError(f"{path}: neither a model_args.json nor a Hugging Face config.json.")
+    if not os.path.isdir(path):
+        raise ConversionError(f"--base {path}: no such file or directory.")
+    candidates = [os.path.join(path, model_checkpoint.MODEL_ARGS_FILE)]
+    iteration = model_checkpoint.latest_iteration(path)
+    if iteration is not None:
+        candidates.append(os.path.join(common.iteration_dir(path, iteration), model_checkpoint.MODEL_ARGS_FILE))
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return read_json(candidate, ""), None
+    if os.path.exists(os.path.join(path, "config.json")):
+        return hf_model_args(read_json(os.path.join(path, "config.json"), ""), os.path.abspath(path)), path
+    raise ConversionError(f"--base {path}: no model_args.json (a Megatron-LM checkpoint?) and no config.json; "
+                          "pass a checkpoint written by hf-to-megatron / pretrain_gpt_lora.py, its "
+                          "model_args.json, or the Hugging Face model directory.")
+
+
+def read_peft(peft_dir: str, arch: Arch) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+    """A PEFT adapter directory as a full adapter (see ``peft_adapters``)."""
+    config = read_json(os.path.join(peft_dir, PEFT_CONFIG), "pass a PEFT adapter directory (save_pretrained)")
+    check_peft_config(config, os.path.join(peft_dir, PEFT_CONFIG))
+    weights = os.path.join(peft_dir, PEFT_WEIGHTS)
+    if not os.path.exists(weights):
+        raise ConversionError(f"{peft_dir}: no {PEFT_WEIGHTS} (a .bin adapter would be unpickled; re-save "
+                              "it with safe_serialization=True).")
+    return megatron_from_peft(adapter_checkpoint.read_full_adapter(weights)[0], config, arch, weights)
+
+
+def _is_peft_dir(path: str) -> bool:
+    config = os.path.join(path, PEFT_CONFIG)
+    return os.path.exists(config) and "peft_type" in read_json(config, "")
+
+
+def read_adapter(path: str, model_args: dict, iteration: Optional[int] = None,
+                 log: Log = silent) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+    """Logical adapter tensors and config from: a full adapter .safetensors; a PEFT directory; a
+    pretrain_gpt_lora.py --save directory (its full adapter file, else the latest dist
+    checkpoint; ``iteration`` picks one); or one iter_XXXXXXX directory."""
+    from megatron_lora.hf.session import build_stage, megatron_session
+
+    if os.path.isfile(path):
+        tensors, meta = adapter_checkpoint.read_full_adapter(path)
+        if "lora_config" not in meta:
+            raise ConversionError(f"{path} has no lora_config metadata: not a megatron_lora full adapter "
+                                  "(a PEFT adapter is passed as its directory).")
+        return tensors, LoRAConfig.from_dict(json.loads(meta["lora_config"]))
+    if not os.path.isdir(path):
+        raise ConversionError(f"--adapter {path}: no such file or directory.")
+    if _is_peft_dir(path):
+        return read_peft(path, arch_from_model_args(model_args))
+    full = os.path.join(path, adapter_checkpoint.FULL_ADAPTER_FILE)
+    if iteration is None and os.path.exists(full):
+        return read_adapter(full, model_args)
+    root, name = path, os.path.basename(os.path.normpath(path))
+    if name.startswith("iter_") and adapter_checkpoint.descriptor_path(path) is not None:
+        root, iteration = os.path.dirname(os.path.normpath(path)), int(name[len("iter_"):])
+    iteration = iteration if iteration is not None else adapter_checkpoint.latest_iteration(root)
+    if iteration is None:
+        raise ConversionError(f"--adapter {path}: no {adapter_checkpoint.FULL_ADAPTER_FILE}, no "
+                              f"{adapter_checkpoint.LATEST_FILE} and no PEFT {PEFT_CONFIG}; pass a full adapter "
+                              "file, a LoRA --save directory or a PEFT directory.")
+    ckpt_dir = common.iteration_dir(root, iteration)
+    cfg = LoRAConfig.from_dict(adapter_checkpoint.read_descriptor(ckpt_dir)["lora_config"])
+    log(f"reading the adapter dist checkpoint {ckpt_dir}")
+    with megatron_session():
+        model = build_stage(model_args, cfg)
+        adapter_checkpoint.load_adapter(model, root, iteration)
+        return adapter_checkpoint.gather_full_adapter(model), cfg
