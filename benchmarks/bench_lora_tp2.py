@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_lora_tp2 --out bench.md      # from the repo root, ~3-4 min on 2 cores
 
+``--json PATH`` also writes the measurements (``run_benchmark``'s result) as JSON.
+
 Two real gloo ranks (TP=2, CPU, one thread each, via ``tests.distributed.launcher``) build a small
 GPT (GQA 16 heads / 4 query groups, SwiGLU, RMSNorm, RoPE, fp32, vocab 1024, micro-batch 1) from
 the SAME base weights and time one optimizer step (forward + backward + AdamW over the trainable
@@ -9,7 +11,8 @@ parameters) of each variant:
 
     base   every parameter frozen: backward computes input gradients only
     lora   ``megatron_lora.apply_lora`` on linear_qkv / linear_proj / linear_fc1 / linear_fc2
-    naive  ``benchmarks.naive_lora``: the branch as its own parallel linears (own collectives)
+    naive  ``benchmarks.naive_lora`` (``tests/distributed/naive_lora.py``'s layer): the branch as
+           its own parallel linears (own collectives)
 
 plus base and lora again with sequence parallelism (the naive baseline has no SP). Every variant
 is fed through ``GPTModel.forward(decoder_input=x)`` with ``x.requires_grad``, so all of them run
@@ -25,6 +28,7 @@ All memory figures are per rank.
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import sys
@@ -181,7 +185,7 @@ def format_table(result) -> str:
                      f"{r['calls']} | {r['comm_bytes'] / MIB:.2f} | {r['saved'] / MIB:.1f} | "
                      f"{r['state'] / MIB:.2f} |")
     lines += ["", "Step = forward + backward (input grads down to layer 0) + AdamW; time = slower "
-              "rank after a barrier; memory and payload per rank; DESIGN target: (b) <= 1.10x (a) "
+              "rank after a barrier; memory and payload per rank; target (docs/design.md §3): (b) <= 1.10x (a) "
               "and the same collective count."]
     return "\n".join(lines) + "\n"
 
@@ -196,6 +200,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=100, help="timed steps per variant, interleaved")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--json", help="also write the measurements to this file as JSON")
     args = ap.parse_args(argv)
     result = run_benchmark(args.hidden, args.ffn, args.layers, args.seq, args.rank, args.reps, args.warmup)
     table = format_table(result)
@@ -203,6 +208,9 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """LoRA for Megatron-Core tensor/sequence/data/pipeline-parallel models.
 
-Public API (docs/design.md §12): ``LoRAConfig``, ``apply_lora``, ``LoRAColumnParallelLinear``,
-``LoRARowParallelLinear``; CPU mode is ``megatron_lora.cpu.enable_cpu`` (opt-in).
+Public API (docs/design.md §12): the names in ``__all__`` (``LoRAConfig``, ``apply_lora``, the
+LoRA layers, the model helpers, adapter checkpoints); CPU mode is ``megatron_lora.cpu.enable_cpu``
+(opt-in). The library lives in ``megatron_lora.core``, the training application in
+``megatron_lora.training``, the Hugging Face conversion in ``megatron_lora.hf``.
 
-The names are resolved on first use, so ``import megatron_lora.training.pretrain_args`` (the script's
-flag check, run once before any rank starts) does not pay Megatron-Core's ~6 s import.
+The names are resolved on first use: every ``import megatron_lora.training.x`` runs this file
+first, and the training script's flag check (``training.pretrain_args``, run once in the launcher
+before any rank starts) would otherwise pay Megatron-Core's import (~3 s of CPU) for nothing.
 """
 
 import importlib
@@ -24,6 +27,10 @@ _HOME = {
     "unmerge_lora": "megatron_lora.core.inject",
     "LoRAColumnParallelLinear": "megatron_lora.core.layers",
     "LoRARowParallelLinear": "megatron_lora.core.layers",
+    "save_adapter": "megatron_lora.core.checkpoint.adapter",
+    "load_adapter": "megatron_lora.core.checkpoint.adapter",
+    "save_full_adapter": "megatron_lora.core.checkpoint.adapter",
+    "load_full_adapter": "megatron_lora.core.checkpoint.adapter",
 }
 
 __all__ = list(_HOME)

@@ -322,19 +322,20 @@ def _module(name, **attrs):
 
 
 def rank_main(rank, setup, packed_call, results_q):
-    """A ``run_distributed(..., te_double=True)`` rank: install the double, then run as usual."""
+    """A rank that installs the double first: ``packed_call`` is the pickled ``(body, fn, args)``
+    of the caller (``run_distributed(..., te_double=True)``), unpickled only now, so that whatever
+    it imports (Megatron) sees the double; then ``body(rank, setup, fn, args, results_q)`` runs."""
     import pickle
     import traceback
 
     try:
         install()
-        fn, args = pickle.loads(packed_call)
-        from tests.distributed.launcher import _rank_main
+        body, fn, args = pickle.loads(packed_call)
     except BaseException:  # noqa: BLE001 - reported to the parent like any rank failure
         results_q.put((rank, False, traceback.format_exc()))
         return
 
-    _rank_main(rank, setup, fn, args, results_q)
+    body(rank, setup, fn, args, results_q)
 
 
 def install() -> None:

@@ -236,14 +236,3 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
                   rank_pattern={}, alpha_pattern={}, layers_to_transform=None, layers_pattern=None,
                   inference_mode=True, base_model_name_or_path=base_model_name_or_path)
     return out, config
-
-
-def peft_deltas(tensors: Dict[str, torch.Tensor], scale: float) -> Dict[Tuple[int, str], torch.Tensor]:
-    """{(layer, projection): s·B·A} of a PEFT adapter (for checks and tests), in float64."""
-    out = {}
-    for key, a in tensors.items():
-        m = PEFT_KEY.match(key)
-        if m and m.group(4) == "A":
-            b = tensors[key[: -len("lora_A.weight")] + "lora_B.weight"]
-            out[(int(m.group(1)), m.group(3))] = scale * (b.double() @ a.double())
-    return out

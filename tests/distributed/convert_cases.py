@@ -55,9 +55,21 @@ def convert_worker(paths):
         ["megatron-to-hf", "--base", p["mg_qwen"], "--output", p["base_hf_qwen"]])
 
 
+def without_flags(flags, names) -> list:
+    """``flags`` without the given ``--flag VALUE`` pairs."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in names:
+            skip = True
+        else:
+            out.append(flag)
+    return out
+
+
 def _script_args(paths, base, extra=()):
     """The training script's validated args for the model flags the conversion wrote."""
-    from megatron_lora.hf.convert import without_flags
     from megatron_lora.training.pretrain_args import parse_args, validate_args
 
     with open(os.path.join(paths[base], "model_flags.txt")) as f:
@@ -86,7 +98,7 @@ def parity_worker(paths):
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter, read_full_adapter
     from megatron_lora.core.config import LoRAConfig
-    from megatron_lora.hf.convert import lora_flags
+    from megatron_lora.training.arguments import lora_flags
     from megatron_lora.hf.mapping import split_qkv
     from megatron_lora.core.checkpoint.model import load_model, read_model_args
     from megatron_lora.training.pretrain_args import describe_mismatch, model_args
@@ -95,7 +107,7 @@ def parity_worker(paths):
     out = {}
     meta = read_full_adapter(paths["imported.safetensors"])[1]
     imported = LoRAConfig.from_dict(json.loads(meta["lora_config"]))
-    args = _script_args(paths, "mg_llama", lora_flags(imported, paths["imported.safetensors"]))
+    args = _script_args(paths, "mg_llama", ["--lora-load", paths["imported.safetensors"], *lora_flags(imported)])
     out["flags_mismatch"] = describe_mismatch(read_model_args(paths["mg_llama"]), model_args(args))
     base = gpt_stage_from_args(args)
     load_model(base, paths["mg_llama"])

@@ -89,9 +89,10 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, t
     if te_double:
         from tests import te_double as double
 
-        # fn and args travel as bytes: unpickling them imports Megatron, which must come after
-        # the double is installed in the fresh rank.
-        ctx, target, call = mp.get_context("spawn"), double.rank_main, (pickle.dumps((fn, args)),)
+        # The rank body, fn and args travel as bytes: unpickling them imports Megatron (and this
+        # module), which must come after the double is installed in the fresh rank.
+        ctx, target = mp.get_context("spawn"), double.rank_main
+        call = (pickle.dumps((_rank_main, fn, args)),)
     else:
         ctx, target, call = mp.get_context("forkserver"), _rank_main, (fn, args)
         ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, so safe to repeat

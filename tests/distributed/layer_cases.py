@@ -1,19 +1,25 @@
 """Shared worker code for layer-level tests: build one LoRA layer from logical weights, run it.
 
 Everything is derived from logical (unsharded) tensors made in the parent, so the parent can
-compute an independent plain-torch reference and reassemble the ranks' shards by the DESIGN §1
+compute an independent plain-torch reference and reassemble the ranks' shards by the docs/design.md §1
 layout. Kept out of the test modules so the benchmark-free tests and the "harness must bite"
-tests share one code path.
+tests share one code path; the external-GEMM and TE layer tests (``external_cases``,
+``te_double_cases``) load, feed and reassemble their layers with the same helpers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
 import torch
 
-S, B, H_IN, H_OUT, RANK = 8, 2, 16, 24, 4  # s divisible by TP=4; out and in divisible by 4
+from megatron_lora.core.layers import LORA_FACTORS
+from tests.distributed.models import tp_rank
+from tests.distributed.shapes import B, EPS, H_IN, H_OUT, RANK, S
+
+OUTPUTS = ("y", "dx", "dA", "dB")  # what a reference and an assembled run hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +63,37 @@ def all_cases():
     return cases
 
 
-def logical_tensors(seed=0):
+def logical_tensors(seed=0, norm=False):
+    """X, dY, the base W and b and the factors A and B, unsharded (with ``norm``: the weight of a
+    fused RMS norm too, drawn after b)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    return dict(x=r(S, B, H_IN), dy=r(S, B, H_OUT), weight=r(H_OUT, H_IN) / 4, bias=r(H_OUT),
-                lora_A=r(RANK, H_IN) / 4, lora_B=r(H_OUT, RANK) / 4)
+    t = dict(x=r(S, B, H_IN), dy=r(S, B, H_OUT), weight=r(H_OUT, H_IN) / 4, bias=r(H_OUT))
+    if norm:
+        t["norm"] = 1 + r(H_IN) / 4
+    return dict(t, lora_A=r(RANK, H_IN) / 4, lora_B=r(H_OUT, RANK) / 4)
 
 
-def reference(case: Case, t: dict, scaling: float, mask: Optional[torch.Tensor] = None):
-    """Unsharded plain-torch forward/backward: Y = X W^T + b + s (drop(X) A^T) B^T."""
+def reference(case: Case, t: dict, scaling: float, mask: Optional[torch.Tensor] = None,
+              fused_norm: bool = False):
+    """Unsharded plain-torch forward/backward: Y = N W^T + b + s (drop(N) A^T) B^T, where N is X
+    or, with ``fused_norm``, the RMS norm of X."""
     x = t["x"].clone().requires_grad_(True)
     a = t["lora_A"].clone().requires_grad_(True)
     b = t["lora_B"].clone().requires_grad_(True)
-    xd = x if mask is None else x * mask / (1 - case.dropout)
-    y = x @ t["weight"].t() + scaling * (xd @ a.t()) @ b.t()
+    n = torch.nn.functional.rms_norm(x, (H_IN,), t["norm"], EPS) if fused_norm else x
+    nd = n if mask is None else n * mask / (1 - case.dropout)
+    y = n @ t["weight"].t() + scaling * (nd @ a.t()) @ b.t()
     if case.bias and not case.skip_bias_add:
         y = y + t["bias"]
     (y * t["dy"]).sum().backward()
     return dict(y=y.detach(), dx=x.grad, dA=a.grad, dB=b.grad)
+
+
+def assert_matches(got: dict, ref: dict, label: str = ""):
+    """Outputs and gradients equal the reference's to fp32 rounding."""
+    for key in OUTPUTS:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{label}{key}: {m}")
 
 
 def build_layer(case: Case, tp: int, lora_config, break_init: bool = False):
@@ -93,49 +112,69 @@ def build_layer(case: Case, tp: int, lora_config, break_init: bool = False):
     return LoRARowParallelLinear(H_IN, H_OUT, input_is_parallel=case.input_is_parallel, **common)
 
 
+def load_base_shards(layer, column: bool, t):
+    """This rank's shards of the base tensors of ``t`` into any parallel linear; frozen."""
+    tp, rank = tp_rank()
+    with torch.no_grad():
+        layer.weight.copy_(t["weight"].chunk(tp, 0 if column else 1)[rank])
+        if layer.bias is not None:
+            layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if column else t["bias"])
+        if hasattr(layer, "layer_norm_weight"):
+            layer.layer_norm_weight.copy_(t["norm"])
+    for name in ("weight", "bias", "layer_norm_weight"):
+        if getattr(layer, name, None) is not None:
+            getattr(layer, name).requires_grad_(False)  # frozen base, as apply_lora leaves it
+
+
+def load_shards(layer, t):
+    """This rank's shards of ``t`` into any LoRA layer (local, external or TE); the base frozen."""
+    tp, rank = tp_rank()
+    layout = layer.lora_layout
+    load_base_shards(layer, layout.a_dim is None, t)  # column layers replicate A
+    with torch.no_grad():
+        for f in LORA_FACTORS:
+            getattr(layer, f).copy_(layout.shard(f, t[f], rank, tp))
+
+
+def local_input_and_grad(case: Case, t: dict):
+    """This rank's X (a leaf wanting its gradient) and dY: the sequence chunk under SP, the hidden
+    shard of a parallel row input or of a column output that is not gathered."""
+    tp, rank = tp_rank()
+    sp = case.sp and tp > 1
+    x, dy = t["x"], t["dy"]
+    if case.kind == "column":
+        if sp:
+            x = x.chunk(tp, 0)[rank]
+        if not case.gather_output:
+            dy = dy.chunk(tp, -1)[rank]
+    else:
+        if case.input_is_parallel:
+            x = x.chunk(tp, -1)[rank]
+        if sp:
+            dy = dy.chunk(tp, 0)[rank]
+    return x.clone().requires_grad_(True), dy
+
+
 def run_case(case: Case, t: dict, lora_config, seed: int = 7):
     """On every rank: load this rank's shard of ``t``, forward + backward with dY, return locals."""
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    tp, _ = tp_rank()
     layer = build_layer(case, tp, dataclasses.replace(lora_config, dropout=case.dropout))
-    layout = layer.lora_layout
-    with torch.no_grad():
-        w_dim = 0 if case.kind == "column" else 1
-        layer.weight.copy_(t["weight"].chunk(tp, w_dim)[rank])
-        if case.bias:
-            layer.bias.copy_(t["bias"].chunk(tp, 0)[rank] if case.kind == "column" else t["bias"])
-        for f in ("lora_A", "lora_B"):
-            getattr(layer, f).copy_(layout.shard(f, t[f], rank, tp))
-    for p in (layer.weight, layer.bias):
-        if p is not None:
-            p.requires_grad_(False)  # frozen base, as apply_lora leaves it
-    x = t["x"]
-    if case.sp and tp > 1 and case.kind == "column":
-        x = x.chunk(tp, 0)[rank]
-    if case.kind == "row" and case.input_is_parallel:
-        x = x.chunk(tp, -1)[rank]
-    x = x.clone().requires_grad_(True)
+    load_shards(layer, t)
+    x, dy = local_input_and_grad(case, t)
     torch.manual_seed(seed)  # the dropout mask comes from the TP-synchronised default generator
     y, out_bias = layer(x)
-    dy = t["dy"]
-    if case.kind == "column" and not case.gather_output:
-        dy = dy.chunk(tp, -1)[rank]
-    if case.kind == "row" and case.sp and tp > 1:
-        dy = dy.chunk(tp, 0)[rank]
     y.backward(dy)
     return dict(y=y.detach(), bias_out=None if out_bias is None else out_bias.detach(), dx=x.grad,
                 dA=layer.lora_A.grad, dB=layer.lora_B.grad, weight_grad=layer.weight.grad,
                 lora_A=layer.lora_A.detach())
 
 
-def assemble(case: Case, per_rank: list, tp: int, layout_gated: bool = False):
-    """Logical tensors from all ranks' locals, by the DESIGN §1 layout (SP partials summed)."""
+def assemble(case: Case, per_rank: list, layout_gated: bool = False):
+    """Logical tensors from all ranks' locals, by the docs/design.md §1 layout (SP partials summed)."""
     from megatron_lora.core.layout import AdapterLayout
 
     layout = AdapterLayout.column(layout_gated) if case.kind == "column" else AdapterLayout.row()
-    sp = case.sp and tp > 1
+    sp = case.sp and len(per_rank) > 1
     pick = lambda k: [r[k] for r in per_rank]  # noqa: E731
     if case.kind == "column":
         y = pick("y")[0] if case.gather_output else torch.cat(pick("y"), -1)
@@ -150,24 +189,23 @@ def assemble(case: Case, per_rank: list, tp: int, layout_gated: bool = False):
     return dict(y=y, dx=dx, dA=dA, dB=dB)
 
 
-def worker_all_cases(cases, t, lora_config, patch: Optional[str] = None):
-    """Entry point for run_distributed: every case in one process group (spawning is slow)."""
-    if patch is not None:
-        from tests.distributed import breakages
+def worker_all_cases(cases, t, lora_config, breakage=contextlib.nullcontext):
+    """Entry point for run_distributed: every case in one process group (spawning is slow).
 
-        getattr(breakages, patch)()
-    return [run_case(c, t, lora_config) for c in cases]
+    ``breakage``: a context manager of ``breakages`` to run the cases under."""
+    with breakage():
+        return [run_case(c, t, lora_config) for c in cases]
 
 
 def worker_count_collectives(cases):
     """Collectives per forward and per backward, base layer vs LoRA layer, same settings."""
-    from megatron.core import ModelParallelConfig, parallel_state
+    from megatron.core import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from megatron_lora import LoRAConfig
     from megatron_lora.core.collectives import count_collectives
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp, _ = tp_rank()
     out = []
     for case in cases:
         counts = {}
@@ -189,7 +227,7 @@ def worker_count_collectives(cases):
                 if p is not None:
                     p.requires_grad_(False)  # frozen base in every variant
             if variant == "naive":
-                from benchmarks.naive_lora import NaiveLoRA
+                from tests.distributed.naive_lora import NaiveLoRA
 
                 layer = NaiveLoRA(layer, RANK, 8)
             s = S // tp if (case.sp and case.kind == "column") else S

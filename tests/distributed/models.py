@@ -7,7 +7,7 @@ or Transformer Engine, so all fusions are off; ``use_cpu_initialization=False`` 
 weights are created with ``device=torch.cuda.current_device()`` and ``megatron_lora.cpu`` has to
 rewrite it.
 
-Norms: the package's SP-capable ``megatron_lora.core.gpt.TorchNorm`` (Megatron's ``WrappedTorchNorm``
+Norms: the package's SP-capable ``megatron_lora.core.gpt.RMSNorm`` (Megatron's ``WrappedTorchNorm``
 refuses ``sequence_parallel=True`` without Apex).
 """
 
@@ -16,9 +16,14 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from megatron_lora.core.gpt import build_gpt_stage
+from tests.distributed.shapes import SEQ_LEN, TINY_GPT, VOCAB_SIZE
 
-VOCAB_SIZE = 64
-SEQ_LEN = 16
+
+def tp_rank():
+    """(tensor-model-parallel size, this rank's index in its TP group), from Megatron's state."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
 def tiny_gpt_config(tp=1, pp=1, sp=False, **overrides):
@@ -31,11 +36,7 @@ def tiny_gpt_config(tp=1, pp=1, sp=False, **overrides):
         **overrides: any TransformerConfig field, applied last.
     """
     fields = dict(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=64,
+        **TINY_GPT,  # 2 layers, hidden 32, ffn 64, 4 heads in 2 query groups
         gated_linear_unit=True,
         activation_func=F.silu,
         normalization="RMSNorm",
@@ -65,7 +66,7 @@ def build_tiny_gpt(config, layer_spec=None, pre_process=None, post_process=None,
     """The tiny GPTModel stage of this rank (``megatron_lora.core.gpt.build_gpt_stage``).
 
     ``layer_spec`` (a TransformerLayer ``ModuleSpec``) swaps in e.g. a LoRA spec; its norms become
-    the SP-capable ``TorchNorm``. ``pre_process`` / ``post_process`` default to this rank's pipeline
+    the SP-capable torch norms. ``pre_process`` / ``post_process`` default to this rank's pipeline
     stage. ``kwargs`` go to ``GPTModel`` (e.g. ``share_embeddings_and_output_weights=True`` to tie
     the embeddings; untied by default).
     """

@@ -13,19 +13,24 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "scripts", "pretrain_gpt_lora.py")
+from tests import REPO_ROOT
+from tests.distributed.shapes import SEQ_LEN, TINY_GPT
 
-# GQA + SwiGLU + RMSNorm + RoPE + tied embeddings (Megatron-LM's default), no dropout: the
-# layouts must then agree to fp32 rounding.
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "pretrain_gpt_lora.py")
+
+# The tiny GPT of models.tiny_gpt_config: GQA + SwiGLU + RMSNorm + RoPE + tied embeddings
+# (Megatron-LM's default), no dropout: the layouts must then agree to fp32 rounding.
 MODEL_FLAGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--swiglu",
+    *(word for field, value in TINY_GPT.items() for word in (f"--{field.replace('_', '-')}", str(value))),
+    "--swiglu",
     "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear",
-    "--hidden-dropout", "0", "--attention-dropout", "0", "--seq-length", "16",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--seq-length", str(SEQ_LEN),
     "--make-vocab-size-divisible-by", "64", "--device", "cpu",
 ]
 LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7"]
+# Batch, optimizer, logging and data split of every scripted run (each adds --train-iters).
+TRAIN_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--log-interval", "1",
+               "--lr-decay-style", "constant", "--eval-iters", "0", "--seed", "5", "--split", "90,10,0"]
 
 _WORDS = ("tensor", "shard", "rank", "adapter", "gradient", "pipeline", "stage", "token", "layer",
           "weight", "reduce", "gather", "scatter", "matrix", "low", "update", "frozen", "base")
@@ -50,7 +55,7 @@ def make_dataset(directory: str, name: str = "corpus", n: int = 300, seed: int =
 def run_script(flags, nproc: int = 1, check: bool = True, timeout: int = 300):
     """Run the script; returns the CompletedProcess (stdout / stderr as text)."""
     cmd = [sys.executable, SCRIPT, "--nproc-per-node", str(nproc), *map(str, flags)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 
 from tests.distributed import gpt_cases as G
-from tests.distributed.models import SEQ_LEN
+from tests.distributed.shapes import EPS, H_IN, H_OUT
 
 TE = "transformer_engine"
-
-
-def _logits(model, inputs):
-    position_ids = torch.arange(SEQ_LEN).unsqueeze(0).expand(inputs.shape[0], -1)
-    with torch.no_grad():
-        return model(inputs, position_ids, None)
 
 
 def _grad_probe(module, inputs, output):
@@ -25,12 +19,10 @@ def _grad_probe(module, inputs, output):
 def collective_counts_worker(base_state, sp):
     """Calls per collective in one forward and one backward: frozen base TE model (TE's own
     communication) vs the LoRA TE model (ours), gradients flowing through every layer in both."""
-    from megatron.core import parallel_state as ps
-
     from megatron_lora.core import collectives as C
-    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 
-    config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(), sp=sp, **G.MODEL)
+    config = tiny_gpt_config(tp=tp_rank()[0], sp=sp, **G.MODEL)
     base = build_tiny_gpt(config, transformer_impl=TE)  # Megatron's TE spec: TE's own communication
     G.load_base(base, base_state)
     base.requires_grad_(False)
@@ -58,7 +50,7 @@ def exchange_worker(base_state, root):
 
     inputs = G.batches(1)[0][0]
     gap = lambda a, b: (a - b).abs().max().item()  # noqa: E731
-    diff = lambda a, b: gap(_logits(a, inputs), _logits(b, inputs))  # noqa: E731
+    diff = lambda a, b: gap(G.logits(a, inputs), G.logits(b, inputs))  # noqa: E731
     save_model(G.build_lora_gpt(base_state, path="spec"), os.path.join(root, "base"), 1, {})
 
     def from_checkpoint(impl):  # the base from the local-spec checkpoint only
@@ -76,13 +68,13 @@ def exchange_worker(base_state, root):
     te = from_checkpoint(TE)
     load_full_adapter(te, gather_full_adapter(local))
     out["local_to_te"] = diff(te, local)
-    before = _logits(te, inputs)
+    before = G.logits(te, inputs)
     merge_lora(te)
-    out["merged"] = gap(_logits(te, inputs), before)
+    out["merged"] = gap(G.logits(te, inputs), before)
     unmerge_lora(te)
-    out["unmerged"] = gap(_logits(te, inputs), before)
+    out["unmerged"] = gap(G.logits(te, inputs), before)
     lora_keys = lambda m: sorted(k for k in m.sharded_state_dict() if "lora" in k)  # noqa: E731
-    out["names_equal"] = lora_keys(te) == lora_keys(local) and len(lora_keys(te)) == 16
+    out["names_equal"] = lora_keys(te) == lora_keys(local) and len(lora_keys(te)) == G.ADAPTER_TENSORS
     out["te_classes"] = sorted({type(m).__name__ for m in lora_modules(te)})
     return out
 
@@ -95,16 +87,15 @@ TE_LAYERS = [("column", True), ("column", False), ("row", False)]  # (kind, fuse
 def _te_layer(kind, fused_norm, sp, skip_bias_add, lora_config=None):
     """A TE LoRA layer (or, without ``lora_config``, Megatron's plain TE layer) of the
     external-GEMM test shapes, as Megatron's TE spec would build it."""
-    from megatron.core import parallel_state as ps
     from megatron.core.extensions import transformer_engine as mte
     from megatron.core.transformer import TransformerConfig
 
     from megatron_lora.core import te_layers
-    from tests.distributed import external_cases as E
+    from tests.distributed.models import tp_rank
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    config = TransformerConfig(num_layers=1, hidden_size=E.H_IN, num_attention_heads=4,
-                               normalization="RMSNorm", layernorm_epsilon=E.EPS,
+    tp, _ = tp_rank()
+    config = TransformerConfig(num_layers=1, hidden_size=H_IN, num_attention_heads=4,
+                               normalization="RMSNorm", layernorm_epsilon=EPS,
                                tensor_model_parallel_size=tp, sequence_parallel=sp and tp > 1)
     kwargs = dict(config=config, init_method=torch.nn.init.zeros_, bias=True,
                   skip_bias_add=skip_bias_add, is_expert=False)
@@ -116,8 +107,8 @@ def _te_layer(kind, fused_norm, sp, skip_bias_add, lora_config=None):
         classes = (mte.TERowParallelLinear, te_layers.LoRATERowParallelLinear)
         kwargs.update(input_is_parallel=True, tp_comm_buffer_name="proj")
     if lora_config is None:
-        return classes[0](E.H_IN, E.H_OUT, **kwargs)
-    return classes[1](E.H_IN, E.H_OUT, lora_config=lora_config, lora_init_name="decoder.layers.0.test",
+        return classes[0](H_IN, H_OUT, **kwargs)
+    return classes[1](H_IN, H_OUT, lora_config=lora_config, lora_init_name="decoder.layers.0.test",
                       **kwargs)
 
 
@@ -125,6 +116,7 @@ def te_layers_worker(sp, t, lora_config):
     """Every TE LoRA class, with skip_bias_add off and on: external_cases.worker's results, and
     the collective calls of the plain TE layer (TE's own communication) on the same input."""
     from tests.distributed import external_cases as E
+    from tests.distributed import layer_cases as L
 
     results = {}
     for kind, fused_norm in TE_LAYERS:
@@ -132,8 +124,8 @@ def te_layers_worker(sp, t, lora_config):
             layer = _te_layer(kind, fused_norm, sp, skip, lora_config)
             result = E.worker(kind, fused_norm, sp, t, lora_config, count=True, layer=layer)
             base = _te_layer(kind, fused_norm, sp, skip)
-            E.load_base_shards(base, kind == "column", t)
-            _, result["base_counts"] = E.forward_backward(base, *E.local_input_and_grad(kind, sp, t))
+            L.load_base_shards(base, kind == "column", t)
+            _, result["base_counts"] = E.forward_backward(base, *L.local_input_and_grad(L.Case(kind, sp=sp), t))
             results[(kind, fused_norm, skip)] = result
     return results
 

@@ -5,29 +5,21 @@ import logging
 import pytest
 import torch
 
+from megatron_lora.core.layers import is_lora_key
 from tests.distributed import gpt_cases as G
 from tests.distributed.launcher import run_distributed
-from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
-
-
-def _logits(model, inputs):
-    position_ids = torch.arange(inputs.shape[1]).unsqueeze(0).expand(inputs.shape[0], -1)
-    with torch.no_grad():
-        return model(inputs, position_ids, None).detach().clone()
+from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 
 
 def apply_worker(full_state):
-    from megatron.core import parallel_state as ps
-
     from megatron_lora import (LoRAConfig, adapters_disabled, apply_lora, get_gpt_lora_layer_spec,
                                lora_modules, merge_lora, unmerge_lora)
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    config = tiny_gpt_config(tp=tp, **G.MODEL)
+    config = tiny_gpt_config(tp=tp_rank()[0], **G.MODEL)
     model = build_tiny_gpt(config).eval()
     G.load_base(model, full_state)
     inputs, _ = G.batches(1)[0]
-    out = dict(base=_logits(model, inputs))
+    out = dict(base=G.logits(model, inputs))
     qkv = model.decoder.layers[0].self_attention.linear_qkv
     weight_before = qkv.weight
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -49,18 +41,18 @@ def apply_worker(full_state):
     out["same_weight_object"] = model.decoder.layers[0].self_attention.linear_qkv.weight is weight_before
     out["swapped_types"] = sorted({type(m).__name__ for m in lora_modules(model)})
     out["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    out["after_apply"] = _logits(model, inputs)  # B = 0: exactly the base function
+    out["after_apply"] = G.logits(model, inputs)  # B = 0: exactly the base function
     with torch.no_grad():
         for m in lora_modules(model):
             m.lora_B.normal_(0, 0.05)  # same on all TP ranks: the default generator is in sync
-    out["lora"] = _logits(model, inputs)
+    out["lora"] = G.logits(model, inputs)
     with adapters_disabled(model):
-        out["disabled"] = _logits(model, inputs)
-    out["reenabled"] = _logits(model, inputs)
+        out["disabled"] = G.logits(model, inputs)
+    out["reenabled"] = G.logits(model, inputs)
     merge_lora(model)
-    out["merged"] = _logits(model, inputs)
+    out["merged"] = G.logits(model, inputs)
     unmerge_lora(model)
-    out["unmerged"] = _logits(model, inputs)
+    out["unmerged"] = G.logits(model, inputs)
     out["max_unmerge_weight_error"] = max(
         (p.detach() - base_weights[n]).abs().max().item() for n, p in model.named_parameters()
         if n in base_weights)
@@ -78,8 +70,7 @@ def apply_worker(full_state):
 
 @pytest.fixture(scope="module")
 def result():
-    base_state = run_distributed(G.base_state_worker, 1)[0]
-    return run_distributed(apply_worker, 2, base_state, tp=2)[0]
+    return run_distributed(apply_worker, 2, G.base_state(), tp=2)[0]
 
 
 def test_unknown_target_fails_listing_existing_parallel_linears(result):
@@ -96,8 +87,8 @@ def test_apply_lora_works_in_place_without_copying_base_weights(result):
 
 def test_only_lora_factors_are_trainable(result):
     trainable = result["trainable"]
-    assert len(trainable) == 2 * 4 * 2
-    assert all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert len(trainable) == G.ADAPTER_TENSORS
+    assert all(is_lora_key(n) for n in trainable)
 
 
 def test_summary_names_targets_and_trainable_counts(result):

@@ -1,4 +1,4 @@
-"""Adapter checkpoints across layouts (DESIGN §5): train at TP=2, save, load anywhere.
+"""Adapter checkpoints across layouts (docs/design.md §7): train at TP=2, save, load anywhere.
 
 Reference: the saved model's own outputs (gathered logits, per-token losses) and its gathered
 logical adapter. Every layout loads from the same base weights (gpt_cases.load_base).
@@ -129,7 +129,8 @@ def test_adapter_only_checkpoint_is_the_size_of_the_adapter(tmp_path):
 # ----------------------------------------------------------------------- bad inputs, one by one
 
 def bad_input_worker(full_state, root):
-    from megatron_lora.core.checkpoint.adapter import AdapterCheckpointError, load_adapter, load_full_adapter, read_full_adapter
+    from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter, read_full_adapter
+    from megatron_lora.core.checkpoint.common import CheckpointError
 
     model = G.build_lora_gpt(full_state)
     good, _ = read_full_adapter(os.path.join(root, "full.safetensors"))
@@ -145,7 +146,7 @@ def bad_input_worker(full_state, root):
     for label, tensors in variants.items():
         try:
             load_full_adapter(model, tensors)
-        except AdapterCheckpointError as err:
+        except CheckpointError as err:
             errors[label] = str(err)
     truncated = os.path.join(root, f"truncated-{torch.distributed.get_rank()}.safetensors")
     data = open(os.path.join(root, "full.safetensors"), "rb").read()
@@ -168,7 +169,7 @@ def bad_input_worker(full_state, root):
     }.items():
         try:
             call()
-        except AdapterCheckpointError as err:
+        except CheckpointError as err:
             errors[label] = str(err)
     return errors
 

@@ -27,6 +27,7 @@ from packaging.version import Version
 from tests.distributed import convert_cases as C
 from tests.distributed import script_runs as S
 from tests.distributed.launcher import run_distributed
+from tests.distributed.shapes import TINY_LLAMA
 
 transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install -e '.[hf]'")
 peft = pytest.importorskip("peft", reason="needs the hf extra: pip install -e '.[hf]'")
@@ -37,8 +38,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # ----------------------------------------------------------------------------- references
 
 def _hf_model(kind, path=None):
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=C.VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5)
+    common = dict(TINY_LLAMA, vocab_size=C.VOCAB, rms_norm_eps=1e-5)
     if path is not None:
         cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
                "auto": transformers.AutoModelForCausalLM}[kind]
@@ -194,7 +194,7 @@ def test_export_from_the_dist_checkpoint_equals_export_from_the_full_file(export
 def test_peft_megatron_peft_round_trip_keeps_the_weight_deltas(exported, work):
     from safetensors.torch import load_file
 
-    from megatron_lora.hf.peft_adapters import peft_deltas
+    from tests.peft_reference import peft_deltas
 
     paths, _ = work
     original = load_file(os.path.join(paths["peft"], "adapter_model.safetensors"))

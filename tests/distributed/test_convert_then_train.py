@@ -10,14 +10,16 @@ import sys
 
 import torch
 
+from tests import REPO_ROOT
 from tests.distributed import script_runs as S
+from tests.distributed.shapes import TINY_LLAMA
 
-CONVERT = os.path.join(S.ROOT, "scripts", "convert_checkpoint.py")
-PREPROCESS = os.path.join(S.ROOT, "scripts", "preprocess_data.py")
+CONVERT = os.path.join(REPO_ROOT, "scripts", "convert_checkpoint.py")
+PREPROCESS = os.path.join(REPO_ROOT, "scripts", "preprocess_data.py")
 
 
 def _run(*cmd):
-    done = subprocess.run([sys.executable, *map(str, cmd)], cwd=S.ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
 
@@ -31,9 +33,7 @@ def _hf_model_with_tokenizer(path):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>").save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=64, **TINY_LLAMA, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(path)
 
 

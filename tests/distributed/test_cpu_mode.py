@@ -25,7 +25,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from tests.distributed.launcher import run_distributed
-from tests.distributed.models import SEQ_LEN, VOCAB_SIZE, build_tiny_gpt, tiny_gpt_config
+from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+from tests.distributed.shapes import SEQ_LEN, VOCAB_SIZE
 
 MICRO_BATCH = 2
 NUM_MICROBATCHES = 2

@@ -6,16 +6,17 @@ import subprocess
 
 import pytest
 
+from tests import REPO_ROOT
+
 # The same training path runs per version in test_pretrain_script.py; the demo runs in one pass.
 pytestmark = pytest.mark.once
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_demo_pretrains_then_lora_at_tp2_beats_the_frozen_base(tmp_path):
     env = {**os.environ, "DEMO_PYTHON_READY": "1", "DEMO_DIR": str(tmp_path / "demo"),
            "BASE_ITERS": "40", "LORA_ITERS": "40", "MAX_FILES": "30"}
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], env=env, cwd=ROOT,
+    done = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "demo.sh")], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()

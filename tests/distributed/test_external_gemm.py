@@ -16,9 +16,12 @@ import torch
 
 from megatron_lora import LoRAConfig
 from tests.distributed import external_cases as E
+from tests.distributed import layer_cases as L
 from tests.distributed.launcher import run_distributed
+from tests.distributed.shapes import RANK
 
-CFG = LoRAConfig(rank=E.RANK, alpha=8.0, target_modules=("linear_qkv",))
+CFG = LoRAConfig(rank=RANK, alpha=8.0, target_modules=("linear_qkv",))
+T = L.logical_tensors(norm=True)
 LAYERS = [("column", False), ("column", True), ("row", False)]  # (kind, fused norm)
 LAYOUTS = [(1, False), (2, False), (2, True)]  # (TP, SP)
 
@@ -26,18 +29,15 @@ LAYOUTS = [(1, False), (2, False), (2, True)]  # (TP, SP)
 @functools.lru_cache(maxsize=None)
 def run(kind, fused_norm, tp, sp, dropout=0.0, active=True):
     cfg = dataclasses.replace(CFG, dropout=dropout)
-    return run_distributed(E.worker, tp, kind, fused_norm, sp, E.logical_tensors(), cfg, 7, True,
-                           active, tp=tp)
+    return run_distributed(E.worker, tp, kind, fused_norm, sp, T, cfg, 7, True, active, tp=tp)
 
 
 @pytest.mark.parametrize("tp,sp", LAYOUTS, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind,fused_norm", LAYERS, ids=lambda v: str(v))
 def test_matches_unsharded_reference(kind, fused_norm, tp, sp):
-    per_rank = run(kind, fused_norm, tp, sp)
-    ref = E.reference(kind, fused_norm, E.logical_tensors(), CFG.scaling)
-    for name in ("y", "dx", "dA", "dB"):
-        torch.testing.assert_close(E.gather(kind, sp, per_rank, name), ref[name], atol=1e-5, rtol=1e-5,
-                                   msg=lambda m: f"{name} differs from the unsharded reference: {m}")
+    ref = L.reference(L.Case(kind), T, CFG.scaling, fused_norm=fused_norm)
+    L.assert_matches(L.assemble(L.Case(kind, sp=sp), run(kind, fused_norm, tp, sp)), ref,
+                     "differs from the unsharded reference: ")
 
 
 @pytest.mark.parametrize("kind,fused_norm", LAYERS, ids=lambda v: str(v))
@@ -64,8 +64,7 @@ def test_dropout_does_not_depend_on_tp(kind, fused_norm):
     one, two = run(kind, fused_norm, 1, False, 0.25), run(kind, fused_norm, 2, True, 0.25)
     no_dropout = run(kind, fused_norm, 1, False)
     assert not torch.allclose(one[0]["y"], no_dropout[0]["y"])  # the mask did something
-    for name in ("y", "dx", "dA", "dB"):
-        torch.testing.assert_close(E.gather(kind, True, two, name), one[0][name], atol=1e-5, rtol=1e-5)
+    L.assert_matches(L.assemble(L.Case(kind, sp=True), two), one[0])
 
 
 def test_lora_keys_match_the_local_layers():
@@ -77,8 +76,8 @@ def test_lora_keys_match_the_local_layers():
 @pytest.mark.parametrize("external", (False, True), ids=("local", "external"))
 @pytest.mark.parametrize("kind,sp", [("column", False), ("column", True), ("row", True)], ids=str)
 def test_gradient_accumulation_fusion_fills_main_grad_like_ddp(kind, sp, external):
-    per_rank = run_distributed(E.fused_main_grad_worker, 2, kind, kind == "column", sp,
-                               E.logical_tensors(), CFG, external, tp=2)
+    per_rank = run_distributed(E.fused_main_grad_worker, 2, kind, kind == "column", sp, T, CFG, external,
+                               tp=2)
     for (plain, _), (fused, flags) in per_rank:
         assert flags == [True, True]  # DDP's hook will skip its add: no double counting
         for a, b in zip(plain, fused):

@@ -16,15 +16,14 @@ import time
 
 import pytest
 
+from tests import REPO_ROOT
 from tests.distributed import script_runs as S
 
 # The launch path does not depend on the megatron-core version: run it in one pass of test.sh.
 pytestmark = pytest.mark.once
 
 ITERS = 30
-TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--log-interval", "1",
-         "--lr-decay-style", "constant", "--eval-iters", "0", "--seed", "5", "--split", "90,10,0",
-         "--train-iters", str(ITERS), "--tensor-model-parallel-size", "2"]
+TRAIN = [*S.TRAIN_FLAGS, "--train-iters", str(ITERS), "--tensor-model-parallel-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def start(workdir, name, *extra):
     log = workdir / f"{name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, S.SCRIPT, "--nproc-per-node", "2", *flags(workdir, *extra)],
-                                cwd=S.ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, **{RUN_MARKER: f"{name}-{os.getpid()}"}))
     return proc, log
 

@@ -1,28 +1,28 @@
-"""TP-aware init (DESIGN §4): the logical A depends on (seed, name), never on TP size or rank."""
+"""TP-aware init (docs/design.md §5): the logical A depends on (seed, name), never on TP size or rank."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 from megatron_lora import LoRAConfig
+from megatron_lora.core.layers import LORA_FACTORS
+from tests.distributed import breakages
 from tests.distributed.launcher import run_distributed
 
 IN, OUT, RANK = 32, 48, 4
 NAMES = ("decoder.layers.0.self_attention.linear_qkv", "decoder.layers.1.self_attention.linear_qkv")
 
 
-def init_worker(patch=None):
-    """Build column, gated-column and row LoRA layers under two names; return local factors."""
+def init_worker(breakage=contextlib.nullcontext):
+    """Build column, gated-column and row LoRA layers under two names (under ``breakage``);
+    return local factors."""
     from megatron.core import ModelParallelConfig, parallel_state
 
     from megatron_lora import LoRAColumnParallelLinear, LoRARowParallelLinear
     from megatron_lora.core import init as lora_init
 
-    if patch is not None:
-        from tests.distributed import breakages
-
-        getattr(breakages, patch)()
     draws = []  # ranks that materialise a full logical A
     original = lora_init.logical_lora_a
     lora_init.logical_lora_a = lambda *a, **k: draws.append(1) or original(*a, **k)
@@ -34,27 +34,28 @@ def init_worker(patch=None):
     out = {}
     for name in NAMES:
         kw = dict(init_method=torch.nn.init.normal_, lora_config=lora, lora_init_name=name)
-        col = LoRAColumnParallelLinear(IN, OUT, config=cfg, bias=False, **kw)
-        gated = LoRAColumnParallelLinear(IN, OUT, config=mp_cfg_gated, bias=False,
-                                         tp_comm_buffer_name="fc1", **kw)
-        row = LoRARowParallelLinear(IN, OUT, config=cfg, bias=False, input_is_parallel=True,
-                                    skip_bias_add=False, **kw)
+        with breakage():
+            col = LoRAColumnParallelLinear(IN, OUT, config=cfg, bias=False, **kw)
+            gated = LoRAColumnParallelLinear(IN, OUT, config=mp_cfg_gated, bias=False,
+                                             tp_comm_buffer_name="fc1", **kw)
+            row = LoRARowParallelLinear(IN, OUT, config=cfg, bias=False, input_is_parallel=True,
+                                        skip_bias_add=False, **kw)
         for kind, layer in (("column", col), ("gated", gated), ("row", row)):
             out[(kind, name)] = dict(A=layer.lora_A.detach().clone(), B=layer.lora_B.detach().clone(),
                                      layout=layer.lora_layout,
                                      attrs={f: (getattr(getattr(layer, f), "tensor_model_parallel", None),
                                                 getattr(getattr(layer, f), "partition_dim", None))
-                                            for f in ("lora_A", "lora_B")})
+                                            for f in LORA_FACTORS})
     return dict(factors=out, draws=len(draws), tp_rank=parallel_state.get_tensor_model_parallel_rank())
 
 
 _cache = {}
 
 
-def logical(tp, patch=None):
-    key = (tp, patch)
+def logical(tp, breakage=contextlib.nullcontext):
+    key = (tp, breakage)
     if key not in _cache:
-        ranks = run_distributed(init_worker, tp, patch, tp=tp)
+        ranks = run_distributed(init_worker, tp, breakage, tp=tp)
         _cache[key] = ranks, {k: ranks[0]["factors"][k]["layout"].unshard(
             "lora_A", [r["factors"][k]["A"] for r in ranks]) for k in ranks[0]["factors"]}
     return _cache[key]
@@ -97,6 +98,6 @@ def test_only_sharded_factors_carry_tensor_parallel_attributes():
 def test_harness_bites_per_shard_init_with_shard_fan_in():
     """Breaking the init (each rank draws its own shard, shard fan-in) must be detected."""
     _, ref = logical(1)
-    _, broken = logical(2, patch="shard_fan_in_init")
+    _, broken = logical(2, breakages.shard_fan_in_init)
     assert not torch.equal(broken[("row", NAMES[0])], ref[("row", NAMES[0])])
-    assert broken[("row", NAMES[0])].abs().max() > 1 / math.sqrt(IN)  # bound of in/t, the LESSONS 1 bug
+    assert broken[("row", NAMES[0])].abs().max() > 1 / math.sqrt(IN)  # bound of in/t, the docs/design.md §10, trap 1 bug

@@ -10,8 +10,9 @@ import torch
 from megatron_lora import LoRAConfig
 from tests.distributed import layer_cases as L
 from tests.distributed.launcher import run_distributed
+from tests.distributed.shapes import B, H_IN, RANK, S
 
-CFG = LoRAConfig(rank=L.RANK, alpha=8)
+CFG = LoRAConfig(rank=RANK, alpha=8)
 CASES = L.all_cases()
 DROPOUT_CASES = [L.Case("column", dropout=0.5), L.Case("column", sp=True, dropout=0.5),
                  L.Case("row", dropout=0.5), L.Case("row", sp=True, dropout=0.5)]
@@ -22,7 +23,7 @@ _results = {}
 def results(tp):
     if tp not in _results:
         _results[tp] = run_distributed(L.worker_all_cases, tp, CASES + DROPOUT_CASES, T,
-                                       LoRAConfig(rank=L.RANK, alpha=8, dropout=0.5), tp=tp)
+                                       LoRAConfig(rank=RANK, alpha=8, dropout=0.5), tp=tp)
     return _results[tp]
 
 
@@ -33,10 +34,7 @@ def per_rank(tp, case):
 
 def assert_matches_reference(case, tp, mask=None):
     ranks = per_rank(tp, case)
-    got = L.assemble(case, ranks, tp)
-    ref = L.reference(case, T, CFG.scaling, mask)
-    for key in ("y", "dx", "dA", "dB"):
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    L.assert_matches(L.assemble(case, ranks), L.reference(case, T, CFG.scaling, mask))
     assert all(r["weight_grad"] is None for r in ranks), "frozen base weight got a gradient"
     if case.skip_bias_add and case.bias:
         assert all(r["bias_out"] is not None for r in ranks)
@@ -54,14 +52,14 @@ def test_layer_matches_unsharded(case, tp):
 def test_dropout_mask_is_the_logical_mask_at_any_tp(case, tp):
     """The branch mask equals the TP=1 mask of the logical input, so TP never changes dropout."""
     torch.manual_seed(7)  # the seed run_case uses right before the forward
-    mask = torch.rand(L.S, L.B, L.H_IN) >= case.dropout
+    mask = torch.rand(S, B, H_IN) >= case.dropout
     assert_matches_reference(case, tp, mask)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("case", [c for c in CASES + DROPOUT_CASES if not c.sp], ids=str)
 def test_replicated_factor_grad_bitwise_identical_on_tp_ranks(case, tp):
-    """Without SP the replicated factor's gradient must be complete on every rank (DESIGN §3)."""
+    """Without SP the replicated factor's gradient must be complete on every rank (docs/design.md §3)."""
     key = "dA" if case.kind == "column" else "dB"
     grads = [r[key] for r in per_rank(tp, case)]
     for g in grads[1:]:

@@ -22,7 +22,7 @@ def recompute_worker(full_state, recompute):
 
 
 def test_full_recompute_gives_the_same_training_as_no_recompute():
-    base = run_distributed(G.base_state_worker, 1)[0]
+    base = G.base_state()
     plain = run_distributed(recompute_worker, 2, base, False, tp=2)
     recomputed = run_distributed(recompute_worker, 2, base, True, tp=2)
     for a, b in zip(plain, recomputed):

@@ -14,17 +14,16 @@ import time
 
 import pytest
 
+from tests import REPO_ROOT
 from tests.distributed import script_runs as S
 from tests.distributed.slurm_cluster import SlurmCluster, SlurmMissing
 
 # The launch path does not depend on the megatron-core version: run it in one pass of test.sh.
 pytestmark = pytest.mark.once
 
-SBATCH = os.path.join(S.ROOT, "scripts", "slurm", "pretrain_gpt_lora.sbatch")
+SBATCH = os.path.join(REPO_ROOT, "scripts", "slurm", "pretrain_gpt_lora.sbatch")
 ITERS = 30
-TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--log-interval", "1",
-         "--lr-decay-style", "constant", "--eval-iters", "0", "--seed", "5", "--split", "90,10,0",
-         "--train-iters", str(ITERS)]
+TRAIN = [*S.TRAIN_FLAGS, "--train-iters", str(ITERS)]
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +48,12 @@ def job_env(workdir, name, **extra):
 
     return dict(MODEL_ARGS_FILE=str(workdir / "model.args"), DATA_PATH=str(workdir / "corpus"),
                 TP="2", NPROC_PER_NODE="2", SAVE=str(workdir / name), TRAIN_ARGS=" ".join(TRAIN),
-                LORA_ARGS=" ".join(S.LORA_FLAGS), PYTHON=sys.executable, REPO=S.ROOT, **extra)
+                LORA_ARGS=" ".join(S.LORA_FLAGS), PYTHON=sys.executable, REPO=REPO_ROOT, **extra)
 
 
 def submit(cluster, workdir, name, wait=True, **extra):
     log = workdir / f"{name}.out"
-    args = ["--output", str(log), "--chdir", S.ROOT, SBATCH]
+    args = ["--output", str(log), "--chdir", REPO_ROOT, SBATCH]
     if wait:
         proc = cluster.run(["sbatch", "--wait", *args], env=job_env(workdir, name, **extra), check=False,
                            timeout=300)

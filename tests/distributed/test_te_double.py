@@ -19,13 +19,13 @@ What the double cannot show (real TE kernels, FP8, bf16, speed) is tests/gpu's j
 """
 
 import pytest
-import torch
 
 from megatron_lora import LoRAConfig
-from tests.distributed import external_cases as E
 from tests.distributed import gpt_cases as G
+from tests.distributed import layer_cases as L
 from tests.distributed import te_double_cases as T
 from tests.distributed.launcher import run_distributed
+from tests.distributed.shapes import RANK
 
 STEPS = 10
 TE = dict(transformer_impl="transformer_engine")
@@ -47,24 +47,20 @@ def cached(key, make):
     return _cache[key]
 
 
-def base_for(overrides):
-    return cached(("base", str(overrides)), lambda: run_distributed(G.base_state_worker, 1, overrides)[0])
-
-
 @pytest.fixture(scope="module")
 def base_state():
-    return base_for(None)
+    return G.base_state()
 
 
 def reference(overrides=None):
     """The local spec at TP=1 on the same base: losses and logical adapter."""
     return cached(("ref", str(overrides)), lambda: run_distributed(
-        G.train_worker, 1, base_for(overrides), {"steps": STEPS, "config_overrides": overrides}))
+        G.train_worker, 1, G.base_state(overrides), {"steps": STEPS, "config_overrides": overrides}))
 
 
 def run(name):
     world, kwargs = LAYOUTS[name]
-    base = base_for(kwargs.get("config_overrides"))
+    base = G.base_state(kwargs.get("config_overrides"))
     return cached(name, lambda: run_distributed(G.train_worker, world, base, {**kwargs, "steps": STEPS},
                                                 tp=world, te_double=True))
 
@@ -77,19 +73,13 @@ def test_te_spec_trajectory_and_adapter_match_local_tp1(name):
     assert ranks[0]["lora_classes"] == TE_GPT_CLASSES
     assert ref_losses[-1] < ref_losses[1] - 0.05  # LoRA learns
     for r in ranks:
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-    ref, got = G.logical_adapter(ref_run), G.logical_adapter(ranks)
-    assert got.keys() == ref.keys() and len(ref) == 2 * 4 * 2  # layers x targets x factors
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        G.assert_same_trajectory(r["losses"], ref_losses)
+    G.assert_same_logical_adapter(ranks, ref_run)
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if LAYOUTS[n][0] > 1])
 def test_replicated_factors_bitwise_identical_on_tp_ranks(name):
-    ranks = run(name)
-    for key, (tensor, dim, _) in ranks[0]["adapter"].items():
-        if dim is None:
-            assert all(torch.equal(r["adapter"][key][0], tensor) for r in ranks[1:]), key
+    assert G.replicated_mismatches(run(name)) == []
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
@@ -112,12 +102,13 @@ def test_checkpoints_and_adapters_move_between_te_and_local_spec_at_tp2(base_sta
 
 # ------------------------------------------------------------------------------ single TE layers
 
-LAYER_CFG = LoRAConfig(rank=E.RANK, alpha=8.0, target_modules=("linear_qkv",))
+LAYER_CFG = LoRAConfig(rank=RANK, alpha=8.0, target_modules=("linear_qkv",))
+LAYER_T = L.logical_tensors(norm=True)
 
 
 def layer_run(tp, sp):
     return cached(("layers", tp, sp), lambda: run_distributed(
-        T.te_layers_worker, tp, sp, E.logical_tensors(), LAYER_CFG, tp=tp, te_double=True))
+        T.te_layers_worker, tp, sp, LAYER_T, LAYER_CFG, tp=tp, te_double=True))
 
 
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2-sp"])
@@ -127,11 +118,9 @@ def test_te_layers_match_unsharded_reference(tp, sp):
     per_rank = layer_run(tp, sp)
     for kind, fused_norm, skip in per_rank[0]:
         ranks = [r[(kind, fused_norm, skip)] for r in per_rank]
-        ref = E.reference(kind, fused_norm, E.logical_tensors(), LAYER_CFG.scaling)
-        for name in ("y", "dx", "dA", "dB"):
-            torch.testing.assert_close(
-                E.gather(kind, sp, ranks, name), ref[name], atol=1e-5, rtol=1e-5,
-                msg=lambda m: f"{kind} fused_norm={fused_norm} skip_bias_add={skip}: {name}: {m}")
+        ref = L.reference(L.Case(kind), LAYER_T, LAYER_CFG.scaling, fused_norm=fused_norm)
+        L.assert_matches(L.assemble(L.Case(kind, sp=sp), ranks), ref,
+                         f"{kind} fused_norm={fused_norm} skip_bias_add={skip}: ")
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])

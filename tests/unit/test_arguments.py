@@ -40,3 +40,18 @@ def test_invalid_value_names_the_flag():
         lora_config_from_args(_parse(["--lora-rank", "8", "--lora-dropout", "1.5"]))
     with pytest.raises(SystemExit):  # argparse refuses an unknown init before the config does
         _parse(["--lora-rank", "8", "--lora-init", "xavier"])
+
+
+@pytest.mark.parametrize("cfg", [
+    LoRAConfig(rank=8),
+    LoRAConfig(rank=12, alpha=2.5, dropout=0.1, target_modules=("linear_fc1",), init="gaussian",
+               use_rslora=True, seed=7),
+    LoRAConfig(rank=4, alpha=3, target_modules=("linear_qkv", "linear_proj")),
+])
+def test_lora_flags_give_the_config_back(cfg):
+    from megatron_lora.training.arguments import lora_flags
+
+    flags = lora_flags(cfg)
+    assert all(isinstance(f, str) for f in flags)
+    assert lora_config_from_args(_parse(flags)) == cfg
+    assert flags[:2] == ["--lora-rank", str(cfg.rank)]

@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO_ROOT
+
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_te_lora_gpu.py")
 EXPECTED = ("error: bench_te_lora_gpu.py needs a CUDA GPU (and Transformer Engine for the TE rows); "
             "none found.")

@@ -7,7 +7,6 @@ on a CUDA host.
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,8 +16,8 @@ from megatron.core.tensor_parallel import random as mrandom
 from torch.overrides import _get_current_function_mode_stack
 
 from megatron_lora import cpu
+from tests import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL_PARALLEL_RNG = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME
 CUDA_SPELLINGS = ["cuda", "cuda:0", torch.device("cuda"), torch.device("cuda", 0), 0]
 

@@ -22,8 +22,8 @@ from megatron_lora.training.data import (
     micro_batches,
     write_indexed_dataset,
 )
+from tests import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ = 32
 DOCS = [f"document {i}: " + "héllo wörld ✓ " * (i % 5 + 1) for i in range(60)]
 

@@ -11,13 +11,14 @@ import torch
 
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.hf.peft_adapters import (
-    check_peft_config, megatron_from_peft, peft_deltas, peft_from_megatron, peft_key,
+    check_peft_config, megatron_from_peft, peft_from_megatron, peft_key,
 )
 from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_hf_config, arch_from_model_args, check_hf_config, check_hf_tensors,
     check_parallel_layout, fuse_qkv, hf_from_megatron, hf_shapes, megatron_flags, megatron_from_hf, split_qkv,
     vocab_divisor,
 )
+from tests.peft_reference import peft_deltas
 
 LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-5, rope_theta=5000.0, hidden_act="silu",
@@ -309,7 +310,8 @@ def test_export_refuses_an_adapter_of_another_model():
 # ------------------------------------------------------------------------- checkpoint files
 
 def test_sharded_hf_checkpoint_is_written_and_read_back(tmp_path):
-    from megatron_lora.hf.convert import HFCheckpoint, write_hf
+    from megatron_lora.hf.merge import write_hf
+    from megatron_lora.hf.sources import HFCheckpoint
 
     tensors = _random_hf(ARCH)
     args = dict(norm_epsilon=1e-5, rotary_base=5000, max_position_embeddings=64)
@@ -325,7 +327,7 @@ def test_sharded_hf_checkpoint_is_written_and_read_back(tmp_path):
 
 
 def test_pickled_hf_weights_are_refused(tmp_path):
-    from megatron_lora.hf.convert import HFCheckpoint
+    from megatron_lora.hf.sources import HFCheckpoint
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")

@@ -21,7 +21,7 @@ def test_gated_rows_shard_as_gate_i_then_up_i():
     full = torch.arange(8.0).unsqueeze(1)
     assert shard_tensor(full, 0, 0, 2, gated=True).flatten().tolist() == [0, 1, 4, 5]
     assert shard_tensor(full, 0, 1, 2, gated=True).flatten().tolist() == [2, 3, 6, 7]
-    # a naive split would hand rank 0 only gate rows: the LESSONS 5 permutation
+    # a naive split would hand rank 0 only gate rows: the docs/design.md §10, trap 5 permutation
     assert shard_tensor(full, 0, 0, 2).flatten().tolist() == [0, 1, 2, 3]
     shards = [shard_tensor(full, 0, r, 2, gated=True) for r in range(2)]
     assert torch.equal(unshard_tensors(shards, 0, gated=True), full)

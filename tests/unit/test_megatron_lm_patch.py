@@ -30,12 +30,11 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_lora import LoRAColumnParallelLinear, LoRARowParallelLinear, lora_modules
 from megatron_lora.core.checkpoint.adapter import save_full_adapter
+from megatron_lora.core.layers import is_lora_key
 from megatron_lora.training.megatron_lm import lora_pretrain
 from megatron_lora.cpu import enable_cpu
+from tests import REPO_ROOT
 from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 _SPEC = importlib.util.spec_from_file_location(
     "pretrain_gpt_lora", os.path.join(REPO_ROOT, "patches", "pretrain_gpt_lora.py"))
@@ -252,11 +251,11 @@ def _tensors(model):
 
 
 def _lora(state):
-    return {k: v for k, v in state.items() if k.endswith(LORA_SUFFIXES)}
+    return {k: v for k, v in state.items() if is_lora_key(k)}
 
 
 def _base(state):
-    return {k: v for k, v in state.items() if not k.endswith(LORA_SUFFIXES)}
+    return {k: v for k, v in state.items() if not is_lora_key(k)}
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -310,7 +309,7 @@ def test_checkpoints_hold_only_the_adapter_and_a_resume_restores_it(megatron_lm,
              "--load", adapter_dir, "--save", adapter_dir)
     first = megatron_lm("core_r0.16", *flags)
     saved_keys = set(dist_checkpointing.load_tensors_metadata(first["saved"]))
-    assert saved_keys and all(k.endswith(LORA_SUFFIXES) for k in saved_keys), saved_keys
+    assert saved_keys and all(is_lora_key(k) for k in saved_keys), saved_keys
     trained = _lora(_tensors(first["model"]))
 
     second = megatron_lm("core_r0.16", *flags)  # --load now holds the adapter: a resume
