@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["megatron_lora", "megatron_lora.*"]),
     python_requires=">=3.10",
     # torch is deliberately a range: pin the build you want (e.g. the CPU wheel) before installing.
-    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.17", "packaging", "safetensors>=0.4", "psutil",
+    # megatron-core: the releases CI tests (0.13.0, 0.16.1, 0.19.2) and those between them.
+    install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.20", "packaging", "safetensors>=0.4", "psutil",
                       "numpy"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "tensorboard"],

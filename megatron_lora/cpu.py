@@ -33,13 +33,20 @@ on the CPU of a CUDA-less host, for tests and for the CPU examples. It patches e
 6. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` -> the CPU
    generator's state: activation recomputation (``CheckpointFunction``, ``recompute_granularity``)
    saves and replays the "CUDA" RNG state with them so recomputed dropout masks match.
+7. CUDA streams and events -> :class:`CpuStream` / :class:`CpuEvent`, whose waits and records do
+   nothing (every CPU op is already complete when it returns): ``torch.cuda.current_stream``,
+   ``default_stream``, ``Stream``, ``Event``, ``stream(...)`` and ``is_current_stream_capturing``.
+   From megatron-core 0.17 DDP's gradient sync waits on ``torch.cuda.current_stream()`` on every
+   step. On a CUDA build of torch without a driver (the only torch the index serves for Python
+   3.12) each of these would initialise CUDA, which fails, and in a forked rank fails with
+   "Cannot re-initialize CUDA in forked subprocess"; nothing patched here ever initialises CUDA.
 
 ``torch.cuda.is_available()`` stays ``False``: Megatron-Core does not need it on these paths, and a
 lying ``is_available`` would send torch itself (autocast, pin_memory, streams) down CUDA paths.
-Not covered: CUDA streams, events and graphs (``num_distributed_optimizer_instances > 1``, the
-combined 1F1B / fine-grained offloading schedules, CUDA graphs), fused kernels and Transformer
-Engine; keep those options off on CPU (``overlap_grad_reduce`` / ``overlap_param_gather`` need no
-stream and do work).
+Works with either torch build on a host without a GPU: the CPU-only build, or a CUDA build where
+no driver is found. Not covered: CUDA graphs, the combined 1F1B / fine-grained offloading
+schedules, fused kernels and Transformer Engine; keep those options off on CPU
+(``overlap_grad_reduce`` / ``overlap_param_gather`` do work).
 
 ``enable_cpu()`` is idempotent and a strict no-op on a host where CUDA is available.
 """
@@ -50,7 +57,7 @@ import torch
 from megatron.core.tensor_parallel import random as mrandom
 from torch.overrides import TorchFunctionMode, redispatch_function
 
-__all__ = ["CpuRNGStatesTracker", "enable_cpu", "is_cpu_mode"]
+__all__ = ["CpuEvent", "CpuRNGStatesTracker", "CpuStream", "enable_cpu", "is_cpu_mode"]
 
 _MODE = None  # the pushed _CudaToCpuMode, once enable_cpu() has run on a CUDA-less host
 _AUTOGRAD_ENTRY_POINTS = (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
@@ -94,6 +101,50 @@ class _CudaToCpuMode(TorchFunctionMode):
             # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor' (Megatron's optimizer dtype checks).
             result = result.replace("torch.", "torch.cuda.", 1) if args[0].is_cpu else result
         return result
+
+
+class CpuEvent:
+    """A CUDA event on the CPU: every op is complete when it returns, so it is always reached."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
+class CpuStream(contextlib.nullcontext):
+    """A CUDA stream on the CPU: ops run in program order, so every wait is already satisfied."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else CpuEvent()
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
+_CPU_STREAM = CpuStream()
 
 
 class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
@@ -167,6 +218,11 @@ def enable_cpu():
     torch.cuda.synchronize = lambda device=None: None
     # model_parallel_cuda_manual_seed seeds the default stream, which is the CPU generator here.
     torch.cuda.manual_seed = torch.manual_seed
+    # Streams and events (DDP's grad sync from megatron-core 0.17, overlapped communication).
+    torch.cuda.current_stream = torch.cuda.default_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.Stream, torch.cuda.Event = CpuStream, CpuEvent
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
+    torch.cuda.is_current_stream_capturing = lambda: False
     # Factory devices, Tensor.cuda / .to, Tensor.type() (optimizers, clip_grads), backward.
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # pushed for the life of the process, never popped

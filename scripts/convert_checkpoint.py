@@ -20,7 +20,6 @@ Bad input exits with one ``error: ...`` line (status 2) before anything is writt
 
 import argparse
 import sys
-import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet():
-    for message in (".*(Apex|Transformer Engine) (is|are) not installed.*", ".*cuda_graph_scope.*",
-                    ".*CUDA_DEVICE_MAX_CONNECTIONS.*", ".*`load_state_dict` is deprecated.*",
-                    ".*Please use DTensor instead.*"):
-        warnings.filterwarnings("ignore", message=message)
-
-
 def run(args) -> None:
     from megatron_lora.hf.adapters import megatron_to_peft, peft_to_megatron
     from megatron_lora.hf.merge import merge
@@ -106,7 +98,9 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    _quiet()
+    from megatron_lora.training.quiet import quiet_known_messages
+
+    quiet_known_messages()
     from megatron_lora.core.checkpoint.common import CheckpointError
     from megatron_lora.hf.mapping import ConversionError
 

@@ -21,10 +21,10 @@ import json
 import os
 import sys
 import time
-import warnings
 
-# Megatron-Core warns on import when Transformer Engine / Apex are absent (any CPU host): noise here.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine) (is|are) not installed.*")
+from megatron_lora.training.quiet import quiet_known_messages
+
+quiet_known_messages()  # before Megatron-Core is imported
 
 from megatron_lora.training.data import TOKENIZERS, DataError, build_tokenizer, write_indexed_dataset  # noqa: E402
 

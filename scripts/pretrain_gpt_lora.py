@@ -16,23 +16,12 @@ trains and --save holds only the adapter. The logic lives in megatron_lora.train
 
 import os
 import sys
-import warnings
-
-
-def _quiet_cpu_fallback_warnings():
-    # Megatron announces at import that Apex / Transformer Engine are missing; on CPU that is the
-    # expected path, so the script keeps its output readable. The library filters nothing.
-    for message in (".*(Apex|Transformer Engine) (is|are) not installed.*", ".*cuda_graph_scope.*",
-                    ".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
-        warnings.filterwarnings("ignore", message=message)
-    # Deprecations inside Megatron's dist-checkpoint strategy (torch's ShardedTensor API); not
-    # actionable for a user of this script.
-    for message in (".*`load_state_dict` is deprecated.*", ".*Please use DTensor instead.*"):
-        warnings.filterwarnings("ignore", category=FutureWarning, message=message)
 
 
 def main(argv=None) -> int:
-    _quiet_cpu_fallback_warnings()
+    from megatron_lora.training.quiet import quiet_known_messages
+
+    quiet_known_messages()
     from megatron_lora.training import launch
     from megatron_lora.core.checkpoint.common import CheckpointError
     from megatron_lora.training.data import DataError

@@ -220,8 +220,11 @@ def _normalize(x, normalization, weight, bias, eps, zero_centered_gamma):
 class _Norm(TransformerEngineBaseModule):
     normalization = "LayerNorm"
 
-    def __init__(self, hidden_size, eps=1e-5, sequence_parallel=False, params_dtype=None,
-                 zero_centered_gamma=False, device="cuda", **unused):
+    def __init__(self, normalized_shape=None, eps=1e-5, sequence_parallel=False, params_dtype=None,
+                 zero_centered_gamma=False, device="cuda", hidden_size=None, **unused):
+        # TE 2.x names the size normalized_shape (megatron-core 0.19 passes it so) and still
+        # accepts the older hidden_size keyword (megatron-core 0.13-0.16 pass that).
+        hidden_size = normalized_shape if normalized_shape is not None else hidden_size
         super().__init__()
         self.eps, self.zero_centered_gamma = eps, zero_centered_gamma
         dtype = params_dtype or torch.get_default_dtype()
@@ -292,6 +295,14 @@ def fp8_autocast(enabled=False, **unused):
     yield
 
 
+@contextlib.contextmanager
+def fp8_model_init(enabled=False, **unused):
+    """FP8 parameter creation (megatron-core 0.19 imports it with ``fp8_autocast``)."""
+    if enabled:
+        raise NotImplementedError("te_double: FP8 parameters are not modelled")
+    yield
+
+
 class QuantizedTensor(torch.Tensor):
     """TE 2.x's FP8 tensor base class; no tensor here is one (Megatron asks with isinstance)."""
 
@@ -357,7 +368,7 @@ def install() -> None:
             DotProductAttention=DotProductAttention, GroupedLinear=_not_modelled("GroupedLinear"),
             fp8_autocast=fp8_autocast),
         "transformer_engine.pytorch.fp8": dict(FP8GlobalStateManager=FP8GlobalStateManager,
-                                               fp8_autocast=fp8_autocast),
+                                               fp8_autocast=fp8_autocast, fp8_model_init=fp8_model_init),
         "transformer_engine.pytorch.distributed": dict(
             CudaRNGStatesTracker=_not_modelled("CudaRNGStatesTracker"),
             activation_recompute_forward=activation_recompute_forward),

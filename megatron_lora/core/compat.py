@@ -9,6 +9,7 @@ backport a change without changing the version.
 from __future__ import annotations
 
 import inspect
+import types
 
 from packaging.version import Version
 
@@ -78,3 +79,17 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, is_loading
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
+
+
+def hybrid_model_api() -> types.SimpleNamespace:
+    """Megatron's HybridModel classes (``HybridModel``, ``HybridStack``, ``HybridStackSubmodules``,
+    ``MLPLayer``), which exist from megatron-core 0.19; a clear error before."""
+    try:
+        from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+        from megatron.core.ssm.mlp_layer import MLPLayer
+    except ImportError as err:
+        raise ImportError(f"HybridModel needs megatron-core >= 0.19, found {MEGATRON_VERSION} ({err}); "
+                          "pip install 'megatron-core>=0.19' (Python >= 3.12).") from None
+    return types.SimpleNamespace(HybridModel=HybridModel, HybridStack=HybridStack,
+                                 HybridStackSubmodules=HybridStackSubmodules, MLPLayer=MLPLayer)

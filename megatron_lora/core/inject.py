@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
 import logging
 import sys
@@ -100,6 +101,11 @@ def _rewrite(node, cfg, found, classes, name=None):
         changes = {f.name: _rewrite(getattr(node, f.name), cfg, found, classes, f.name)
                    for f in dataclasses.fields(node)}
         return dataclasses.replace(node, **changes)
+    if isinstance(node, functools.partial):
+        # megatron-core 0.19 builds the MLP as partial(MLP.as_mlp_submodule, submodules=...)
+        args = [_rewrite(a, cfg, found, classes, name) for a in node.args]
+        keywords = {k: _rewrite(v, cfg, found, classes, k) for k, v in node.keywords.items()}
+        return functools.partial(node.func, *args, **keywords)
     if isinstance(node, (list, tuple)):
         return type(node)(_rewrite(n, cfg, found, classes, name) for n in node)
     return node

@@ -74,6 +74,11 @@ class LoRALayerMixin:
             raise TypeError(
                 f"{type(self).__name__} needs lora_config=LoRAConfig(...), got {type(lora_config).__name__}."
             )
+        if getattr(self, "gtp_remat_size", 1) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: the base weight is GTP-sharded (gtp_remat_size="
+                f"{self.gtp_remat_size}, megatron-core 0.19's weight rematerialisation), which LoRA "
+                "layers do not support; build the model without a gtp_remat process group.")
         self.lora_config = lora_config
         self.lora_scaling = lora_config.scaling
         self.lora_layout = self._lora_layout(gated)
@@ -86,6 +91,10 @@ class LoRALayerMixin:
         cpu_init = self.config.use_cpu_initialization
         device = ref.device if ref is not None else "cpu" if cpu_init else torch.cuda.current_device()
         dtype = ref.dtype if ref is not None else self.config.params_dtype
+        # DDP reduces a parameter with allreduce=False over the expert-data-parallel group. The
+        # factors follow the base weight's flag; megatron-core 0.19 also clears it on expert
+        # layers whose expert-TP size differs from the TP size, not only under expert parallelism.
+        base_allreduce = getattr(ref, "allreduce", not (self.is_expert and self.expert_parallel))
         for factor in LORA_FACTORS:
             shape = self.lora_layout.local_shape(factor, self.lora_logical_shape(factor), world)
             param = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -96,8 +105,7 @@ class LoRALayerMixin:
                 # The replicated factor's gradient is a per-sequence-chunk partial sum exactly
                 # when the layer's collective is a reduce-scatter (SP; not expert layers).
                 param.sequence_parallel = self._comm_mode() == "reduce_scatter"
-            # Expert params are reduced over the expert-data-parallel group, like the base weight.
-            param.allreduce = not (self.is_expert and self.expert_parallel)
+            param.allreduce = base_allreduce
             setattr(self, factor, param)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)

@@ -58,7 +58,9 @@ from torch.overrides import _get_current_function_mode_stack
 def patchable():
     return (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.manual_seed,
             mrandom.CudaRNGStatesTracker, mrandom._CUDA_RNG_STATE_TRACKER,
-            mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+            mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state,
+            torch.cuda.current_stream, torch.cuda.default_stream, torch.cuda.Stream, torch.cuda.Event,
+            torch.cuda.stream, torch.cuda.is_current_stream_capturing)
 before = patchable()
 from megatron_lora import cpu
 active = cpu.enable_cpu()
@@ -72,7 +74,7 @@ print(json.dumps(dict(active=active, cpu_mode=cpu.is_cpu_mode(),
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report == dict(active=False, cpu_mode=False, unchanged=[True] * 7, modes=0)
+    assert report == dict(active=False, cpu_mode=False, unchanged=[True] * 13, modes=0)
 
 
 @pytest.mark.parametrize("device", CUDA_SPELLINGS, ids=repr)
@@ -91,6 +93,26 @@ print(json.dumps(dict(active=active, cpu_mode=cpu.is_cpu_mode(),
 )
 def test_factory_calls_with_a_cuda_device_land_on_cpu(factory, device):
     assert factory(device).device == torch.device("cpu")
+
+
+def test_streams_and_events_are_cpu_stand_ins_that_never_initialise_cuda():
+    """megatron-core 0.17+ DDP waits on torch.cuda.current_stream() in every gradient sync; on a
+    CUDA build of torch without a driver the real call fails (in a forked rank: "Cannot
+    re-initialize CUDA in forked subprocess")."""
+    stream = torch.cuda.current_stream()
+    assert isinstance(stream, cpu.CpuStream) and torch.cuda.default_stream() is stream
+    side = torch.cuda.Stream(device=torch.cuda.current_device())
+    event = torch.cuda.Event()
+    side.wait_stream(stream)
+    stream.wait_event(event)
+    stream.record_event(event)
+    event.record()
+    event.wait()
+    assert event.query() and side.query() and not torch.cuda.is_current_stream_capturing()
+    with torch.cuda.stream(side):
+        x = torch.ones(2, device="cuda") * 2
+    assert x.device.type == "cpu" and x.sum().item() == 4
+    assert not torch.cuda.is_initialized()
 
 
 def test_current_device_is_index_zero_and_maps_to_cpu():

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -5,8 +7,14 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron_lora import LoRAColumnParallelLinear, LoRAConfig, LoRARowParallelLinear, get_gpt_lora_layer_spec, lora_layer_spec
 
 
+def _submodules(spec):
+    """A spec's submodules: ModuleSpec.submodules, or the keyword of a functools.partial spec
+    (megatron-core 0.19 builds the MLP as ``partial(MLP.as_mlp_submodule, submodules=...)``)."""
+    return spec.keywords["submodules"] if isinstance(spec, functools.partial) else spec.submodules
+
+
 def _linears(spec):
-    attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attn, mlp = _submodules(spec.submodules.self_attention), _submodules(spec.submodules.mlp)
     return dict(linear_qkv=attn.linear_qkv, linear_proj=attn.linear_proj,
                 linear_fc1=mlp.linear_fc1, linear_fc2=mlp.linear_fc2)
 

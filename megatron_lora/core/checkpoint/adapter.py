@@ -56,14 +56,21 @@ def _model_config(model) -> LoRAConfig:
 
 
 def _named_factors(model) -> Dict[str, tuple]:
-    """{"<global module name>.lora_A": (module, factor)} for this rank's LoRA layers."""
+    """{"<global module name>.lora_A": (module, factor)} for this rank's LoRA layers.
+
+    Names are GPTModel names: a HybridModel of pattern ``"*-" * L`` maps its own
+    (``core/hybrid.py``), so its adapters load into GPT models and convert to PEFT unchanged.
+    """
+    from megatron_lora.core import hybrid
+
+    rename = hybrid.gpt_key_of_hybrid if hybrid.is_gpt_like(model) else str
     out = {}
     for m in lora_modules(model):
         if m.lora_init_name is None:
             raise CheckpointError(
                 f"{type(m).__name__} has no name yet: call apply_lora(model, cfg) before saving or loading.")
         for factor in LORA_FACTORS:
-            out[f"{m.lora_init_name}.{factor}"] = (m, factor)
+            out[rename(f"{m.lora_init_name}.{factor}")] = (m, factor)
     return out
 
 
