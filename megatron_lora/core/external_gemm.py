@@ -23,9 +23,9 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core.ops import ColumnEntry, ColumnJoin, Rider, RowJoin
 from megatron_lora.core.layers import LoRALayerMixin
 from megatron_lora.core.layout import AdapterLayout
+from megatron_lora.core.ops import ColumnEntry, ColumnJoin, Rider, RowJoin
 
 
 class ExternalGEMMLoRA(LoRALayerMixin):

@@ -22,6 +22,7 @@ SwiGLU's ``[gate; up]`` before it could be resharded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Optional
 
@@ -36,8 +37,10 @@ from megatron_lora.core.inject import lora_layer_spec, megatron_gpt_layer_spec
 BUILDABLE_SYMBOLS = "*-"  # attention, MLP: the layer kinds this module builds
 
 
+@functools.lru_cache(maxsize=None)
 def _local_hybrid_stack():
-    """HybridStack with an SP-capable torch final norm instead of the TE norm Megatron's builds."""
+    """HybridStack with an SP-capable torch final norm instead of the TE norm Megatron's builds
+    (a class made on first use: HybridStack exists only from megatron-core 0.19)."""
     hybrid = compat.hybrid_model_api()
 
     class LocalHybridStack(hybrid.HybridStack):

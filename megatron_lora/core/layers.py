@@ -13,13 +13,14 @@ layer's own ``tp_group`` (expert layers get the expert-TP group from the base cl
 | column | [r, in] replicated           | [out/t, r] sharded on dim 0  | lora_B only           |
 | row    | [r, in/t] sharded on dim 1   | [out, r] replicated          | lora_A only           |
 
-Replicated-factor gradient (docs/design.md §3; §10, trap 2): the TP sum the replicated factor's gradient
-needs is computed INSIDE the base layer's one collective (``functions.py``), so without SP the
+Replicated-factor gradient (docs/design.md §3; §10, trap 2): the TP sum the replicated factor's
+gradient needs is computed INSIDE the base layer's one collective (``ops.py``), so without SP the
 gradient is complete and bitwise identical on all TP ranks in any training loop; under SP the
 replicated factor carries ``sequence_parallel = True`` and Megatron's ``finalize_model_grads``
 sums it in the all-reduce it already issues for sequence-parallel norm weights. Replicated
 factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping counts them once
-(docs/design.md §10, trap 8).
+(trap 8). Both factors take the base weight's ``allreduce`` flag (the DDP group it is reduced
+over: expert-data-parallel for expert weights).
 
 Dropout rule: the mask is drawn for the LOGICAL (unsharded, full-sequence) branch input from the
 default generator, which Megatron keeps in sync across the TP group, and each rank keeps its own
@@ -42,9 +43,9 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron_lora.core import collectives as C
 from megatron_lora.core import compat
 from megatron_lora.core.config import LoRAConfig
-from megatron_lora.core.ops import Branch, ColumnEntry, ColumnJoin, Rider, RowJoin
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
+from megatron_lora.core.ops import Branch, ColumnEntry, ColumnJoin, Rider, RowJoin
 
 LORA_FACTORS = ("lora_A", "lora_B")
 
