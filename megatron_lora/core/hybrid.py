@@ -110,20 +110,27 @@ _LAYER_KEY = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 _ATTENTION_PARTS = ("input_layernorm", "self_attention", "self_attn_bda")
 
 
-def gpt_key_of_hybrid(key: str) -> str:
-    """The GPTModel name of a HybridModel parameter or adapter tensor of pattern ``"*-" * L``:
-    hybrid layers ``2i`` and ``2i + 1`` are GPT layer ``i``; the final norm is GPT's
-    ``final_layernorm``. The Hugging Face mapping and PEFT export speak GPT names."""
-    if key.startswith("decoder.final_norm."):
-        return "decoder.final_layernorm." + key[len("decoder.final_norm."):]
+def _map_key(key: str, final_from: str, final_to: str, layer_index) -> str:
+    if key.startswith(final_from):
+        return final_to + key[len(final_from):]
     match = _LAYER_KEY.match(key)
     if match is None:
         return key
     index, rest = int(match.group(2)), match.group(3)
-    is_attention = rest[1:].startswith(_ATTENTION_PARTS)
+    return f"{match.group(1)}{layer_index(index, rest[1:].startswith(_ATTENTION_PARTS), key)}{rest}"
+
+
+def _gpt_index(index: int, is_attention: bool, key: str) -> int:
     if is_attention != (index % 2 == 0):
         raise ValueError(f"{key}: not a layer of the pattern '*-' * L (attention at even indices).")
-    return f"{match.group(1)}{index // 2}{rest}"
+    return index // 2
+
+
+def gpt_key_of_hybrid(key: str) -> str:
+    """The GPTModel name of a HybridModel parameter or adapter tensor of pattern ``"*-" * L``:
+    hybrid layers ``2i`` and ``2i + 1`` are GPT layer ``i``; the final norm is GPT's
+    ``final_layernorm``. The Hugging Face mapping and PEFT export speak GPT names."""
+    return _map_key(key, "decoder.final_norm.", "decoder.final_layernorm.", _gpt_index)
 
 
 def is_gpt_like(model) -> bool:
@@ -140,14 +147,8 @@ def is_gpt_like(model) -> bool:
 
 def hybrid_key_of_gpt(key: str) -> str:
     """Inverse of :func:`gpt_key_of_hybrid`."""
-    if key.startswith("decoder.final_layernorm."):
-        return "decoder.final_norm." + key[len("decoder.final_layernorm."):]
-    match = _LAYER_KEY.match(key)
-    if match is None:
-        return key
-    index, rest = int(match.group(2)), match.group(3)
-    offset = 0 if rest[1:].startswith(_ATTENTION_PARTS) else 1
-    return f"{match.group(1)}{2 * index + offset}{rest}"
+    return _map_key(key, "decoder.final_layernorm.", "decoder.final_norm.",
+                    lambda index, is_attention, _: 2 * index + (0 if is_attention else 1))
 
 
 def _global_parameters(model) -> dict:
