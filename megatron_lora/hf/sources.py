@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from megatron_lora.core.checkpoint import adapter as adapter_checkpoint
+from megatron_lora.core.checkpoint import files
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint import model as model_checkpoint
 from megatron_lora.core.config import LoRAConfig
@@ -103,10 +104,10 @@ def read_base(path: str) -> Tuple[dict, Optional[str]]:
         raise ConversionError(f"{path}: neither a model_args.json nor a Hugging Face config.json.")
     if not os.path.isdir(path):
         raise ConversionError(f"--base {path}: no such file or directory.")
-    candidates = [os.path.join(path, model_checkpoint.MODEL_ARGS_FILE)]
+    candidates = [os.path.join(path, files.MODEL_ARGS_FILE)]
     iteration = model_checkpoint.latest_iteration(path)
     if iteration is not None:
-        candidates.append(os.path.join(common.iteration_dir(path, iteration), model_checkpoint.MODEL_ARGS_FILE))
+        candidates.append(os.path.join(common.iteration_dir(path, iteration), files.MODEL_ARGS_FILE))
     for candidate in candidates:
         if os.path.exists(candidate):
             return read_json(candidate, ""), None
@@ -150,19 +151,19 @@ def read_adapter(path: str, model_args: dict, iteration: Optional[int] = None,
         raise ConversionError(f"--adapter {path}: no such file or directory.")
     if _is_peft_dir(path):
         return read_peft(path, arch_from_model_args(model_args))
-    full = os.path.join(path, adapter_checkpoint.FULL_ADAPTER_FILE)
+    full = os.path.join(path, files.FULL_ADAPTER_FILE)
     if iteration is None and os.path.exists(full):
         return read_adapter(full, model_args)
     root, name = path, os.path.basename(os.path.normpath(path))
-    if name.startswith("iter_") and adapter_checkpoint.descriptor_path(path) is not None:
+    if name.startswith("iter_") and files.descriptor_path(path) is not None:
         root, iteration = os.path.dirname(os.path.normpath(path)), int(name[len("iter_"):])
     iteration = iteration if iteration is not None else adapter_checkpoint.latest_iteration(root)
     if iteration is None:
-        raise ConversionError(f"--adapter {path}: no {adapter_checkpoint.FULL_ADAPTER_FILE}, no "
-                              f"{adapter_checkpoint.LATEST_FILE} and no PEFT {PEFT_CONFIG}; pass a full adapter "
+        raise ConversionError(f"--adapter {path}: no {files.FULL_ADAPTER_FILE}, no "
+                              f"{files.ADAPTER_TRACKER} and no PEFT {PEFT_CONFIG}; pass a full adapter "
                               "file, a LoRA --save directory or a PEFT directory.")
     ckpt_dir = common.iteration_dir(root, iteration)
-    cfg = LoRAConfig.from_dict(adapter_checkpoint.read_descriptor(ckpt_dir)["lora_config"])
+    cfg = LoRAConfig.from_dict(files.read_descriptor(ckpt_dir)["lora_config"])
     log(f"reading the adapter dist checkpoint {ckpt_dir}")
     with megatron_session():
         model = build_stage(model_args, cfg)

@@ -224,7 +224,8 @@ def evaluate(args, model, ddp, valid) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 def save(args, model, optimizer, iteration: int, final: bool) -> None:
-    from megatron_lora.core.checkpoint.adapter import FULL_ADAPTER_FILE, save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.files import FULL_ADAPTER_FILE
     from megatron_lora.core.checkpoint.model import save_model
 
     optim = None if args.no_save_optim else optimizer

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_lora.training.arguments import add_lora_args, lora_config_from_args
+from megatron_lora.training.checkpoint_dirs import check_checkpoint_dirs
 from megatron_lora.core.config import DEFAULT_TARGET_MODULES
 from megatron_lora.training.preemption import EXIT_SIGNALS
 
@@ -256,6 +257,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if importlib.util.find_spec("transformer_engine") is None:
             _fail("--transformer-impl transformer_engine: transformer-engine is not installed; "
                   "pip install 'megatron_lora[te]', or use --transformer-impl local.")
+    check_checkpoint_dirs(args, model_args(args), _fail)
     args.gradient_accumulation_fusion = args.gradient_accumulation_fusion and not args.use_cpu and (
         args.transformer_impl == "transformer_engine"
         or importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)

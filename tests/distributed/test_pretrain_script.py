@@ -185,6 +185,80 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, data, base, case):
     assert not save.exists()
 
 
+def _files(root) -> dict:
+    """{relative path: bytes} of every file under ``root``: what a refused run must leave alone."""
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+# name: (the run's flags besides the model / train / data flags, needle in the one error line,
+#        the directory that must stay byte for byte as it was)
+CHECKPOINT_MISTAKES = {
+    "LoRA --save at the base's directory": (
+        lambda w, base, lora: [*S.LORA_FLAGS, "--pretrained-checkpoint", base, "--save", base],
+        "holds full-model checkpoints; this run writes LoRA adapter checkpoints", "base"),
+    "resume that forgets --lora-rank": (
+        lambda w, base, lora: ["--load", lora, "--save", lora],
+        "holds LoRA adapter checkpoints; this run writes full-model checkpoints and would replace them", "lora"),
+    "LoRA --save holding another LoRA config": (
+        lambda w, base, lora: ["--lora-rank", "8", *S.LORA_FLAGS[2:], "--pretrained-checkpoint", base,
+                               "--save", lora],
+        "another LoRA config (--lora-rank: checkpoint 4, this run 8)", "lora"),
+    "--save holding another model": (
+        lambda w, base, lora: ["--hidden-size", "64", "--ffn-hidden-size", "128", "--save", base],
+        "another model (--hidden-size: checkpoint 32, this run 64", "base"),
+    "LoRA resume from the base's directory": (
+        lambda w, base, lora: [*S.LORA_FLAGS, "--pretrained-checkpoint", base, "--load", base,
+                               "--save", w / "mistyped"],
+        "holds full-model checkpoints; this run resumes LoRA adapter checkpoints", "base"),
+    "mistyped --load": (
+        lambda w, base, lora: [*S.LORA_FLAGS, "--pretrained-checkpoint", base, "--load", w / "lora_tp_1",
+                               "--save", w / "mistyped"],
+        "lora_tp_1: no such directory", "lora"),
+    "--load of a directory without checkpoints": (
+        lambda w, base, lora: [*S.LORA_FLAGS, "--pretrained-checkpoint", base, "--load", w / "tb",
+                               "--save", w / "no_ckpt"],
+        "holds no checkpoint", "lora"),
+    "--save naming a file": (
+        lambda w, base, lora: [*S.LORA_FLAGS, "--pretrained-checkpoint", base,
+                               "--save", os.path.join(base, "latest_checkpointed_iteration.txt")],
+        "is a file, not a directory", "base"),
+    "--save where nothing can be written": (
+        lambda w, base, lora: [*S.LORA_FLAGS, "--pretrained-checkpoint", base, "--save", "/proc/megatron_lora"],
+        "--save /proc/megatron_lora: cannot write checkpoints under /proc", "base"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_MISTAKES))
+def test_checkpoint_mistakes_fail_in_one_line_and_lose_nothing(workdir, data, base, tp1, case):
+    """No run may replace a checkpoint of another kind, LoRA config or model, resume from a
+    directory that holds nothing it can resume, or find out after training that --save is unusable."""
+    flags, needle, keep = CHECKPOINT_MISTAKES[case]
+    kept = {"base": base, "lora": tp1[1]}[keep]
+    before = _files(kept)
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, "--train-iters", "2", "--data-path", data,
+                        *flags(workdir, base, tp1[1])], check=False)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in run.stdout + run.stderr
+    assert _files(kept) == before
+    assert not (workdir / "mistyped").exists() and not (workdir / "no_ckpt").exists()
+
+
+def test_first_launch_that_resumes_where_it_saves_starts_fresh(workdir, data, base):
+    """--load naming --save before anything was saved there (the Slurm requeue pattern)."""
+    save = workdir / "resume_or_start"
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", "2", "--data-path", data,
+                        "--pretrained-checkpoint", base, "--save", save, "--load", save])
+    assert (save / "latest_adapter_iteration.txt").read_text() == "2", run.stdout
+
+
 @pytest.mark.parametrize("precision", ("--bf16", "--fp16"))
 def test_half_precision_lora_run_tracks_the_fp32_trajectory(workdir, data, base, tp1, precision):
     """--bf16 / --fp16 (Float16Module + Megatron's mixed-precision optimizer, fp32 main params and

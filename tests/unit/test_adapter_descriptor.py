@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_lora.core.checkpoint.adapter import (
+from megatron_lora.core.checkpoint.files import (
     DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, LEGACY_DESCRIPTOR_FILE, descriptor_path, read_descriptor,
 )
 from megatron_lora.core.checkpoint.common import CheckpointError

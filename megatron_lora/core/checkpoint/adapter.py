@@ -32,17 +32,13 @@ import torch.distributed as dist
 from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint.files import (
+    ADAPTER_TRACKER, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, read_descriptor,
+)
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
 from megatron_lora.core.layers import LORA_FACTORS, is_lora_key
 
-FORMAT = "megatron_lora.adapter"
-FORMAT_VERSION = 1
-DESCRIPTOR_FILE = "lora_adapter.json"
-# Earlier releases named the descriptor like PEFT's adapter_config.json; still read.
-LEGACY_DESCRIPTOR_FILE = "adapter_config.json"
-LATEST_FILE = "latest_adapter_iteration.txt"
-FULL_ADAPTER_FILE = "adapter.safetensors"  # what the training script writes into --save at the end
 # Fields that change what the saved numbers mean; dropout / init / seed only affect training.
 CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules")
 
@@ -123,39 +119,12 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
                           tensors=shapes, has_optimizer=optimizer is not None, has_rng=save_rng,
                           world_size=common.world(), iteration=iteration)
         common.atomic_write_text(os.path.join(tmp, DESCRIPTOR_FILE), json.dumps(descriptor, indent=2))
-    return common.commit_save(root, iteration, LATEST_FILE)
+    return common.commit_save(root, iteration, ADAPTER_TRACKER)
 
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE adapter checkpoint under ``root``, or None."""
-    return common.latest_iteration(root, LATEST_FILE)
-
-
-def descriptor_path(ckpt_dir: str) -> Optional[str]:
-    """The descriptor file of an adapter dist checkpoint directory (this name or the legacy one)."""
-    for name in (DESCRIPTOR_FILE, LEGACY_DESCRIPTOR_FILE):
-        path = os.path.join(ckpt_dir, name)
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def read_descriptor(ckpt_dir: str) -> dict:
-    path = descriptor_path(ckpt_dir)
-    if path is None:
-        raise CheckpointError(
-            f"{ckpt_dir} has no {DESCRIPTOR_FILE}: not a complete megatron_lora adapter checkpoint "
-            "(an interrupted save?). Load the latest complete one with load_adapter(model, root).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            descriptor = json.load(f)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is corrupted ({err}); load an earlier checkpoint.")
-    if descriptor.get("format") != FORMAT or descriptor.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, found "
-            f"{descriptor.get('format')!r} version {descriptor.get('format_version')!r}.")
-    return descriptor
+    return common.latest_iteration(root, ADAPTER_TRACKER)
 
 
 def _check_tensors(expected: Dict[str, List[int]], found: Dict[str, List[int]], where: str) -> None:
@@ -186,7 +155,7 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
         iteration = latest_iteration(root)
         if iteration is None:
             raise CheckpointError(
-                f"no complete adapter checkpoint under {root} ({LATEST_FILE} is missing).")
+                f"no complete adapter checkpoint under {root} ({ADAPTER_TRACKER} is missing).")
     ckpt_dir = common.iteration_dir(root, iteration)
     descriptor = read_descriptor(ckpt_dir)
     _check_config(descriptor["lora_config"], _model_config(model), ckpt_dir)

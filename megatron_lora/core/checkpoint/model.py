@@ -20,11 +20,10 @@ from typing import Optional
 
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint.files import MODEL_ARGS_FILE, MODEL_TRACKER
 from megatron_lora.core.inject import model_chunks
 from megatron_lora.core.layers import is_lora_key
 
-TRACKER = "latest_checkpointed_iteration.txt"
-MODEL_ARGS_FILE = "model_args.json"
 
 
 def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
@@ -47,19 +46,19 @@ def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE model checkpoint under ``root``, or None."""
-    return common.latest_iteration(root, TRACKER)
+    return common.latest_iteration(root, MODEL_TRACKER)
 
 
 def resolve(path: str) -> str:
     """The iteration directory ``path`` means: itself, or its tracker's latest under a root."""
     if os.path.exists(os.path.join(path, ".metadata")):
         return path
-    tracker = os.path.join(path, TRACKER)
+    tracker = os.path.join(path, MODEL_TRACKER)
     if os.path.exists(tracker) and open(tracker, encoding="utf-8").read().strip() == "release":
         return os.path.join(path, "release")  # Megatron-LM's name for a converted checkpoint
     iteration = latest_iteration(path)
     if iteration is None:
-        raise CheckpointError(f"{path}: no checkpoint ({TRACKER} and .metadata are both missing); "
+        raise CheckpointError(f"{path}: no checkpoint ({MODEL_TRACKER} and .metadata are both missing); "
                               "pass a directory written by --save.")
     return common.iteration_dir(path, iteration)
 
@@ -84,7 +83,7 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
                       has_rng=save_rng, world_size=common.world())
         common.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
-    return common.commit_save(root, iteration, TRACKER)
+    return common.commit_save(root, iteration, MODEL_TRACKER)
 
 
 def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
