@@ -147,16 +147,24 @@ class LoRALayerMixin:
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the local base shard; forward then runs the plain base path."""
+        """Fold the adapter into the local base shard; forward then runs the plain base path.
+
+        The unmerged shard is kept on the CPU until ``unmerge``: subtracting the delta again
+        would round twice, and in bf16 change the bits of several percent of the base weights per
+        merge / unmerge cycle, a drift that accumulates in loops that merge to sync an
+        inference engine and unmerge to train on.
+        """
         if not self.lora_merged:
+            self._lora_unmerged_weight = self.weight.detach().to("cpu", copy=True)
             self.weight.add_(self.lora_delta())
             self.lora_merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge`` (exact up to one rounding of the base dtype)."""
+        """Undo ``merge``: the base shard gets back exactly the bits it had."""
         if self.lora_merged:
-            self.weight.sub_(self.lora_delta())
+            self.weight.copy_(self._lora_unmerged_weight)
+            self._lora_unmerged_weight = None
             self.lora_merged = False
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
