@@ -50,8 +50,8 @@ class LoRAConfig:
         object.__setattr__(self, "target_modules", tuple(targets))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}.")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}.")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}.")
         if not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"LoRAConfig.dropout must satisfy 0 <= dropout < 1, got {self.dropout!r}.")
         if self.init not in INIT_METHODS:

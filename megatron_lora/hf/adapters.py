@@ -17,7 +17,7 @@ from megatron_lora.core.config import LoRAConfig
 from megatron_lora.hf.mapping import ConversionError, arch_from_model_args
 from megatron_lora.hf.peft_adapters import peft_from_megatron
 from megatron_lora.hf.sources import (
-    PEFT_CONFIG, PEFT_WEIGHTS, Log, check_new_output, read_adapter, read_base, read_peft, silent,
+    PEFT_CONFIG, PEFT_WEIGHTS, Log, check_new_output, checked, read_adapter, read_base, read_peft, silent,
 )
 from megatron_lora.training.arguments import lora_flags
 
@@ -27,7 +27,7 @@ def peft_to_megatron(peft_dir: str, output: str, base: str, log: Log = silent) -
     model_args, _ = read_base(base)
     if os.path.exists(output):
         raise ConversionError(f"--output {output} already exists; choose a new path or delete it.")
-    tensors, cfg = read_peft(peft_dir, arch_from_model_args(model_args, base))
+    tensors, cfg = checked(*read_peft(peft_dir, arch_from_model_args(model_args, base)), where=peft_dir)
     write_full_adapter(tensors, cfg, output, converted_from=f"peft:{os.path.abspath(peft_dir)}")
     log(f"wrote {output}: rank {cfg.rank}, alpha {cfg.alpha:g} on {' '.join(cfg.target_modules)}. "
         f"LoRA flags for pretrain_gpt_lora.py:\n  {shlex.join(['--lora-load', output, *lora_flags(cfg)])}")

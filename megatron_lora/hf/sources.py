@@ -138,7 +138,19 @@ def read_adapter(path: str, model_args: dict, iteration: Optional[int] = None,
                  log: Log = silent) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
     """Logical adapter tensors and config from: a full adapter .safetensors; a PEFT directory; a
     pretrain_gpt_lora.py --save directory (its full adapter file, else the latest dist
-    checkpoint; ``iteration`` picks one); or one iter_XXXXXXX directory."""
+    checkpoint; ``iteration`` picks one); or one iter_XXXXXXX directory. Every tensor is checked
+    to be a finite float (an export must not write NaN weights and exit 0)."""
+    return checked(*_read_adapter(path, model_args, iteration, log), where=path)
+
+
+def checked(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, where: str):
+    """``(tensors, cfg)`` once every tensor is known to be a finite float (else CheckpointError)."""
+    for name, tensor in tensors.items():
+        adapter_checkpoint.check_finite_float(name, tensor, where)
+    return tensors, cfg
+
+
+def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Log):
     from megatron_lora.hf.session import build_stage, megatron_session
 
     if os.path.isfile(path):
@@ -153,7 +165,7 @@ def read_adapter(path: str, model_args: dict, iteration: Optional[int] = None,
         return read_peft(path, arch_from_model_args(model_args))
     full = os.path.join(path, files.FULL_ADAPTER_FILE)
     if iteration is None and os.path.exists(full):
-        return read_adapter(full, model_args)
+        return _read_adapter(full, model_args, None, log)
     root, name = path, os.path.basename(os.path.normpath(path))
     if name.startswith("iter_") and files.descriptor_path(path) is not None:
         root, iteration = os.path.dirname(os.path.normpath(path)), int(name[len("iter_"):])

@@ -129,7 +129,8 @@ def test_adapter_only_checkpoint_is_the_size_of_the_adapter(tmp_path):
 # ----------------------------------------------------------------------- bad inputs, one by one
 
 def bad_input_worker(full_state, root):
-    from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter, read_full_adapter
+    from megatron_lora import lora_modules
+    from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter, read_full_adapter, save_adapter
     from megatron_lora.core.checkpoint.common import CheckpointError
 
     model = G.build_lora_gpt(full_state)
@@ -141,6 +142,8 @@ def bad_input_worker(full_state, root):
         "wrong rank": {**good, f"{qkv}.lora_A": torch.zeros(8, good[f"{qkv}.lora_A"].shape[1])},
         "size not divisible by TP": {**good, f"{qkv}.lora_B": torch.zeros(good[f"{qkv}.lora_B"].shape[0] + 1, 4)},
         "transposed": {**good, f"{qkv}.lora_A": good[f"{qkv}.lora_A"].t().contiguous()},
+        "non-finite": {**good, f"{qkv}.lora_B": good[f"{qkv}.lora_B"].clone().index_fill_(0, torch.tensor([3]), float("nan"))},
+        "integer": {**good, f"{qkv}.lora_A": good[f"{qkv}.lora_A"].to(torch.int32)},
     }
     errors = {}
     for label, tensors in variants.items():
@@ -159,7 +162,12 @@ def bad_input_worker(full_state, root):
         open(data_file, "wb").write(data[: len(data) // 2])
     torch.distributed.barrier()
     damaged = os.path.join(root, "damaged")
+    diverged = G.build_lora_gpt(full_state)
+    with torch.no_grad():
+        next(m for m in lora_modules(diverged)).lora_A.fill_(float("inf"))  # rank 0 and 1 alike
+    save_adapter(diverged, os.path.join(root, "diverged"), iteration=1)
     for label, call in {
+        "non-finite dist checkpoint": lambda: load_adapter(model, os.path.join(root, "diverged")),
         "truncated dist checkpoint": lambda: load_adapter(model, damaged),
         "truncated safetensors": lambda: load_full_adapter(model, truncated),
         "other config (full)": lambda: load_full_adapter(G.build_lora_gpt(full_state, cfg=LoRAConfig(rank=4, alpha=32, seed=99)),
@@ -186,6 +194,10 @@ def bad_input_errors(saved):
     ("wrong rank", ["(8, 32)", "expected the logical shape (4, 32)", "LoRA rank is 8", "--lora-rank"]),
     ("size not divisible by TP", ["(65, 4)", "TP=2", "does not divide by TP=2"]),
     ("transposed", ["(32, 4)", "looks transposed"]),
+    ("non-finite", ["decoder.layers.0.self_attention.linear_qkv.lora_B holds 4 non-finite values", "earlier checkpoint"]),
+    ("integer", ["decoder.layers.0.self_attention.linear_qkv.lora_A has dtype torch.int32", "floating point"]),
+    ("non-finite dist checkpoint", ["iter_0000001", "decoder.layers.0.self_attention.linear_proj.lora_A holds 64",
+                                    "non-finite values"]),
     ("truncated safetensors", ["truncated or corrupted"]),
     ("truncated dist checkpoint", ["could not be read", "truncated or corrupted", "iteration=N"]),
     ("other config (full)", ["another LoRA config", "alpha: model has 32, checkpoint has 8"]),

@@ -260,12 +260,46 @@ def _bad_inputs(paths, tmp, new):
                                       "--output", new], "convert it with hf-to-megatron first"),
         "base without model_args": lambda: (["megatron-to-peft", "--adapter", paths["imported.safetensors"], "--base",
                                              tmp, "--output", new], "no model_args.json"),
+        "NaN adapter exported to PEFT": lambda: (["megatron-to-peft", "--adapter", _nan_adapter(paths, tmp), "--base",
+                                                  paths["mg_llama"], "--output", new], "holds 1 non-finite values"),
+        "NaN adapter merged": lambda: (["merge", "--base", paths["mg_llama"], "--adapter", _nan_adapter(paths, tmp),
+                                        "--to", "hf", "--output", new], "holds 1 non-finite values"),
+        "NaN PEFT adapter imported": lambda: (peft_cmd(_nan_peft(paths, tmp)), "holds 1 non-finite values"),
     }
+
+
+def _nan_adapter(paths, tmp):
+    """The imported full adapter with one NaN in one tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_lora.core.checkpoint.adapter import read_full_adapter
+
+    tensors, meta = read_full_adapter(paths["imported.safetensors"])
+    tensors["decoder.layers.1.mlp.linear_fc2.lora_B"][0, 0] = float("nan")
+    path = os.path.join(tmp, "nan.safetensors")
+    save_file(tensors, path, metadata=meta)
+    assert torch.isnan(load_file(path)["decoder.layers.1.mlp.linear_fc2.lora_B"]).sum() == 1
+    return path
+
+
+def _nan_peft(paths, tmp):
+    """The PEFT adapter with one Inf in one tensor."""
+    from safetensors.torch import load_file, save_file
+
+    peft_dir = os.path.join(tmp, "peft_inf")
+    shutil.copytree(paths["peft"], peft_dir)
+    weights = os.path.join(peft_dir, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return peft_dir
 
 
 BAD_INPUTS = ["unsupported architecture", "DoRA adapter", "modules_to_save", "unknown target",
               "adapter of another model", "megatron dir as PEFT dir", "output exists", "merge an HF base",
-              "base without model_args"]
+              "base without model_args", "NaN adapter exported to PEFT", "NaN adapter merged",
+              "NaN PEFT adapter imported"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

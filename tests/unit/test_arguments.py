@@ -38,6 +38,9 @@ def test_help_comes_from_the_config_fields():
 def test_invalid_value_names_the_flag():
     with pytest.raises(ValueError, match="--lora-dropout must satisfy 0 <= dropout < 1"):
         lora_config_from_args(_parse(["--lora-rank", "8", "--lora-dropout", "1.5"]))
+    for alpha in ("inf", "nan", "-inf"):
+        with pytest.raises(ValueError, match="--lora-alpha must be a finite number > 0"):
+            lora_config_from_args(_parse(["--lora-rank", "8", f"--lora-alpha={alpha}"]))
     with pytest.raises(SystemExit):  # argparse refuses an unknown init before the config does
         _parse(["--lora-rank", "8", "--lora-init", "xavier"])
 

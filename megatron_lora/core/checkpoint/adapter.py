@@ -165,7 +165,21 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     loaded = common.load_dist(common.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
                           "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
     common.restore_training_state(sharded, loaded, optimizer, load_rng)
+    _check_loaded_factors(model, ckpt_dir)
     return iteration
+
+
+def _check_loaded_factors(model, where: str) -> None:
+    """Every rank's loaded shards are finite floats; the first problem any rank found is raised on all."""
+    problems = []
+    for name, (m, factor) in _named_factors(model).items():
+        try:
+            check_finite_float(name, getattr(m, factor).detach(), where)
+        except CheckpointError as err:
+            problems.append(str(err))
+    found = [p for rank_problems in common.all_ranks(problems[:1]) for p in rank_problems]
+    if found:
+        raise CheckpointError(found[0])
 
 
 # ------------------------------------------------------------------------- full (unsharded) adapter
@@ -251,9 +265,22 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
                     f"{where} is missing {name}; the model has LoRA on it. Export the adapter with "
                     f"the same targets {list(m.lora_config.target_modules)}.")
             full = tensors[name]
+            check_finite_float(name, full, where)
             _check_full_tensor(name, full, m, factor, where)
             rank, world = C.group_rank(m.lora_group), C.group_size(m.lora_group)
             getattr(m, factor).copy_(m.lora_layout.shard(factor, full, rank, world))
+
+
+def check_finite_float(name: str, tensor: torch.Tensor, where: str) -> None:
+    """An adapter tensor is floating point and finite; anything else is a broken file or a run that
+    diverged, and would only surface later as a NaN loss blamed on the learning rate."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{where}: {name} has dtype {tensor.dtype}; LoRA factors are floating point. "
+                              "The file is not a LoRA adapter, or was written wrongly: export it again.")
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise CheckpointError(f"{where}: {name} holds {bad} non-finite values (NaN / Inf) of {tensor.numel()}; "
+                              "the adapter is damaged or its training diverged: use an earlier checkpoint.")
 
 
 def _check_full_tensor(name, full, m, factor, where) -> None:
