@@ -86,6 +86,11 @@ class LoRALayerMixin:
         self.lora_enabled = True
         self.lora_merged = False
         self.lora_init_name = None  # set by init_lora_factors
+        if lora_config.rank > min(self.input_size, self.output_size):
+            raise ValueError(
+                f"{type(self).__name__}: LoRA rank {lora_config.rank} exceeds the layer's smaller side "
+                f"(in {self.input_size}, out {self.output_size}); choose a rank <= "
+                f"{min(self.input_size, self.output_size)}.")
         world = C.group_size(self.lora_group)
         ref = self.weight
         # Megatron's own rule for where a layer allocates its parameters.

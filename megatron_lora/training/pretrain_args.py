@@ -219,6 +219,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
               "checkpoint saved with --save.")
     if args.lora_load is not None and not os.path.exists(args.lora_load):
         _fail(f"--lora-load {args.lora_load}: no such file; pass a full adapter (.safetensors).")
+    if args.lora_load is not None and os.path.isdir(args.lora_load):
+        _fail(f"--lora-load {args.lora_load} is a directory; pass the full adapter file (the "
+              "adapter.safetensors a LoRA run writes into --save, or the file peft-to-megatron writes).")
     try:
         args.lora = lora_config_from_args(args)
     except ValueError as err:
@@ -228,6 +231,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if unknown:
             _fail(f"--lora-target-modules {' '.join(unknown)}: no such module in a GPT layer; "
                   f"choose from {' '.join(DEFAULT_TARGET_MODULES)}.")
+        # The smallest side of the four targets: hidden, attention width (heads x kv channels), ffn.
+        kv_channels = args.kv_channels or args.hidden_size // heads
+        smallest = min(args.hidden_size, heads * kv_channels, args.ffn_hidden_size)
+        if args.lora.rank > smallest:
+            _fail(f"--lora-rank {args.lora.rank} exceeds the smallest side of the adapted layers ({smallest}: "
+                  "hidden size, heads x kv channels, ffn hidden size); a rank above it adds nothing. "
+                  f"Choose --lora-rank <= {smallest}.")
     elif args.lora_load or args.lora_save_merged:
         _fail("--lora-load / --lora-save-merged need --lora-rank (the adapter's rank).")
     from megatron_lora.training.data import build_tokenizer

@@ -162,12 +162,19 @@ def bad_input_worker(full_state, root):
         open(data_file, "wb").write(data[: len(data) // 2])
     torch.distributed.barrier()
     damaged = os.path.join(root, "damaged")
+    stale = os.path.join(root, "stale")
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(root, stale, ignore=shutil.ignore_patterns("damaged*", "*.safetensors", "diverged"))
+        with open(os.path.join(stale, "latest_adapter_iteration.txt"), "w") as f:
+            f.write("99")
+    torch.distributed.barrier()
     diverged = G.build_lora_gpt(full_state)
     with torch.no_grad():
         next(m for m in lora_modules(diverged)).lora_A.fill_(float("inf"))  # rank 0 and 1 alike
     save_adapter(diverged, os.path.join(root, "diverged"), iteration=1)
     for label, call in {
         "non-finite dist checkpoint": lambda: load_adapter(model, os.path.join(root, "diverged")),
+        "tracker names a missing iteration": lambda: load_adapter(model, stale),
         "truncated dist checkpoint": lambda: load_adapter(model, damaged),
         "truncated safetensors": lambda: load_full_adapter(model, truncated),
         "other config (full)": lambda: load_full_adapter(G.build_lora_gpt(full_state, cfg=LoRAConfig(rank=4, alpha=32, seed=99)),
@@ -199,7 +206,9 @@ def bad_input_errors(saved):
     ("non-finite dist checkpoint", ["iter_0000001", "decoder.layers.0.self_attention.linear_proj.lora_A holds 64",
                                     "non-finite values"]),
     ("truncated safetensors", ["truncated or corrupted"]),
-    ("truncated dist checkpoint", ["could not be read", "truncated or corrupted", "iteration=N"]),
+    ("truncated dist checkpoint", ["__0_0.distcp in", "could not be read", "truncated or corrupted", "iteration=N"]),
+    ("tracker names a missing iteration", ["iter_0000099 does not exist", "names iteration 99",
+                                           f"['iter_{TRAIN_STEPS:07d}']"]),
     ("other config (full)", ["another LoRA config", "alpha: model has 32, checkpoint has 8"]),
     ("other config (dist)", ["another LoRA config", "alpha"]),
     ("other rank (dist)", ["another LoRA config", "rank: model has 8, checkpoint has 4"]),

@@ -169,6 +169,8 @@ BAD_INPUTS = {
     "unknown LoRA target": (["--lora-target-modules", "linear_qkv", "q_proj"], 1, "q_proj"),
     "SP with TP=1": (["--sequence-parallel"], 1, "--sequence-parallel"),
     "base with other sizes": (["--hidden-size", "64", "--ffn-hidden-size", "128"], 1, "--hidden-size"),
+    "LoRA rank above the layer sizes": (["--lora-rank", "1000000000"], 1, "--lora-rank 1000000000 exceeds"),
+    "--lora-load of a directory": (["--lora-load", "/tmp"], 1, "--lora-load /tmp is a directory"),
 }
 
 

@@ -33,7 +33,7 @@ from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
 from megatron_lora.core.checkpoint.files import (
-    ADAPTER_TRACKER, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, read_descriptor,
+    ADAPTER_TRACKER, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE, read_descriptor,
 )
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
@@ -157,6 +157,7 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
             raise CheckpointError(
                 f"no complete adapter checkpoint under {root} ({ADAPTER_TRACKER} is missing).")
     ckpt_dir = common.iteration_dir(root, iteration)
+    common.check_iteration_exists(root, iteration, ADAPTER_TRACKER)
     descriptor = read_descriptor(ckpt_dir)
     _check_config(descriptor["lora_config"], _model_config(model), ckpt_dir)
     _check_tensors(_logical_shapes(model), descriptor["tensors"], ckpt_dir)
@@ -222,6 +223,10 @@ def read_full_adapter(path: str):
     """(tensors, metadata) of a safetensors adapter file, with a readable error when corrupt."""
     from safetensors import SafetensorError, safe_open
 
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"{path} is a directory; pass the full adapter file (the {FULL_ADAPTER_FILE} a LoRA run "
+            "writes into --save, or the .safetensors file peft-to-megatron writes).")
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})

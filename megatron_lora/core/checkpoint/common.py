@@ -68,6 +68,19 @@ def latest_iteration(root: str, tracker: str) -> Optional[int]:
     return int(text)
 
 
+def check_iteration_exists(root: str, iteration: int, tracker: str) -> None:
+    """The iteration directory a load asks for exists; else say which complete ones there are."""
+    ckpt_dir = iteration_dir(root, iteration)
+    if os.path.isdir(ckpt_dir):
+        return
+    present = sorted(d for d in os.listdir(root) if d.startswith("iter_") and not d.endswith((".tmp", ".old"))) \
+        if os.path.isdir(root) else []
+    raise CheckpointError(
+        f"{ckpt_dir} does not exist, though {os.path.join(root, tracker)} names iteration {iteration} (edited "
+        f"or removed?); iteration directories under {root}: {present or 'none'}. Write a complete one's "
+        "iteration into the tracker, or pass that iteration explicitly.")
+
+
 def begin_save(root: str, iteration: int) -> str:
     """Create the temporary directory ``save`` writes into (rank 0; collective)."""
     tmp = iteration_dir(root, iteration) + ".tmp"
@@ -268,7 +281,27 @@ def load_dist(state: dict, ckpt_dir: str, retry_hint: str = "Load an earlier che
                 f"{ckpt_dir} has no tensor {', '.join(missing[:4])}, which this model needs: the "
                 "checkpoint was saved from a model with other flags (tied / untied embeddings "
                 "--untie-embeddings-and-output-weights, layer count, LoRA targets).") from err
+        damaged = damaged_files(ckpt_dir)
+        where = f"{', '.join(damaged[:3])} in {ckpt_dir}" if damaged else ckpt_dir
         raise CheckpointError(
-            f"{ckpt_dir}: the checkpoint files could not be read ({type(err).__name__}: "
+            f"{where}: the checkpoint files could not be read ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200] if str(err) else ''}); a file is truncated or "
             f"corrupted, or the checkpoint lacks tensors this model needs. {retry_hint}") from err
+
+
+def damaged_files(ckpt_dir: str) -> list:
+    """Data files of a dist checkpoint that are missing or shorter than its ``.metadata`` says."""
+    try:
+        with open(os.path.join(ckpt_dir, ".metadata"), "rb") as f:
+            storage = getattr(_MetadataUnpickler(f).load(), "storage_data", None) or {}
+    except (OSError, pickle.UnpicklingError, EOFError, CheckpointError):
+        return []
+    needed = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    bad = []
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path) or os.path.getsize(path) < size:
+            bad.append(name)
+    return bad

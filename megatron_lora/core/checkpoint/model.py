@@ -60,6 +60,7 @@ def resolve(path: str) -> str:
     if iteration is None:
         raise CheckpointError(f"{path}: no checkpoint ({MODEL_TRACKER} and .metadata are both missing); "
                               "pass a directory written by --save.")
+    common.check_iteration_exists(path, iteration, MODEL_TRACKER)
     return common.iteration_dir(path, iteration)
 
 
