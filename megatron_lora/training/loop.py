@@ -239,27 +239,66 @@ def save(args, model, optimizer, iteration: int, final: bool) -> None:
 
 
 def resume(args, model, optimizer, log: Log) -> int:
-    """Load the latest checkpoint under ``--load``; the iteration to continue from (0 if none)."""
+    """Load the latest checkpoint under ``--load``; the iteration to continue from (0 if none).
+
+    Weights and optimizer state reshard to this run's TP / PP / DP layout; RNG state is per rank
+    and resumes only on the layout that saved it (else it is dropped with a warning, as it is
+    with ``--no-load-rng``). A checkpoint saved without optimizer or RNG state resumes without.
+    """
     from megatron_lora.core.checkpoint import adapter as checkpoint
     from megatron_lora.core.checkpoint import model as model_checkpoint
+    from megatron_lora.core.checkpoint.files import read_descriptor
 
     if not args.load:
         return 0
+    module = checkpoint if args.lora is not None else model_checkpoint
+    latest = module.latest_iteration(args.load)
+    if latest is None:  # checked before start: only the resume-or-start launch gets here
+        log.line(f"no checkpoint under --load {args.load} yet; starting at iteration 0")
+        return 0
     if args.lora is not None:
-        if checkpoint.latest_iteration(args.load) is None:
-            log.line(f"no adapter checkpoint under --load {args.load}; starting at iteration 0")
-            return 0
-        iteration = checkpoint.load_adapter(model, args.load, optimizer=optimizer, load_rng=True)
+        record = read_descriptor(os.path.join(args.load, f"iter_{latest:07d}"))
     else:
-        if model_checkpoint.latest_iteration(args.load) is None:
-            log.line(f"no checkpoint under --load {args.load}; starting at iteration 0")
-            return 0
-        mismatch = describe_mismatch(model_checkpoint.read_model_args(args.load) or {}, model_args(args))
+        record = model_checkpoint.read_model_args(args.load) or {}
+        mismatch = describe_mismatch(record, model_args(args))
         if mismatch:
             raise UsageError(f"--load {args.load} has another architecture ({mismatch}).")
-        iteration = model_checkpoint.load_model(model, args.load, optimizer=optimizer, load_rng=True)
+    load_optim, load_rng = _resumable_state(args, record, log)
+    optim = optimizer if load_optim else None
+    if args.lora is not None:
+        iteration = checkpoint.load_adapter(model, args.load, optimizer=optim, load_rng=load_rng)
+    else:
+        iteration = model_checkpoint.load_model(model, args.load, optimizer=optim, load_rng=load_rng)
     log.line(f"resumed from {args.load} at iteration {iteration}")
     return iteration
+
+
+def _resumable_state(args, record: dict, log: Log):
+    """(load the optimizer state, load the RNG state) for the checkpoint ``record`` describes."""
+    from megatron.core import parallel_state as ps
+
+    layout = {"tensor": args.tensor_model_parallel_size, "pipeline": args.pipeline_model_parallel_size,
+              "data": ps.get_data_parallel_world_size()}
+    load_optim = not args.no_load_optim and bool(record.get("has_optimizer"))
+    if not args.no_load_optim and not record.get("has_optimizer"):
+        log.line(f"warning: --load {args.load} holds no optimizer state (saved with --no-save-optim): "
+                 "the optimizer starts afresh")
+    saved_dtype, dtype = record.get("params_dtype"), str(model_dtype(args)).replace("torch.", "")
+    if load_optim and saved_dtype is not None and saved_dtype != dtype:
+        raise UsageError(f"--load {args.load} was saved with {saved_dtype} parameters, this run has {dtype} "
+                         "(--bf16 / --fp16): its optimizer state does not fit. Resume with the precision "
+                         "it was saved with, or pass --no-load-optim to restart the optimizer.")
+    load_rng = not args.no_load_rng and bool(record.get("has_rng"))
+    saved_layout = record.get("layout")
+    same_layout = saved_layout == layout if saved_layout else record.get("world_size") == args.world_size
+    if load_rng and not same_layout:
+        described = saved_layout or f"{record.get('world_size')} ranks"
+        log.line(f"warning: --load {args.load} holds RNG state of another layout ({described}, this run "
+                 f"{layout}): not restored, so dropout draws differ from an uninterrupted run")
+        load_rng = False
+    elif not args.no_load_rng and not record.get("has_rng"):
+        log.line(f"warning: --load {args.load} holds no RNG state (saved with --no-save-rng): not restored")
+    return load_optim, load_rng
 
 
 def save_merged(args, model, log: Log) -> None:

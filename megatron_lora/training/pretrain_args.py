@@ -142,6 +142,12 @@ def build_parser(require_run_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="Resume without the optimizer state (it restarts); also automatic when --load's "
+                        "checkpoint has none.")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="Resume without the RNG state; also automatic, with a warning, when the checkpoint "
+                        "has none or was saved at another TP / PP / DP layout.")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
 

@@ -108,6 +108,51 @@ def test_resumed_run_reproduces_uninterrupted_losses(workdir, data, base):
     assert all(torch.equal(ref[k], mine[k]) for k in ref)
 
 
+@pytest.fixture(scope="module")
+def stopped_at_tp2(workdir, data, base):
+    """A LoRA run at TP=2 stopped by --exit-interval 4: its --save directory."""
+    run, save = lora_run(workdir, data, base, "stopped_tp2", nproc=2,
+                         extra=["--tensor-model-parallel-size", "2", "--exit-interval", "4"])
+    assert "exiting at iteration 4" in run.stdout
+    return str(save)
+
+
+@pytest.mark.parametrize("layout, nproc", [("TP=1", 1), ("PP=2", 2)])
+def test_resume_at_another_layout_follows_the_uninterrupted_losses(workdir, data, base, tp1, stopped_at_tp2,
+                                                                   layout, nproc):
+    """Saved at TP=2, resumed at TP=1 or PP=2: adapter and optimizer state reshard, RNG state is
+    dropped with a warning (dropout is off, so nothing random is lost), and the losses follow the
+    uninterrupted TP=1 run within the layout tolerance."""
+    extra = {"TP=1": [], "PP=2": ["--pipeline-model-parallel-size", "2"]}[layout]
+    run, _ = lora_run(workdir, data, base, f"resumed_{layout.replace('=', '')}", nproc=nproc,
+                      extra=[*extra, "--load", stopped_at_tp2])
+    assert "at iteration 4" in run.stdout and "holds RNG state of another layout" in run.stdout, run.stdout
+    got, ref = S.losses(run.stdout), tp1[0]
+    assert sorted(got) == list(range(5, 11)), run.stdout
+    for it in got:
+        assert math.isclose(got[it], ref[it], rel_tol=2e-5), (it, got[it], ref[it])
+
+
+def test_run_saved_without_optimizer_and_rng_state_resumes(workdir, data, base):
+    part = ["--exit-interval", "2", "--no-save-optim", "--no-save-rng"]
+    _, save = lora_run(workdir, data, base, "lean_save", extra=part, iters=4)
+    run, _ = lora_run(workdir, data, base, "lean_save", extra=["--load", save], iters=4)
+    assert "at iteration 2" in run.stdout and sorted(S.losses(run.stdout)) == [3, 4], run.stdout
+    assert "holds no optimizer state" in run.stdout and "holds no RNG state" in run.stdout
+
+
+def test_precision_change_on_resume_says_what_differs(workdir, data, base, tp1):
+    save = tp1[1]
+    before = _files(save)
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", "12", "--data-path", data,
+                        "--pretrained-checkpoint", base, "--load", save, "--save", workdir / "bf16_resume",
+                        "--bf16"], check=False)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and len(lines) == 1, run.stderr
+    assert "saved with float32 parameters, this run has bfloat16" in lines[0] and "--no-load-optim" in lines[0]
+    assert _files(save) == before
+
+
 def _merged_worker(flags, base, save, merged):
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter

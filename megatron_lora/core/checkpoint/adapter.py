@@ -113,11 +113,11 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
     cfg = _model_config(model)
     tmp = common.begin_save(root, iteration)
     dist_checkpointing.save(common.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
-    shapes = _logical_shapes(model)
+    shapes, record = _logical_shapes(model), common.run_record(next(m.lora_A.dtype for m in lora_modules(model)))
     if common.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),
                           tensors=shapes, has_optimizer=optimizer is not None, has_rng=save_rng,
-                          world_size=common.world(), iteration=iteration)
+                          iteration=iteration, **record)
         common.atomic_write_text(os.path.join(tmp, DESCRIPTOR_FILE), json.dumps(descriptor, indent=2))
     return common.commit_save(root, iteration, ADAPTER_TRACKER)
 

@@ -219,6 +219,20 @@ def training_state(sharded: dict, optimizer=None, rng: bool = False, is_loading:
     return state
 
 
+def run_record(params_dtype: torch.dtype) -> dict:
+    """What a checkpoint records of the run that wrote it, beyond its tensors: the parallel layout
+    (RNG state is per rank, so it only resumes on the same one) and the dtype of its parameters
+    (the optimizer state's format depends on it)."""
+    from megatron.core import parallel_state as ps
+
+    record = {"world_size": world(), "params_dtype": str(params_dtype).replace("torch.", "")}
+    if ps.model_parallel_is_initialized():
+        record["layout"] = {"tensor": ps.get_tensor_model_parallel_world_size(),
+                            "pipeline": ps.get_pipeline_model_parallel_world_size(),
+                            "data": ps.get_data_parallel_world_size()}
+    return record
+
+
 def check_saved_state(record: dict, ckpt_dir: str, optimizer=None, rng: bool = False) -> None:
     """Refuse to resume optimizer / RNG state a checkpoint's record says it lacks or cannot give."""
     for flag, wanted in (("has_optimizer", optimizer is not None), ("has_rng", rng)):

@@ -80,9 +80,10 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
 
     tmp = common.begin_save(root, iteration)
     dist_checkpointing.save(common.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
+    run_record = common.run_record(next(p for chunk in model_chunks(model) for p in chunk.parameters()).dtype)
     if common.rank() == 0:
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
-                      has_rng=save_rng, world_size=common.world())
+                      has_rng=save_rng, **run_record)
         common.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
     return common.commit_save(root, iteration, MODEL_TRACKER)
 
