@@ -223,23 +223,57 @@ def evaluate(args, model, ddp, valid) -> float:
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def save(args, model, optimizer, iteration: int, final: bool) -> None:
+def save(args, model, optimizer, iteration: int, consumed_samples: int, final: bool) -> None:
     from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
     from megatron_lora.core.checkpoint.files import FULL_ADAPTER_FILE
     from megatron_lora.core.checkpoint.model import save_model
 
     optim = None if args.no_save_optim else optimizer
+    record = {"consumed_samples": consumed_samples}
     if args.lora is not None:
-        save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng)
+        record["base"] = base_identity(args.pretrained_checkpoint)
+        save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng, record=record)
         if final:
             save_full_adapter(model, os.path.join(args.save, FULL_ADAPTER_FILE))
     else:
         save_model(model, args.save, iteration, model_args(args), optimizer=optim,
-                   save_rng=not args.no_save_rng)
+                   save_rng=not args.no_save_rng, record=record)
 
 
-def resume(args, model, optimizer, log: Log) -> int:
-    """Load the latest checkpoint under ``--load``; the iteration to continue from (0 if none).
+def base_identity(pretrained_checkpoint):
+    """The base an adapter trains on, as its checkpoint records it: the path and a digest of the
+    base checkpoint's ``.metadata`` (None: a randomly initialised base)."""
+    import hashlib
+
+    from megatron_lora.core.checkpoint.model import resolve
+
+    if pretrained_checkpoint is None:
+        return None
+    with open(os.path.join(resolve(pretrained_checkpoint), ".metadata"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(pretrained_checkpoint), "metadata_sha256": digest}
+
+
+def _check_same_base(args, record: dict) -> None:
+    """An adapter resumes on the base it was trained on (checkpoints that record it)."""
+    if "base" not in record:
+        return
+    saved, current = record["base"], base_identity(args.pretrained_checkpoint)
+    if saved == current or (saved and current and saved["metadata_sha256"] == current["metadata_sha256"]):
+        return
+    if saved is None:
+        raise UsageError(f"--load {args.load}: the adapter was trained on a randomly initialised base, "
+                         f"this run loads --pretrained-checkpoint {args.pretrained_checkpoint}; drop the flag "
+                         "or start a new adapter.")
+    found = "no --pretrained-checkpoint" if current is None else f"--pretrained-checkpoint {current['path']}, another checkpoint"
+    raise UsageError(f"--load {args.load}: the adapter was trained on the base {saved['path']}, this run has "
+                     f"{found}; pass --pretrained-checkpoint {saved['path']}.")
+
+
+def resume(args, model, optimizer, log: Log):
+    """Load the latest checkpoint under ``--load``: (iteration, consumed samples) to continue from,
+    (0, 0) without one. The consumed samples are the checkpoint's own count, so a resumed run with
+    another batch size reads on from where the data stopped.
 
     Weights and optimizer state reshard to this run's TP / PP / DP layout; RNG state is per rank
     and resumes only on the layout that saved it (else it is dropped with a warning, as it is
@@ -250,14 +284,15 @@ def resume(args, model, optimizer, log: Log) -> int:
     from megatron_lora.core.checkpoint.files import read_descriptor
 
     if not args.load:
-        return 0
+        return 0, 0
     module = checkpoint if args.lora is not None else model_checkpoint
     latest = module.latest_iteration(args.load)
     if latest is None:  # checked before start: only the resume-or-start launch gets here
         log.line(f"no checkpoint under --load {args.load} yet; starting at iteration 0")
-        return 0
+        return 0, 0
     if args.lora is not None:
         record = read_descriptor(os.path.join(args.load, f"iter_{latest:07d}"))
+        _check_same_base(args, record)
     else:
         record = model_checkpoint.read_model_args(args.load) or {}
         mismatch = describe_mismatch(record, model_args(args))
@@ -269,8 +304,9 @@ def resume(args, model, optimizer, log: Log) -> int:
         iteration = checkpoint.load_adapter(model, args.load, optimizer=optim, load_rng=load_rng)
     else:
         iteration = model_checkpoint.load_model(model, args.load, optimizer=optim, load_rng=load_rng)
-    log.line(f"resumed from {args.load} at iteration {iteration}")
-    return iteration
+    consumed = int(record.get("consumed_samples", iteration * args.global_batch_size))
+    log.line(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")
+    return iteration, consumed
 
 
 def _resumable_state(args, record: dict, log: Log):
@@ -387,7 +423,7 @@ def pretrain(args) -> dict:
              f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters "
              f"on rank 0 (TP/PP shard)")
 
-    iteration = resume(args, model, optimizer, log)
+    iteration, consumed = resume(args, model, optimizer, log)
     scheduler.step(increment=iteration)
     result = {"losses": {}, "valid": {}}
     if args.lora is not None and args.eval_iters and valid_ds is not None:
@@ -395,7 +431,7 @@ def pretrain(args) -> dict:
             result["valid"]["base"] = evaluate(args, wrapped, ddp, valid_ds)
         log.line(f"validation lm loss of the frozen base: {result['valid']['base']:.6E}")
 
-    data = _batches(args, train_ds, iteration * args.global_batch_size)
+    data = _batches(args, train_ds, consumed)
     tokens_per_iter = args.global_batch_size * args.seq_length
     window_start, window_losses = time.time(), []
     exit_reason = exit_text = None
@@ -407,6 +443,7 @@ def pretrain(args) -> dict:
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         iteration += 1
+        consumed += args.global_batch_size
         result["losses"][iteration] = loss
         window_losses.append(loss)
         if not math.isfinite(loss):
@@ -416,7 +453,7 @@ def pretrain(args) -> dict:
             mean = sum(window_losses) / len(window_losses)
             tps = tokens_per_iter * len(window_losses) / max(seconds, 1e-9)
             log.line(f"iteration {iteration:6d}/{args.train_iters} | consumed samples "
-                     f"{iteration * args.global_batch_size:8d} | lm loss {mean:.6E} | lr {lr:.3E} | "
+                     f"{consumed:8d} | lm loss {mean:.6E} | lr {lr:.3E} | "
                      f"grad norm {float(grad_norm or 0.0):.4f} | tokens/s {tps:8.0f} | elapsed {time.time() - start:7.1f}s")
             log.scalars(iteration, {"lm loss": mean, "learning rate": lr, "grad norm": float(grad_norm or 0.0),
                                     "tokens per second": tps})
@@ -430,7 +467,7 @@ def pretrain(args) -> dict:
             log.scalars(iteration, {"validation lm loss": value})
         if args.save and args.save_interval and iteration % args.save_interval == 0 \
                 and iteration < args.train_iters:
-            save(args, model, optimizer, iteration, final=False)
+            save(args, model, optimizer, iteration, consumed, final=False)
             log.line(f"saved checkpoint at iteration {iteration} to {args.save}")
         if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
             exit_reason, exit_text = INTERVAL, f"--exit-interval {args.exit_interval}"
@@ -450,7 +487,7 @@ def pretrain(args) -> dict:
         else:
             log.line(f"validation lm loss after {iteration} iterations: {value:.6E}")
     if args.save:
-        save(args, model, optimizer, iteration, final=exit_reason is None)
+        save(args, model, optimizer, iteration, consumed, final=exit_reason is None)
         log.line(f"saved {'adapter' if args.lora else 'checkpoint'} at iteration {iteration} to {args.save}")
     if args.lora_save_merged and exit_reason is None:
         save_merged(args, model, log)

@@ -7,6 +7,7 @@ layouts differ only in how the same computation is split (docs/design.md §11).
 import glob
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -139,6 +140,27 @@ def test_run_saved_without_optimizer_and_rng_state_resumes(workdir, data, base):
     run, _ = lora_run(workdir, data, base, "lean_save", extra=["--load", save], iters=4)
     assert "at iteration 2" in run.stdout and sorted(S.losses(run.stdout)) == [3, 4], run.stdout
     assert "holds no optimizer state" in run.stdout and "holds no RNG state" in run.stdout
+
+
+def test_resume_with_another_batch_size_reads_on_from_the_consumed_samples(workdir, data, base):
+    """Stopped after 2 iterations of 4 samples; resumed with 2 samples per iteration: the data
+    continues at sample 8 (the checkpoint's count), not at iteration x the new batch size."""
+    _, save = lora_run(workdir, data, base, "batch_change", extra=["--exit-interval", "2"], iters=4)
+    run, _ = lora_run(workdir, data, base, "batch_change", iters=4,
+                      extra=["--load", save, "--micro-batch-size", "1", "--global-batch-size", "2"])
+    assert "(8 samples consumed)" in run.stdout, run.stdout
+    consumed = dict(re.findall(r"^iteration\s+(\d+)/\s*\d+ \| consumed samples\s+(\d+)", run.stdout, re.M))
+    assert consumed == {"3": "10", "4": "12"}, run.stdout
+
+
+def test_adapter_resumed_without_its_base_is_refused(workdir, data, base, stopped_at_tp2):
+    run = S.run_script([*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", "10", "--data-path", data,
+                        "--tensor-model-parallel-size", "2", "--load", stopped_at_tp2, "--save", stopped_at_tp2],
+                       nproc=2, check=False)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and len(lines) == 1, run.stderr
+    assert f"trained on the base {base}, this run has no --pretrained-checkpoint" in lines[0], lines[0]
+    assert f"pass --pretrained-checkpoint {base}" in lines[0]
 
 
 def test_precision_change_on_resume_says_what_differs(workdir, data, base, tp1):

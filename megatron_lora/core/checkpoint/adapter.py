@@ -103,21 +103,24 @@ def lora_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
     return out
 
 
-def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng: bool = False) -> str:
+def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng: bool = False,
+                 record: Optional[dict] = None) -> str:
     """Save the adapter (and optionally optimizer / RNG state) as ``root/iter_XXXXXXX``.
 
-    Collective over all ranks. Returns the checkpoint directory.
+    ``record``: JSON fields kept in the descriptor for the caller (the training script keeps its
+    consumed samples and the base it trained on). Collective over all ranks. Returns the
+    checkpoint directory.
     """
     from megatron.core import dist_checkpointing
 
     cfg = _model_config(model)
     tmp = common.begin_save(root, iteration)
     dist_checkpointing.save(common.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
-    shapes, record = _logical_shapes(model), common.run_record(next(m.lora_A.dtype for m in lora_modules(model)))
+    shapes, run = _logical_shapes(model), common.run_record(next(m.lora_A.dtype for m in lora_modules(model)))
     if common.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),
                           tensors=shapes, has_optimizer=optimizer is not None, has_rng=save_rng,
-                          iteration=iteration, **record)
+                          iteration=iteration, **run, **(record or {}))
         common.atomic_write_text(os.path.join(tmp, DESCRIPTOR_FILE), json.dumps(descriptor, indent=2))
     return common.commit_save(root, iteration, ADAPTER_TRACKER)
 

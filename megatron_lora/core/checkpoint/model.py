@@ -74,8 +74,9 @@ def read_model_args(path: str) -> Optional[dict]:
 
 
 def save_model(model, root: str, iteration: int, model_args: dict, optimizer=None,
-               save_rng: bool = False) -> str:
-    """Write the base weights (and optionally optimizer / RNG state); collective over all ranks."""
+               save_rng: bool = False, record: Optional[dict] = None) -> str:
+    """Write the base weights (and optionally optimizer / RNG state); collective over all ranks.
+    ``record``: further JSON fields kept in ``model_args.json`` for the caller."""
     from megatron.core import dist_checkpointing
 
     tmp = common.begin_save(root, iteration)
@@ -83,7 +84,7 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
     run_record = common.run_record(next(p for chunk in model_chunks(model) for p in chunk.parameters()).dtype)
     if common.rank() == 0:
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
-                      has_rng=save_rng, **run_record)
+                      has_rng=save_rng, **run_record, **(record or {}))
         common.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
     return common.commit_save(root, iteration, MODEL_TRACKER)
 
