@@ -93,3 +93,23 @@ def hybrid_model_api() -> types.SimpleNamespace:
                           "pip install 'megatron-core>=0.19' (Python >= 3.12).") from None
     return types.SimpleNamespace(HybridModel=HybridModel, HybridStack=HybridStack,
                                  HybridStackSubmodules=HybridStackSubmodules, MLPLayer=MLPLayer)
+
+
+def keep_checkpoint_writer_in_process() -> None:
+    """Stop Megatron's dist-checkpoint writer from starting a *spawn* ``Manager`` for its results.
+
+    ``filesystem_async`` (0.13 - 0.19) creates, on a process's first save, a queue served by a
+    spawned manager process: spawn re-imports ``__main__``, so a user script without an
+    ``if __name__ == "__main__":`` guard re-runs itself there and blocks forever in
+    ``init_process_group``, and the server outlives a killed rank. A synchronous save only passes
+    results within the rank (its forked writers report through their own queue), so a plain
+    fork-context queue serves it without any extra process.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # pragma: no cover - a release without the async writer
+        return
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        from torch import multiprocessing
+
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()

@@ -115,7 +115,8 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
 
     cfg = _model_config(model)
     tmp = common.begin_save(root, iteration)
-    dist_checkpointing.save(common.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
+    with common.save_without_orphans():
+        dist_checkpointing.save(common.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
     shapes, run = _logical_shapes(model), common.run_record(next(m.lora_A.dtype for m in lora_modules(model)))
     if common.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),

@@ -8,9 +8,12 @@ screens the dist checkpoint's ``.metadata`` so that reading it cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
+import signal
+import sys
 from typing import Optional
 
 import torch
@@ -79,6 +82,45 @@ def check_iteration_exists(root: str, iteration: int, tracker: str) -> None:
         f"{ckpt_dir} does not exist, though {os.path.join(root, tracker)} names iteration {iteration} (edited "
         f"or removed?); iteration directories under {root}: {present or 'none'}. Write a complete one's "
         "iteration into the tracker, or pass that iteration explicitly.")
+
+
+_saving = False
+_fork_hook_installed = False
+
+
+def _die_with_parent() -> None:
+    """In a child forked during a save: receive SIGKILL when the rank (its parent) dies."""
+    if not _saving or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the rank died between fork and prctl
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def save_without_orphans():
+    """Run a dist-checkpoint save that leaves no process behind, however the rank ends.
+
+    Megatron's writer forks writer processes for each save; a rank killed mid-save (SIGKILL, a
+    preempted node) would leave them behind holding the tensors they write. Children forked while
+    this is active die with the rank. The writer's spawned results server is not started at all
+    (``compat.keep_checkpoint_writer_in_process``).
+    """
+    global _saving, _fork_hook_installed
+    from megatron_lora.core import compat
+
+    compat.keep_checkpoint_writer_in_process()
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_die_with_parent)
+        _fork_hook_installed = True
+    _saving = True
+    try:
+        yield
+    finally:
+        _saving = False
 
 
 def begin_save(root: str, iteration: int) -> str:

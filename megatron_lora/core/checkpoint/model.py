@@ -80,7 +80,8 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
     from megatron.core import dist_checkpointing
 
     tmp = common.begin_save(root, iteration)
-    dist_checkpointing.save(common.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
+    with common.save_without_orphans():
+        dist_checkpointing.save(common.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
     run_record = common.run_record(next(p for chunk in model_chunks(model) for p in chunk.parameters()).dtype)
     if common.rank() == 0:
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
