@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_lora.core.checkpoint.common import atomic_write_text
+from megatron_lora.core.checkpoint.common import CheckpointError, atomic_write_text
 from megatron_lora.training.pretrain_args import (
     UsageError,
     describe_mismatch,
@@ -228,16 +228,37 @@ def save(args, model, optimizer, iteration: int, consumed_samples: int, final: b
     from megatron_lora.core.checkpoint.files import FULL_ADAPTER_FILE
     from megatron_lora.core.checkpoint.model import save_model
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     optim = None if args.no_save_optim else optimizer
     record = {"consumed_samples": consumed_samples}
-    if args.lora is not None:
-        record["base"] = base_identity(args.pretrained_checkpoint)
-        save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng, record=record)
-        if final:
-            save_full_adapter(model, os.path.join(args.save, FULL_ADAPTER_FILE))
-    else:
-        save_model(model, args.save, iteration, model_args(args), optimizer=optim,
-                   save_rng=not args.no_save_rng, record=record)
+    try:
+        if args.lora is not None:
+            record["base"] = base_identity(args.pretrained_checkpoint)
+            save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng,
+                         record=record)
+            if final:
+                save_full_adapter(model, os.path.join(args.save, FULL_ADAPTER_FILE))
+        else:
+            save_model(model, args.save, iteration, model_args(args), optimizer=optim,
+                       save_rng=not args.no_save_rng, record=record)
+    except (OSError, CheckpointException) as err:  # the latter is a BaseException
+        raise CheckpointError(failed_save_message(args, iteration, err)) from err
+
+
+def failed_save_message(args, iteration: int, err: BaseException) -> str:
+    """One line for a save that failed midway (disk full, quota, a lost mount): the reason, and
+    that the previous complete checkpoint is untouched (saves are atomic: docs/design.md §7)."""
+    from megatron_lora.core.checkpoint import files
+
+    reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0][:200]
+    tracker = files.ADAPTER_TRACKER if args.lora is not None else files.MODEL_TRACKER
+    try:
+        with open(os.path.join(args.save, tracker), encoding="utf-8") as f:
+            kept = f"the latest complete checkpoint, iteration {f.read().strip()}, is intact"
+    except OSError:
+        kept = "no earlier checkpoint was there"
+    return f"--save {args.save}: saving iteration {iteration} failed ({reason}); {kept}."
 
 
 def base_identity(pretrained_checkpoint):
