@@ -101,9 +101,10 @@ def keep_checkpoint_writer_in_process() -> None:
     ``filesystem_async`` (0.13 - 0.19) creates, on a process's first save, a queue served by a
     spawned manager process: spawn re-imports ``__main__``, so a user script without an
     ``if __name__ == "__main__":`` guard re-runs itself there and blocks forever in
-    ``init_process_group``, and the server outlives a killed rank. A synchronous save only passes
-    results within the rank (its forked writers report through their own queue), so a plain
-    fork-context queue serves it without any extra process.
+    ``init_process_group``, and the server outlives a killed rank. A *fork* manager serves the same
+    queue without re-importing anything; started inside ``checkpoint.common.save_without_orphans``
+    it dies with the rank. (A plain multiprocessing queue would not do: its ``put`` is flushed by a
+    feeder thread, and Megatron reads it back at once with ``get_nowait``.)
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -112,4 +113,4 @@ def keep_checkpoint_writer_in_process() -> None:
     if getattr(filesystem_async, "_results_queue", False) is None:
         from torch import multiprocessing
 
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()

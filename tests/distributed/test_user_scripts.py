@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests import REPO_ROOT
-from tests.distributed.test_fault_tolerance import RUN_MARKER, environ, survivors
+from tests.distributed.test_fault_tolerance import RUN_MARKER, survivors
 
 pytestmark = pytest.mark.once  # the launch path does not depend on the megatron-core version
 
@@ -59,7 +59,7 @@ def _stop(proc):
 
 
 def test_script_without_main_guard_saves_an_adapter_under_torchrun(tmp_path):
-    proc = _torchrun(tmp_path, "no_guard")
+    proc = _torchrun(tmp_path, "user_no_guard")
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -67,33 +67,24 @@ def test_script_without_main_guard_saves_an_adapter_under_torchrun(tmp_path):
         pytest.fail("save_adapter hung in a script without an `if __name__ == '__main__':` guard")
     assert proc.returncode == 0 and "saved" in out, out
     assert (tmp_path / "adapter" / "latest_adapter_iteration.txt").read_text() == "1"
-    assert survivors("no_guard") == []
+    assert survivors("user_no_guard") == []
 
 
 def test_nothing_the_save_started_outlives_a_killed_rank(tmp_path):
-    proc = _torchrun(tmp_path, "killed", THEN_WAIT="1")
-    deadline = time.time() + 180
-    marker = f"killed-{os.getpid()}".encode()
-    rank = None
-    while rank is None and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        if (tmp_path / "adapter" / "latest_adapter_iteration.txt").exists():
-            for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-                try:
-                    env = environ(pid)
-                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-                except OSError:
-                    continue
-                if env.get(RUN_MARKER.encode()) == marker and b"user_script.py" in cmdline \
-                        and b"torch.distributed.run" not in cmdline:
-                    rank = pid
-        time.sleep(0.2)
-    if rank is None:
-        _stop(proc)
-        pytest.fail("the rank never finished its save")
-    os.kill(rank, signal.SIGKILL)
-    proc.wait(timeout=120)
-    alive = survivors("killed")
+    proc = _torchrun(tmp_path, "user_killed", THEN_WAIT="1")
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "adapter" / "latest_adapter_iteration.txt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the rank never finished its save"
+            time.sleep(0.2)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            (rank,) = map(int, f.read().split())  # torchrun's one worker
+        os.kill(rank, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    alive = survivors("user_killed")
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert alive == [], "processes of the killed rank outlived it"

@@ -106,18 +106,18 @@ def save_without_orphans():
 
     Megatron's writer forks writer processes for each save; a rank killed mid-save (SIGKILL, a
     preempted node) would leave them behind holding the tensors they write. Children forked while
-    this is active die with the rank. The writer's spawned results server is not started at all
-    (``compat.keep_checkpoint_writer_in_process``).
+    this is active die with the rank, the writer's results server among them: it is forked, not
+    spawned (``compat.keep_checkpoint_writer_in_process``).
     """
     global _saving, _fork_hook_installed
     from megatron_lora.core import compat
 
-    compat.keep_checkpoint_writer_in_process()
     if not _fork_hook_installed:
         os.register_at_fork(after_in_child=_die_with_parent)
         _fork_hook_installed = True
     _saving = True
     try:
+        compat.keep_checkpoint_writer_in_process()  # its server is forked here: it dies with the rank
         yield
     finally:
         _saving = False
