@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import Callable
 
-from megatron_lora.core.checkpoint import files
+from megatron_lora.core.checkpoint import common, files
+from megatron_lora.core.checkpoint.common import CheckpointError
 
 _WHAT = {"adapter": "LoRA adapter checkpoints", "model": "full-model checkpoints",
          "both": "both adapter and full-model checkpoints"}
@@ -54,34 +55,32 @@ def _hint(kind: str) -> str:
 
 def _check_same_run(root: str, kind: str, args, model_args: dict, flag: str, fail) -> None:
     """The checkpoints under ``root`` are of this LoRA config / this architecture."""
+    from megatron_lora.training.pretrain_args import describe_mismatch  # it imports this module
+
+    tracker = files.ADAPTER_TRACKER if kind == "adapter" else files.MODEL_TRACKER
+    try:
+        latest = common.latest_iteration(root, tracker)
+    except CheckpointError as err:
+        fail(str(err))
+    if latest is None:
+        return
+    ckpt_dir = common.iteration_dir(root, latest)
     if kind == "adapter":
-        latest = _latest_dir(root, files.ADAPTER_TRACKER)
-        if latest is None:
-            return
-        saved = files.read_descriptor(latest)["lora_config"]
-        current = args.lora.to_dict()
-        differ = [f"--lora-{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {current[k]!r}"
-                  for k in ("rank", "alpha", "use_rslora", "target_modules") if saved.get(k) != current[k]]
+        saved, current = files.read_descriptor(ckpt_dir)["lora_config"], args.lora.to_dict()
+        fields = files.CONFIG_FIELDS_THAT_MUST_MATCH
+        differ = describe_mismatch({f"lora_{k}": saved.get(k) for k in fields},
+                                   {f"lora_{k}": current[k] for k in fields})
         what = "another LoRA config"
     else:
-        latest = _latest_dir(root, files.MODEL_TRACKER)
-        path = os.path.join(latest, files.MODEL_ARGS_FILE) if latest else None
-        if path is None or not os.path.exists(path):
+        path = os.path.join(ckpt_dir, files.MODEL_ARGS_FILE)
+        if not os.path.exists(path):
             return
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        differ = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, this run {v!r}"
-                  for k, v in model_args.items() if k in saved and saved[k] != v]
+            differ = describe_mismatch(json.load(f), model_args)
         what = "another model"
     if differ:
-        fail(f"{flag} {root} holds checkpoints of {what} ({'; '.join(differ)}); saving there would mix "
+        fail(f"{flag} {root} holds checkpoints of {what} ({differ}); saving there would mix "
              "them. Use the checkpoint's flags to resume it, or choose another --save.")
-
-
-def _latest_dir(root: str, tracker: str) -> Optional[str]:
-    with open(os.path.join(root, tracker), encoding="utf-8") as f:
-        text = f.read().strip()
-    return os.path.join(root, f"iter_{int(text):07d}") if text.isdigit() else None
 
 
 def _check_writable(path: str, fail) -> None:

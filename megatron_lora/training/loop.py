@@ -302,6 +302,7 @@ def resume(args, model, optimizer, log: Log):
     """
     from megatron_lora.core.checkpoint import adapter as checkpoint
     from megatron_lora.core.checkpoint import model as model_checkpoint
+    from megatron_lora.core.checkpoint.common import iteration_dir
     from megatron_lora.core.checkpoint.files import read_descriptor
 
     if not args.load:
@@ -312,7 +313,7 @@ def resume(args, model, optimizer, log: Log):
         log.line(f"no checkpoint under --load {args.load} yet; starting at iteration 0")
         return 0, 0
     if args.lora is not None:
-        record = read_descriptor(os.path.join(args.load, f"iter_{latest:07d}"))
+        record = read_descriptor(iteration_dir(args.load, latest))
         _check_same_base(args, record)
     else:
         record = model_checkpoint.read_model_args(args.load) or {}

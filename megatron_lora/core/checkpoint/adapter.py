@@ -33,15 +33,12 @@ from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
 from megatron_lora.core.checkpoint.files import (
-    ADAPTER_TRACKER, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE, read_descriptor,
+    ADAPTER_TRACKER, CONFIG_FIELDS_THAT_MUST_MATCH, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE,
+    read_descriptor,
 )
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
 from megatron_lora.core.layers import LORA_FACTORS, is_lora_key
-
-# Fields that change what the saved numbers mean; dropout / init / seed only affect training.
-CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules")
-
 
 def _model_config(model) -> LoRAConfig:
     configs = {m.lora_config for m in lora_modules(model)}

@@ -27,6 +27,8 @@ FULL_ADAPTER_FILE = "adapter.safetensors"
 MODEL_TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name
 MODEL_ARGS_FILE = "model_args.json"
 KINDS = {ADAPTER_TRACKER: "adapter", MODEL_TRACKER: "model"}
+# LoRAConfig fields that change what the saved numbers mean; dropout / init / seed only affect training.
+CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules")
 
 
 def checkpoint_kind(root: str) -> Optional[str]:
