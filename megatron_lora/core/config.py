@@ -13,6 +13,7 @@ from typing import Iterable, Tuple
 
 DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 INIT_METHODS = ("kaiming", "gaussian")
+BRANCH_KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ class LoRAConfig:
         default=1234,
         metadata={"help": "Seed of lora_A; with the layer's name it fixes A for any TP/PP layout."},
     )
+    branch_kernels: str = field(
+        default="auto",
+        metadata={"help": "Kernels of the rank-r branch: 'auto' (Triton on a CUDA tensor when "
+                          "triton imports, else plain torch), 'torch' or 'triton'."},
+    )
+    recompute_branch_input: bool = field(
+        default=False,
+        metadata={"help": "Keep no copy of the branch input for backward: recompute it from what "
+                          "the base keeps anyway (the norm input of linear_qkv / linear_fc1, the "
+                          "fc1 output of linear_fc2). Exact; costs one norm / activation pass."},
+    )
 
     def __post_init__(self):
         # Accept any iterable of names (argparse gives a list) but store an immutable tuple.
@@ -56,6 +68,9 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.dropout must satisfy 0 <= dropout < 1, got {self.dropout!r}.")
         if self.init not in INIT_METHODS:
             raise ValueError(f"LoRAConfig.init must be one of {INIT_METHODS}, got {self.init!r}.")
+        if self.branch_kernels not in BRANCH_KERNELS:
+            raise ValueError(
+                f"LoRAConfig.branch_kernels must be one of {BRANCH_KERNELS}, got {self.branch_kernels!r}.")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(
                 "LoRAConfig.target_modules must be a non-empty list of module names such as "
