@@ -1,0 +1,80 @@
+"""``benchmarks/bench_gpu.py`` without a GPU: the CPU smoke run, the no-GPU error, and its SDPA core
+attention against Megatron's own local ``DotProductAttention``.
+
+The script runs in subprocesses (its gloo group and Megatron's parallel state stay out of the
+pytest process); the attention comparison runs on one gloo rank of ``tests.distributed.launcher``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests import REPO_ROOT
+from tests.distributed.launcher import run_distributed
+
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_gpu.py")
+TINY = ["--hidden", "64", "--heads", "4", "--groups", "2", "--ffn", "128", "--layers", "2", "--vocab", "128",
+        "--seq", "32", "--micro-batch", "2", "--rank", "4", "--reps", "1", "--iters", "1", "--warmup", "1"]
+VARIANTS = {"frozen", "lora", "lora_torch_kernels", "lora_recompute", "separate_branch"}
+
+
+def test_cpu_smoke_run_appends_one_json_line(tmp_path):
+    out_file = tmp_path / "bench.jsonl"
+    out_file.write_text('{"earlier": "run"}\n')  # appended to, never overwritten
+    run = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--dtype", "fp32", *TINY,
+                          "--json", str(out_file)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = out_file.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == {"earlier": "run"}
+    result = json.loads(lines[1])
+    assert lines[1] in run.stdout.splitlines()  # the same line on stdout, after the table
+    assert "| separate_branch |" in run.stdout
+    assert {"bench", "date", "device", "torch", "megatron_core", "core_attention", "config",
+            "variants"} <= set(result)
+    assert result["core_attention"] == "sdpa" and result["config"]["hidden"] == 64
+    assert set(result["variants"]) == VARIANTS
+    for row in result["variants"].values():
+        assert row["tokens_per_s"] > 0 and row["activation_peak_gib"] is None  # no allocator stats on CPU
+        assert {"tokens_per_s_vs_frozen", "activation_peak_vs_frozen", "initial_loss"} <= set(row)
+    assert result["variants"]["frozen"]["tokens_per_s_vs_frozen"] == 1.0
+
+
+def test_cuda_without_a_gpu_is_one_error_line():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, SCRIPT, *TINY], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert run.stdout == "" and len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("error: bench_gpu.py --device cuda needs a CUDA GPU")
+
+
+def _sdpa_vs_megatron(heads, groups):
+    """Max |difference| of output and q/k/v gradients, SDPAttention vs Megatron's local one."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from benchmarks.bench_gpu import SDPAttention
+    from tests.distributed.models import tiny_gpt_config
+
+    config = tiny_gpt_config(hidden_size=16 * heads, num_attention_heads=heads, num_query_groups=groups)
+    kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    s, b, d = 12, 2, 16
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(s, b, n, d) for n in (heads, groups, groups))
+    outs, grads = [], []
+    for module in (SDPAttention(**kw), DotProductAttention(**kw)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = module(*leaves, None, attn_mask_type=AttnMaskType.causal)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outs.append(out.detach())
+        grads.append([t.grad for t in leaves])
+    assert outs[0].shape == (s, b, heads * d)
+    return [(outs[0] - outs[1]).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(*grads)]
+
+
+def test_sdpa_core_attention_equals_megatrons_local_one_on_a_causal_gqa_case():
+    diffs = run_distributed(_sdpa_vs_megatron, 1, 4, 2)[0]
+    assert max(diffs) < 1e-5, diffs
