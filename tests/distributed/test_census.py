@@ -1,0 +1,127 @@
+"""The LoRA census (``benchmarks/census.py``, issue 16) at a small shape, TP=1 and TP=2 (with and
+without SP): it runs end to end as a user runs it (``python -m benchmarks.census``, in a
+subprocess: tests do not import ``benchmarks/``), and its numbers obey what holds by construction.
+
+No current op count is pinned except the GEMMs, an invariant: see ``test_gemm_counts``."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import REPO_ROOT
+
+# Tokens per rank 96 (48 under SP) differ from every weight dimension (128, 256, 512, 8, ...), so
+# the activation-shaped split of the bytes is never ambiguous.
+SMALL = ["--seq", "32", "--batch", "3", "--hidden", "128", "--out-features", "256", "--ffn", "256",
+         "--heads", "8", "--groups", "4", "--rank", "8", "--alpha", "16"]
+ROW_KEYS = {"layout", "tp", "sp", "target", "input_bytes", "output_bytes", "base", "base_vs_base",
+            "variants", "ranks_agree"}
+MEASURE_KEYS = {"ops", "collectives", "no_data_ops", "bytes_touched", "bytes_by_name", "param_shaped_bytes",
+                "saved_bytes", "saved_input_bytes", "param_split_ambiguous"}
+EXTRA_KEYS = {"aten_ops", "aten_ops_by_name", "collectives", "collectives_by_name", "no_data_ops",
+              "bytes_touched", "param_shaped_bytes", "saved_bytes", "saved_input_bytes",
+              "bytes_touched_x_activations", "activation_shaped_bytes_x_activations", "saved_x_input"}
+GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm", "_addmm_activation"}
+FP32 = 4
+
+
+@pytest.fixture(scope="module")
+def census(tmp_path_factory):
+    out = tmp_path_factory.mktemp("census") / "census.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.census", "--tp", "1", "2", *SMALL, "--json", str(out)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text()), run.stdout
+
+
+def _lora_rows(result):
+    for row in result["rows"]:
+        for name, v in row["variants"].items():
+            yield row, name, v
+
+
+def test_json_has_the_documented_keys_and_every_row(census):
+    result, table = census
+    assert {"rows", "shape", "variants", "skipped_variants", "meta"} <= set(result)
+    assert {(r["layout"], r["target"]) for r in result["rows"]} == {
+        (layout, target) for layout in ("TP=1", "TP=2", "TP=2 SP") for target in ("column", "row", "layer")}
+    for row in result["rows"]:
+        assert ROW_KEYS <= set(row), row.keys()
+        assert MEASURE_KEYS <= set(row["base"])
+        assert EXTRA_KEYS <= set(row["base_vs_base"])
+        # every variant this LoRAConfig supports is measured ("lora" always is)
+        assert set(row["variants"]) == set(result["variants"]) - set(result["skipped_variants"])
+        assert "lora" in row["variants"]
+        for v in row["variants"].values():
+            assert MEASURE_KEYS <= set(v["lora"]) and EXTRA_KEYS <= set(v["extra"])
+    for row, name, _ in _lora_rows(result):
+        assert f"| {row['layout']} | {row['target']} | {name} |" in table, table
+
+
+def test_counts_are_positive_integers_and_the_control_is_zero(census):
+    result, _ = census
+    for row in result["rows"]:
+        assert row["ranks_agree"], row.get("ops_per_rank")
+        # Two separately built base layers: the method itself adds nothing.
+        control = row["base_vs_base"]
+        assert control["aten_ops_by_name"] == {} and control["collectives_by_name"] == {}, control
+        assert control["bytes_touched"] == control["saved_bytes"] == 0, control
+        assert not row["base"]["param_split_ambiguous"]
+        for m in [row["base"]] + [v["lora"] for v in row["variants"].values()]:
+            assert m["ops"] and all(isinstance(n, int) and n > 0 for n in m["ops"].values()), m["ops"]
+            assert m["bytes_touched"] > 0
+    for row, _, v in _lora_rows(result):
+        e = v["extra"]
+        assert isinstance(e["aten_ops"], int) and e["aten_ops"] > 0, e
+        assert e["bytes_touched"] > 0 and e["bytes_touched_x_activations"] > 0, e
+        assert not v["lora"]["param_split_ambiguous"]
+
+
+def test_collectives_are_seen_and_lora_adds_none(census):
+    result, _ = census
+    for row, _, v in _lora_rows(result):
+        # The dispatch mode sees c10d ops: the base's own all-reduce / gather / reduce-scatter.
+        assert (sum(row["base"]["collectives"].values()) > 0) == (row["tp"] > 1), row["base"]
+        # docs/design.md §2: the rank-r term rides in the base layer's own collectives.
+        assert v["extra"]["collectives_by_name"] == {}, (row["layout"], row["target"], v["extra"])
+
+
+def test_gemm_counts(census):
+    """The one pinned count. Per LoRA linear the branch is six GEMM-class ops whatever the kernels:
+    forward u = X A^T and Y += s u B^T; backward g = dY B, dX += s g A, dB = s dY^T u and
+    dA = s g^T X. The frozen base runs two (Y = X W^T, dX = dY W): no weight-gradient GEMM.
+    Recomputing the branch input recomputes a norm / activation, never a GEMM."""
+    result, _ = census
+    for row in result["rows"]:
+        if row["target"] != "layer":
+            assert sum(n for k, n in row["base"]["ops"].items() if k in GEMMS) == 2, row["base"]["ops"]
+    for row, name, v in _lora_rows(result):
+        gemms = sum(n for k, n in v["extra"]["aten_ops_by_name"].items() if k in GEMMS)
+        assert gemms == (4 * 6 if row["target"] == "layer" else 6), (row["layout"], row["target"], name, v["extra"])
+
+
+def test_saved_for_backward(census):
+    result, _ = census
+    sh = result["shape"]
+    for row in result["rows"]:
+        # Megatron's frozen linear keeps only its weight: nothing here.
+        if row["target"] != "layer":
+            assert row["base"]["saved_bytes"] == 0, row["base"]
+    for row, name, v in _lora_rows(result):
+        e = v["extra"]
+        if row["target"] == "layer" or name != "lora":
+            assert 0 < e["saved_bytes"], e
+            continue
+        # Without recompute, the standalone column / row layer keeps exactly its own input (the
+        # branch input, which the frozen base never keeps) and, besides it, at most one rank-r
+        # activation of the full sequence (u = X A^T or the reduced X_i A_i^T).
+        assert e["saved_input_bytes"] == row["input_bytes"], (row["layout"], row["target"], name, e)
+        rank_r = sh["seq"] * sh["batch"] * sh["rank"] * FP32
+        assert 0 <= e["saved_bytes"] - e["saved_input_bytes"] <= rank_r, (row["layout"], row["target"], name, e)
+    # Recomputing the branch input never keeps more than keeping it.
+    for row in result["rows"]:
+        recompute = row["variants"].get("lora recompute_branch_input")
+        if recompute is not None:
+            assert recompute["extra"]["saved_bytes"] <= row["variants"]["lora"]["extra"]["saved_bytes"]
