@@ -19,6 +19,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_lora.core import recompute
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
@@ -160,6 +161,8 @@ def apply_lora(model, cfg: LoRAConfig):
             if module.lora_init_name is None:
                 init_lora_factors(module, name)
             wrapped[leaf] = wrapped.get(leaf, 0) + 1
+        if cfg.recompute_branch_input:
+            _attach_recompute_sources(chunk, names)
         _freeze_all_but_lora(chunk)
         _keep_full_recompute_differentiable(chunk)
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
@@ -188,6 +191,19 @@ def _check_targets(model: torch.nn.Module, cfg: LoRAConfig, classes: dict) -> No
             "get_gpt_lora_layer_spec, or drop these targets."
         )
     cfg.check_targets_exist(available)
+
+
+def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
+    """``recompute_branch_input``: give the local LoRA layers their producers (``recompute.py``)."""
+    local = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+    foreign = sorted({type(m).__name__ for m in chunk.modules() if isinstance(m, _LORA_TYPES)
+                      and not isinstance(m, local)})
+    if foreign:
+        raise ValueError(
+            f"recompute_branch_input (--lora-recompute-branch-input) works on the local layer spec's "
+            f"LoRA layers; this model has {foreign}, whose norm runs inside the layer. Drop the "
+            "option, or build the model with transformer_impl='local'.")
+    recompute.attach_sources(chunk, names)
 
 
 def _keep_full_recompute_differentiable(model: torch.nn.Module) -> None:

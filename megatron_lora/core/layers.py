@@ -65,6 +65,10 @@ def is_gated_fc1(config, name: Optional[str]) -> bool:
 class LoRALayerMixin:
     """State and helpers shared by every LoRA layer; the subclasses define layout and forward."""
 
+    # A ``recompute`` source (set by apply_lora with recompute_branch_input): recomputes the
+    # branch input in backward from what the base keeps anyway. None: the input is saved.
+    lora_input_source = None
+
     @property
     def lora_group(self):
         """The TP group the factors are laid out over (the layer's own, docs/design.md §1)."""
@@ -131,7 +135,15 @@ class LoRALayerMixin:
     def _lora_branch(self) -> Branch:
         """This call's branch settings (the collective mode is the base layer's, see ``_comm_mode``)."""
         return Branch(self.lora_scaling, self.lora_config.dropout, self.lora_group, self._comm_mode(),
-                      self.config.gradient_accumulation_fusion)
+                      self.config.gradient_accumulation_fusion, self.lora_config.branch_kernels)
+
+    def _take_recipe(self, branch_input: torch.Tensor):
+        """How to recompute ``branch_input`` in backward (``recompute.Recipe``), or None to keep it.
+
+        Called on every forward, active or not, so a source never holds a tensor past its forward.
+        """
+        source = self.lora_input_source
+        return source.take(branch_input) if source is not None else None
 
     def _lora_dropout_mask(self, logical_shape, keep_slice=None) -> Optional[torch.Tensor]:
         """Mask of the logical branch input (see the module docstring); None when inactive."""
@@ -239,6 +251,7 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
+        recipe = self._take_recipe(input_)
         if not self._lora_active():
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
         if weight is None:
@@ -259,7 +272,8 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
         x_total = ColumnEntry.apply(input_, self.lora_A, rider, branch)
         # Under SP dA needs only this rank's chunk of the branch input: the layer's own input.
         chunk = input_ if branch.mode == "reduce_scatter" else None
-        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_B, mask, chunk, rider, branch)
+        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_B, mask, chunk, rider, branch,
+                                  recipe)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
@@ -291,15 +305,17 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
 
     def forward(self, input_: torch.Tensor):
         if not self._lora_active():
+            self._take_recipe(input_)
             return super().forward(input_)
         if self.input_is_parallel:
             x = input_
         else:
             x = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        recipe = self._take_recipe(x)
         width = self.input_size_per_partition
         mask = self._lora_dropout_mask(
             list(x.shape[:-1]) + [self.input_size], (-1, C.group_rank(self.tp_group) * width, width))
-        output = RowJoin.apply(x, None, self.weight, self.lora_A, self.lora_B, mask, self._lora_branch())
+        output = RowJoin.apply(x, None, self.weight, self.lora_A, self.lora_B, mask, self._lora_branch(), recipe)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None

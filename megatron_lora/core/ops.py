@@ -34,14 +34,16 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_lora.core import collectives
+from megatron_lora.core import collectives, kernels
+from megatron_lora.core.recompute import Recipe
 
 
 @dataclass(frozen=True)
 class Branch:
     """The non-tensor settings of one LoRA layer call.
 
-    ``mode``: ``collectives.comm_mode``; ``fuse``: ``config.gradient_accumulation_fusion``.
+    ``mode``: ``collectives.comm_mode``; ``fuse``: ``config.gradient_accumulation_fusion``;
+    ``kernels``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call).
     """
 
     scaling: float
@@ -49,6 +51,7 @@ class Branch:
     group: Any
     mode: str
     fuse: bool = False
+    kernels: str = "auto"
 
 
 class Rider:
@@ -138,6 +141,7 @@ class ColumnEntry(torch.autograd.Function):
     def forward(ctx, x, lora_a, rider: Optional[Rider], branch: Branch):
         ctx.rider, ctx.branch = rider, branch
         ctx.fused = main_grads_for((lora_a,), branch.fuse) if lora_a is not None else None
+        ctx.lora_a = lora_a  # only its shape and dtype are used (the gradient's)
         if branch.mode == "reduce_scatter":
             return collectives.all_gather_first_dim(x, branch.group)
         return x.view_as(x)
@@ -149,7 +153,7 @@ class ColumnEntry(torch.autograd.Function):
             return collectives.reduce(dx_total.contiguous(), b.group, b.mode), None, None, None
         dx, g_sum = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
         x_in = _dropped(rider.branch_input, rider.mask, b.dropout)
-        d_a = b.scaling * _flat(g_sum).t().matmul(_flat(x_in))
+        d_a = kernels.select(b.kernels, x_in).up(g_sum, x_in, b.scaling, ctx.lora_a)
         [d_a] = deliver_factor_grads(ctx.fused, [d_a])
         rider.g = rider.branch_input = rider.mask = None
         return dx, d_a, None, None
@@ -163,44 +167,50 @@ class ColumnJoin(torch.autograd.Function):
     | base_i               | ``X_in W_i^T`` (``weight`` given) or ``out`` (foreign GEMM) |
 
     ``chunk``: this rank's sequence chunk of X_in under SP, the only part dA needs (the whole
-    gathered input is then not kept); None otherwise.
+    gathered input is then not kept); None otherwise. ``recipe`` (``recompute.Recipe``, frozen
+    base only): recomputes that branch input (chunk or X_in) in backward instead of keeping it.
     """
 
     @staticmethod
-    def forward(ctx, x_in, out, weight, bias, lora_a, lora_b, mask, chunk, rider: Rider, branch: Branch):
+    def forward(ctx, x_in, out, weight, bias, lora_a, lora_b, mask, chunk, rider: Rider, branch: Branch,
+                recipe: Optional[Recipe] = None):
         b = branch
-        u = torch.matmul(_dropped(x_in, mask, b.dropout), lora_a.t())  # [s, b, r]
+        u = kernels.select(b.kernels, x_in).down(_dropped(x_in, mask, b.dropout), lora_a)  # [s, b, r]
         y = _join_branch(_base_gemm(x_in, weight, out), weight is not None, u, lora_b, b.scaling)
         if bias is not None:
             y += bias
-        keep_x = chunk is None or (weight is not None and ctx.needs_input_grad[2])
-        ctx.save_for_backward(x_in if keep_x else None, weight, lora_a, lora_b, u, mask, chunk)
+        trains_weight = weight is not None and ctx.needs_input_grad[2]
+        ctx.recipe = recipe.fn if recipe is not None and not trains_weight else None
+        keep_x = trains_weight or (chunk is None and ctx.recipe is None)
+        keep_chunk = chunk if ctx.recipe is None else None
+        ctx.save_for_backward(x_in if keep_x else None, weight, lora_a, lora_b, u, mask, keep_chunk,
+                              *(recipe.tensors if ctx.recipe is not None else ()))
         ctx.rider, ctx.branch, ctx.foreign = rider, branch, weight is None
         ctx.fused = main_grads_for((lora_b,), b.fuse)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_in, weight, lora_a, lora_b, u, mask, chunk = ctx.saved_tensors
+        x_in, weight, lora_a, lora_b, u, mask, chunk, *sources = ctx.saved_tensors
         b, rider = ctx.branch, ctx.rider
-        g = torch.matmul(dy, lora_b)  # [s, b, r]: this rank's term of dY B
+        g, d_b = kernels.select(b.kernels, dy).dy(dy, lora_b, u, b.scaling)  # g: this rank's term of dY B
         d_in = None
         if weight is not None or ctx.needs_input_grad[0]:
             d_base = torch.matmul(dy, weight) if weight is not None else None
             d_in = _branch_input_grad(d_base, g, lora_a, b.scaling, mask, b.dropout)
-        d_b = b.scaling * _flat(dy).t().matmul(_flat(u))
         # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
         d_w = _flat(dy).t().matmul(_flat(x_in)) if ctx.needs_input_grad[2] else None
         d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[3] else None
         [d_b] = deliver_factor_grads(ctx.fused, [d_b])
-        if chunk is not None:
-            rider.branch_input = chunk
-            if mask is not None:
-                mask = mask.narrow(0, collectives.group_rank(b.group) * chunk.shape[0], chunk.shape[0])
+        if ctx.recipe is not None:
+            rider.branch_input = Recipe.run(ctx.recipe, *sources)
         else:
-            rider.branch_input = x_in
+            rider.branch_input = chunk if chunk is not None else x_in
+        if b.mode == "reduce_scatter" and mask is not None:  # this rank's chunk of the logical mask
+            rows = rider.branch_input.shape[0]
+            mask = mask.narrow(0, collectives.group_rank(b.group) * rows, rows)
         rider.g, rider.mask = g, mask
-        return d_in, dy if ctx.foreign else None, d_w, d_bias, None, d_b, None, None, None, None
+        return d_in, dy if ctx.foreign else None, d_w, d_bias, None, d_b, None, None, None, None, None
 
 
 class RowJoin(torch.autograd.Function):
@@ -220,17 +230,19 @@ class RowJoin(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, out, weight, lora_a, lora_b, mask, branch: Branch):
+    def forward(ctx, x, out, weight, lora_a, lora_b, mask, branch: Branch, recipe: Optional[Recipe] = None):
         b = branch
         ctx.branch, ctx.foreign, ctx.active = branch, weight is None, lora_a is not None
         if not ctx.active:
             return collectives.reduce(out.contiguous(), b.group, b.mode) if b.mode != "none" else out.view_as(out)
-        h = torch.matmul(_dropped(x, mask, b.dropout), lora_a.t())  # [s, b, r]: rank i's term
+        h = kernels.select(b.kernels, x).down(_dropped(x, mask, b.dropout), lora_a)  # [s, b, r]: rank i's term
         y = _join_branch(_base_gemm(x, weight, out), weight is not None, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
+        ctx.recipe = recipe.fn if recipe is not None and not (weight is not None and ctx.needs_input_grad[2]) else None
         # A view would keep the whole reduced message alive until backward: copy the r columns.
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h_sum.contiguous(), mask)
+        ctx.save_for_backward(x if ctx.recipe is None else None, weight, lora_a, lora_b, h_sum.contiguous(), mask,
+                              *(recipe.tensors if ctx.recipe is not None else ()))
         ctx.fused = main_grads_for((lora_a, lora_b), b.fuse)
         return y
 
@@ -239,16 +251,21 @@ class RowJoin(torch.autograd.Function):
         b = ctx.branch
         dy_total = collectives.all_gather_first_dim(dy, b.group) if b.mode == "reduce_scatter" else dy
         if not ctx.active:
-            return None, dy_total, None, None, None, None, None
-        x, weight, lora_a, lora_b, h_sum, mask = ctx.saved_tensors
-        s = b.scaling
-        d_b = s * _flat(dy).t().matmul(_flat(h_sum))  # SP: this chunk's part
-        g = torch.matmul(dy_total, lora_b)  # [s, b, r]: identical on every rank
+            return None, dy_total, None, None, None, None, None, None
+        x, weight, lora_a, lora_b, h_sum, mask, *sources = ctx.saved_tensors
+        if ctx.recipe is not None:
+            x = Recipe.run(ctx.recipe, *sources)
+        s, k = b.scaling, kernels.select(b.kernels, dy)
+        if b.mode == "reduce_scatter":  # dB from this rank's chunk, g from the whole sequence
+            d_b = kernels.scaled_mm(_flat(dy).t(), _flat(h_sum), s, lora_b)
+            g = torch.matmul(dy_total, lora_b)
+        else:
+            g, d_b = k.dy(dy, lora_b, h_sum, s)  # g: [s, b, r], identical on every rank
         d_x = None
         if weight is not None or ctx.needs_input_grad[0]:
             d_base = torch.matmul(dy_total, weight) if weight is not None else None
             d_x = _branch_input_grad(d_base, g, lora_a, s, mask, b.dropout)
-        d_a = s * _flat(g).t().matmul(_flat(_dropped(x, mask, b.dropout)))
+        d_a = k.up(g, _dropped(x, mask, b.dropout), s, lora_a)
         d_w = _flat(dy_total).t().matmul(_flat(x)) if ctx.needs_input_grad[2] else None
         d_a, d_b = deliver_factor_grads(ctx.fused, [d_a, d_b])
-        return d_x, dy_total if ctx.foreign else None, d_w, d_a, d_b, None, None
+        return d_x, dy_total if ctx.foreign else None, d_w, d_a, d_b, None, None, None

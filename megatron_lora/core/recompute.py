@@ -1,0 +1,157 @@
+"""Recompute the LoRA branch input in backward instead of saving it (``recompute_branch_input``).
+
+A frozen base linear keeps nothing for backward (dX = dY W needs no X), but the branch's
+``dA = s g^T X`` needs its input X: the norm output feeding ``linear_qkv`` / ``linear_fc1``, the
+SwiGLU output feeding ``linear_fc2``. Those are extra activations the frozen model never holds
+(about +23% of its activation memory on a 7B-wide model). The base DOES keep what they are made
+from, for its own backward: the norm keeps its input, the activation keeps the fc1 output. So the
+branch saves a reference to that tensor (the same storage: no bytes) and runs the producer again
+in backward, under ``no_grad``: one norm / activation pass per layer, bitwise the same input.
+
+A source watches its producer with a forward hook and hands the consumer a ``Recipe`` only when
+the consumer's input is the producer's output of this very forward:
+* ``NormSource``: the consumer's input must BE the norm's output tensor (identity), and the recipe
+  is the norm module's own ``forward``, so the recomputation is the same computation.
+* ``ActivationSource``: the MLP's activation is a function inside Megatron's ``MLP.forward``, not
+  a module, so the recipe re-implements it for the configurations Megatron has (bias-SwiGLU /
+  bias-GeLU fusion, GLU, plain activation) and the first forward of each layer checks bit for bit
+  that it reproduces the input it is given; where it does not, that layer saves its input as
+  before, with one warning. An unfused activation with an fc1 bias keeps ``z + b``, not the fc1
+  output ``z``; there the input is saved too (saving ``z`` would cost more than it saves).
+Anything else (no matching producer, TE layers whose norm runs inside the layer) saves the input.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Recipe:
+    """What a LoRA operator saves instead of its branch input: ``fn(*tensors)`` recomputes it."""
+
+    __slots__ = ("fn", "tensors")
+
+    def __init__(self, fn: Callable[..., torch.Tensor], tensors: Tuple[Optional[torch.Tensor], ...]):
+        self.fn, self.tensors = fn, tensors
+
+    @staticmethod
+    def run(fn, *tensors) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(*tensors)
+
+
+class _Source:
+    """A producer's last output, held until its consumer's forward takes it (one forward)."""
+
+    def __init__(self, producer: torch.nn.Module):
+        self.pending = None
+        self.handle = producer.register_forward_hook(self._capture)
+
+    def _capture(self, _module, args, output):
+        self.pending = (args[0] if args else None, output)
+
+    def take(self, x: torch.Tensor) -> Optional[Recipe]:
+        pending, self.pending = self.pending, None
+        if pending is None or not torch.is_grad_enabled():
+            return None
+        return self._recipe(x, *pending)
+
+
+class NormSource(_Source):
+    """Recompute a column layer's input from the input of the norm that produced it."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__(norm)
+        self.norm = norm
+
+    def _recipe(self, x, norm_input, norm_output) -> Optional[Recipe]:
+        # An input that needs no gradient (layer 0's, the frozen embedding's output) is kept by
+        # nobody: keeping it instead of the output would save nothing.
+        if norm_output is not x or norm_input is None or not norm_input.requires_grad:
+            return None
+        return Recipe(self.norm.forward, (norm_input,))
+
+
+def _fuses_bias(config, activation_func) -> bool:
+    """Megatron's fused bias-activation paths, which keep the fc1 output itself for backward."""
+    import torch.nn.functional as F
+
+    return bool(config.bias_activation_fusion) and (
+        (activation_func is F.silu and config.gated_linear_unit)
+        or (activation_func is F.gelu and not config.gated_linear_unit))
+
+
+def mlp_activation(config, activation_func, z: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Megatron ``MLP.forward``'s activation of the fc1 output ``z`` (without per-token scales)."""
+    if _fuses_bias(config, activation_func):
+        if config.gated_linear_unit:
+            from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+            return bias_swiglu_impl(z, bias, getattr(config, "activation_func_fp8_input_store", False))
+        from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+
+        return bias_gelu_impl(z, bias) if bias is not None else activation_func(z)
+    if bias is not None:
+        z = z + bias
+    if not config.gated_linear_unit:
+        return activation_func(z)
+    gate, linear = torch.chunk(z, 2, dim=-1)
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    if clamp is not None:
+        gate, linear = gate.clamp(min=None, max=clamp), linear.clamp(min=-clamp, max=clamp)
+    return config.activation_func(gate) * (linear + getattr(config, "glu_linear_offset", 0.0))
+
+
+class ActivationSource(_Source):
+    """Recompute ``linear_fc2``'s input from ``linear_fc1``'s output (kept by the activation)."""
+
+    def __init__(self, mlp: torch.nn.Module, name: str):
+        super().__init__(mlp.linear_fc1)
+        self.mlp, self.name, self.checked = mlp, name, None
+
+    def _fn(self, z, bias):
+        return mlp_activation(self.mlp.config, self.mlp.activation_func, z, bias)
+
+    def _recipe(self, x, _fc1_input, fc1_output) -> Optional[Recipe]:
+        z, bias = fc1_output if isinstance(fc1_output, tuple) else (fc1_output, None)
+        if bias is not None and not _fuses_bias(self.mlp.config, self.mlp.activation_func):
+            return None  # the activation keeps z + bias, not z: saving z would cost more than x
+        if self.checked is None:
+            self.checked = torch.equal(Recipe.run(self._fn, z, bias), x)
+            if not self.checked:
+                logger.warning("recompute_branch_input: %s's input is not the activation of linear_fc1's "
+                               "output as recomputed here (an MLP variant this module does not know); "
+                               "that layer keeps its branch input for backward.", self.name)
+        return Recipe(self._fn, (z, bias)) if self.checked else None
+
+
+def _attach(consumer, make_source) -> int:
+    if consumer.lora_input_source is None:  # apply_lora may run twice on a model: one hook
+        consumer.lora_input_source = make_source()
+    return 1
+
+
+def attach_sources(chunk: torch.nn.Module, names: dict) -> int:
+    """Give every local LoRA ``linear_qkv`` / ``linear_fc1`` / ``linear_fc2`` of ``chunk`` its
+    source (``names``: module -> global name); returns how many got one."""
+    from megatron_lora.core.layers import LoRAColumnParallelLinear, LoRARowParallelLinear
+
+    attached = 0
+    for module in chunk.modules():
+        for norm_name, consumer_path in (("input_layernorm", ("self_attention", "linear_qkv")),
+                                         ("pre_mlp_layernorm", ("mlp", "linear_fc1"))):
+            norm = getattr(module, norm_name, None)
+            parent = getattr(module, consumer_path[0], None)
+            consumer = getattr(parent, consumer_path[1], None)
+            if isinstance(consumer, LoRAColumnParallelLinear) and isinstance(norm, torch.nn.Module):
+                attached += _attach(consumer, lambda: NormSource(norm))
+        fc2 = getattr(module, "linear_fc2", None)
+        if isinstance(fc2, LoRARowParallelLinear) and hasattr(module, "linear_fc1") \
+                and hasattr(module, "activation_func"):
+            attached += _attach(fc2, lambda: ActivationSource(module, names.get(fc2, "linear_fc2")))
+    return attached
