@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from tests.distributed import convert_cases as C
 
-LAYOUTS = {"tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2)}
+LAYOUTS = {"tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2), "tp2pp2": dict(tp=2, pp=2)}
 ITERATION = 1
 
 
@@ -48,7 +48,9 @@ def _pipeline_logits(model):
         if not ps.is_pipeline_last_stage():
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None
-    return out
+    shards = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)
 
 
 def _parameters(model):

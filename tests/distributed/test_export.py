@@ -1,5 +1,5 @@
-"""In-memory export for RL loops (issue 18): ``export_peft`` and ``export_merged`` at TP=2 and
-PP=2 against the file conversions and against transformers + peft.
+"""In-memory export for RL loops (issue 18): ``export_peft`` and ``export_merged`` at TP=2, PP=2
+and TP=2 x PP=2 against the file conversions and against transformers + peft.
 
 The base is a tiny random Llama built with transformers (``test_convert``'s, random norms, GQA)
 converted with ``hf-to-megatron``; LoRA (r=4 on all four targets) gets random non-zero B's.
@@ -29,7 +29,7 @@ from tests.distributed.test_convert import _hf_model, _logits  # noqa: E402  (th
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     paths = {name: str(root / name) for name in (
-        "llama", "mg_llama", "save_tp2", "save_pp2", "offline_tp2", "offline_pp2")}
+        "llama", "mg_llama", *(f"{kind}_{layout}" for kind in ("save", "offline") for layout in E.LAYOUTS))}
     _hf_model("llama").save_pretrained(paths["llama"])
     paths["data"] = S.make_dataset(str(root), n=40)
     run_distributed(E.convert_worker, 1, paths)
@@ -40,7 +40,8 @@ def work(tmp_path_factory):
 def exported(request, work):
     """(layout, each rank's in-memory exports, the offline outputs' directory)."""
     layout = request.param
-    ranks = run_distributed(E.export_worker, 2, work, layout, **E.LAYOUTS[layout])
+    sizes = E.LAYOUTS[layout]
+    ranks = run_distributed(E.export_worker, sizes["tp"] * sizes["pp"], work, layout, **sizes)
     run_distributed(E.offline_worker, 1, work, layout)
     return layout, ranks, work[f"offline_{layout}"]
 
@@ -58,13 +59,13 @@ def _bitwise_equal(got, want):
 
 
 def _megatron_logits(ranks, layout):
-    return ranks[0 if layout == "tp2" else 1]["logits"]  # PP: the last stage has them
+    return ranks[-1]["logits"]  # the last stage has them
 
 
 def test_peft_export_equals_megatron_to_peft_bit_for_bit(exported):
     _, ranks, offline = exported
     tensors, config = ranks[0]["peft"]
-    assert ranks[1]["peft"] is None  # dst=0
+    assert all(rank["peft"] is None for rank in ranks[1:])  # dst=0
     assert len(tensors) == 2 * 7 * 2  # layers x projections x factors
     for saved in ("peft_dist", "peft_full"):  # from the dist checkpoint and from the full file
         _bitwise_equal(tensors, _load(os.path.join(offline, saved), "adapter_model.safetensors"))
@@ -92,12 +93,12 @@ def test_peft_export_loaded_in_memory_gives_the_megatron_logits(exported, work):
 def test_merged_stream_equals_merge_to_hf_bit_for_bit(exported):
     _, ranks, offline = exported
     merged = ranks[0]["merged"]
-    assert ranks[1]["merged"] == {}  # dst=0: rank 1 only sends
+    assert all(rank["merged"] == {} for rank in ranks[1:])  # dst=0: the others only send
     _bitwise_equal(merged, _load(os.path.join(offline, "merged"), "model.safetensors"))
     _bitwise_equal(ranks[0]["merged_bf16"], _load(os.path.join(offline, "merged_bf16"), "model.safetensors"))
     for rank in ranks:
         _bitwise_equal(rank["merged_every_rank"], merged)
-    assert ranks[0]["merged_on_rank1"] == {}
+    assert all(rank["merged_on_rank1"] == {} for i, rank in enumerate(ranks) if i != 1)
     _bitwise_equal(ranks[1]["merged_on_rank1"], merged)
 
 
