@@ -66,7 +66,8 @@ def arch_from_model(model, hf_config: Optional[dict] = None) -> Arch:
                               "Megatron-Core GPTModel (Llama / Qwen2 layout). Export a GPTModel.")
     c = chunk.config
     unsupported = [what for what, found in (
-        ("qk_layernorm", getattr(c, "qk_layernorm", False)), ("MoE (num_moe_experts)", getattr(c, "num_moe_experts", None)),
+        ("qk_layernorm", getattr(c, "qk_layernorm", False)),
+        ("MoE (num_moe_experts)", getattr(c, "num_moe_experts", None)),
         ("multi_latent_attention", getattr(c, "multi_latent_attention", False)),
         ("rotary_interleaved", getattr(c, "rotary_interleaved", False))) if found]
     if unsupported:

@@ -96,7 +96,8 @@ def offline_worker(paths, layout):
     save, base = paths[f"save_{layout}"], paths["mg_llama"]
     out = paths[f"offline_{layout}"]
     return C._run_cli(
-        ["megatron-to-peft", "--adapter", save, "--iteration", ITERATION, "--base", base, "--output", out + "/peft_dist"],
+        ["megatron-to-peft", "--adapter", save, "--iteration", ITERATION, "--base", base,
+         "--output", out + "/peft_dist"],
         ["megatron-to-peft", "--adapter", save + ".safetensors", "--base", base, "--output", out + "/peft_full"],
         ["merge", "--base", base, "--adapter", save + ".safetensors", "--to", "hf", "--output", out + "/merged"],
         ["merge", "--base", base, "--adapter", save, "--iteration", ITERATION, "--to", "hf", "--dtype", "bfloat16",

@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 
-from tests.distributed import convert_cases as C
 from tests.distributed import export_cases as E
 from tests.distributed import script_runs as S
 from tests.distributed.launcher import run_distributed
@@ -139,7 +138,8 @@ def test_unsupported_models_fail_early_with_what_to_do():
     expected = {
         "gelu": "ConversionError: the model (its TransformerConfig): not a Llama-family model (--swiglu False",
         "qk_layernorm": "ConversionError: the model uses qk_layernorm, which Llama / Qwen2 do not have",
-        "hf_config of another model": "hf_config describes another model than the training model (vocab_size 32000 vs 64",
+        "hf_config of another model":
+            "hf_config describes another model than the training model (vocab_size 32000 vs 64",
         "bad dst": "ValueError: dst must be a global rank in [0, 1) or None (every rank), got 3.",
         "merged": "is merged (merge_lora): its weight already holds the adapter. Call unmerge_lora(model)",
     }
