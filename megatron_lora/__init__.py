@@ -1,9 +1,10 @@
 """LoRA for Megatron-Core tensor/sequence/data/pipeline-parallel models.
 
 Public API (docs/design.md §12): the names in ``__all__`` (``LoRAConfig``, ``apply_lora``, the
-LoRA layers, the model helpers, adapter checkpoints); CPU mode is ``megatron_lora.cpu.enable_cpu``
-(opt-in). The library lives in ``megatron_lora.core``, the training application in
-``megatron_lora.training``, the Hugging Face conversion in ``megatron_lora.hf``.
+LoRA layers, the model helpers, adapter checkpoints, the in-memory Hugging Face exports); CPU
+mode is ``megatron_lora.cpu.enable_cpu`` (opt-in). The library lives in ``megatron_lora.core``,
+the training application in ``megatron_lora.training``, the Hugging Face conversion in
+``megatron_lora.hf``.
 
 The names are resolved on first use: every ``import megatron_lora.training.x`` runs this file
 first, and the training script's flag check (``training.pretrain_args``, run once in the launcher
@@ -31,6 +32,8 @@ _HOME = {
     "load_adapter": "megatron_lora.core.checkpoint.adapter",
     "save_full_adapter": "megatron_lora.core.checkpoint.adapter",
     "load_full_adapter": "megatron_lora.core.checkpoint.adapter",
+    "export_peft": "megatron_lora.hf.export",
+    "export_merged": "megatron_lora.hf.export",
 }
 
 __all__ = list(_HOME)

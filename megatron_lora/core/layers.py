@@ -62,6 +62,14 @@ def is_gated_fc1(config, name: Optional[str]) -> bool:
     return name in ("linear_fc1", "fc1") and bool(getattr(config, "gated_linear_unit", False))
 
 
+@torch.no_grad()
+def fp32_lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s * B @ A`` in fp32: the one formula of every merge (``merge``, the ``merge`` conversion,
+    the in-memory export ``hf/export.py``), so their results agree bit for bit. Scaled in place:
+    one product-sized buffer, not two."""
+    return (lora_B.float() @ lora_A.float()).mul_(scaling)
+
+
 class LoRALayerMixin:
     """State and helpers shared by every LoRA layer; the subclasses define layout and forward."""
 
@@ -159,8 +167,7 @@ class LoRALayerMixin:
     @torch.no_grad()
     def lora_delta(self) -> torch.Tensor:
         """``s * B @ A`` for this rank's base shard (local by construction, docs/design.md §1)."""
-        delta = self.lora_B.float() @ self.lora_A.float()
-        return (delta * self.lora_scaling).to(self.weight.dtype)
+        return fp32_lora_delta(self.lora_A, self.lora_B, self.lora_scaling).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

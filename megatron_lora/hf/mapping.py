@@ -25,6 +25,7 @@ HF Llama's ``rotate_half`` RoPE is Megatron's non-interleaved RoPE, so q/k rows 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
@@ -248,15 +249,15 @@ def hf_config_for(arch: Arch, model_args: dict, dtype: str) -> dict:
     return cfg
 
 
-def check_hf_config_matches(cfg: dict, arch: Arch, where: str) -> None:
+def check_hf_config_matches(cfg: dict, arch: Arch, where: str, other: str = "checkpoint") -> None:
     """An original config.json given for a Megatron model must describe the same sizes."""
     check_hf_config(cfg, where)
     theirs = arch_from_hf_config(cfg)
     diffs = [f"{k} {getattr(theirs, k)} vs {getattr(arch, k)}" for k in Arch.__dataclass_fields__
              if getattr(theirs, k) != getattr(arch, k)]
     if diffs:
-        raise ConversionError(f"{where} describes another model than the checkpoint "
-                              f"({'; '.join(diffs)}, config vs checkpoint); pass the model's own config.")
+        raise ConversionError(f"{where} describes another model than the {other} "
+                              f"({'; '.join(diffs)}, config vs {other}); pass the model's own config.")
 
 
 # -------------------------------------------------------------------- Megatron model_args
@@ -336,18 +337,55 @@ def megatron_from_hf(get: Callable[[str], torch.Tensor], arch: Arch) -> Iterator
                 yield f"decoder.layers.{i}.{module}.bias", arch.fuse(module, [get(n + ".bias") for n in names])
 
 
+def megatron_names(arch: Arch) -> List[str]:
+    """Every logical Megatron base tensor a Hugging Face export of ``arch`` reads, in pipeline
+    order (embedding, layers, final norm, output layer), so a stream can follow the stages."""
+    names = [GLOBAL_NAMES["model.embed_tokens.weight"]]
+    for i in range(arch.num_layers):
+        names += [f"decoder.layers.{i}.{norm}.weight" for norm in NORMS.values()]
+        for module in MODULES:
+            names.append(f"decoder.layers.{i}.{module}.weight")
+            if arch.qkv_bias and module == "self_attention.linear_qkv":
+                names.append(f"decoder.layers.{i}.{module}.bias")
+    names.append(GLOBAL_NAMES["model.norm.weight"])
+    if not arch.tied:
+        names.append(GLOBAL_NAMES["lm_head.weight"])
+    return names
+
+
+_HF_OF_GLOBAL = {name: hf_name for hf_name, name in GLOBAL_NAMES.items()}
+_HF_OF_NORM = {norm: hf_norm for hf_norm, norm in NORMS.items()}
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_names_of(name: str) -> List[str]:
+    """The Hugging Face name(s) of one logical Megatron base tensor, fused parts in fused order."""
+    if name in _HF_OF_GLOBAL:
+        return [_HF_OF_GLOBAL[name]]
+    m = _LAYER_NAME.match(name)
+    if m and m.group(2) in _HF_OF_NORM and m.group(3) == "weight":
+        return [f"model.layers.{m.group(1)}.{_HF_OF_NORM[m.group(2)]}.weight"]
+    if m and m.group(2) in MODULES:
+        parent, parts = MODULES[m.group(2)]
+        return [f"model.layers.{m.group(1)}.{parent}.{part}.{m.group(3)}" for part in parts]
+    raise ConversionError(f"{name} has no Hugging Face counterpart; expected one of the names "
+                          "megatron_names(arch) lists.")
+
+
+def hf_from_megatron_tensor(name: str, tensor: torch.Tensor, arch: Arch) -> List[Tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) pairs of one logical Megatron base tensor: a fused linear is
+    split into its projections (views where the rows are contiguous), anything else renamed.
+    The one mapping of the file export (:func:`hf_from_megatron`) and the in-memory stream."""
+    hf_names = hf_names_of(name)
+    if len(hf_names) == 1:
+        return [(hf_names[0], tensor)]
+    module = _LAYER_NAME.match(name).group(2)
+    return list(zip(hf_names, arch.split(module, tensor)))
+
+
 def hf_from_megatron(state: Dict[str, torch.Tensor], arch: Arch) -> Dict[str, torch.Tensor]:
     """Hugging Face tensors from a logical (TP=1) Megatron base state dict (inverse of the above)."""
     out = {}
-    for hf_name, name in GLOBAL_NAMES.items():
-        if not (arch.tied and hf_name == "lm_head.weight"):
-            out[hf_name] = state[name]
-    for i in range(arch.num_layers):
-        for hf_norm, norm in NORMS.items():
-            out[f"model.layers.{i}.{hf_norm}.weight"] = state[f"decoder.layers.{i}.{norm}.weight"]
-        for module, (parent, parts) in MODULES.items():
-            suffixes = ("weight", "bias") if arch.qkv_bias and module == "self_attention.linear_qkv" else ("weight",)
-            for suffix in suffixes:
-                for part, tensor in zip(parts, arch.split(module, state[f"decoder.layers.{i}.{module}.{suffix}"])):
-                    out[f"model.layers.{i}.{parent}.{part}.{suffix}"] = tensor
+    for name in megatron_names(arch):
+        out.update(hf_from_megatron_tensor(name, state[name], arch))
     return out

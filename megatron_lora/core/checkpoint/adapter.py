@@ -186,16 +186,22 @@ def _check_loaded_factors(model, where: str) -> None:
 
 # ------------------------------------------------------------------------- full (unsharded) adapter
 
+def gather_factor(m, factor: str) -> torch.Tensor:
+    """One layer's factor in its logical (TP=1) form, on the layer's device; collective over its
+    TP group. With TP=1 it is the parameter itself (detached): read it, do not write it."""
+    local = getattr(m, factor).detach()
+    shards = [local]
+    if C.group_size(m.lora_group) > 1:
+        shards = [torch.empty_like(local) for _ in range(C.group_size(m.lora_group))]
+        dist.all_gather(shards, local.contiguous(), group=m.lora_group)
+    return m.lora_layout.unshard(factor, shards)
+
+
 def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
     """Every LoRA tensor in its logical (TP=1) form, on every rank; collective over all ranks."""
     full = {}
     for name, (m, factor) in _named_factors(model).items():
-        local = getattr(m, factor).detach()
-        shards = [local]
-        if C.group_size(m.lora_group) > 1:
-            shards = [torch.empty_like(local) for _ in range(C.group_size(m.lora_group))]
-            dist.all_gather(shards, local.contiguous(), group=m.lora_group)
-        full[name] = m.lora_layout.unshard(factor, shards).cpu().contiguous()
+        full[name] = gather_factor(m, factor).cpu().contiguous()
     merged = {}
     for part in common.all_ranks(full):  # PP stages hold different layers
         merged.update(part)

@@ -1,0 +1,165 @@
+"""Rank workers of ``test_export.py``: in-memory exports at TP=2 / PP=2 and the file conversions
+they must equal. Kept apart from the test module so that ranks do not import transformers / peft.
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from tests.distributed import convert_cases as C
+
+LAYOUTS = {"tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2), "tp2pp2": dict(tp=2, pp=2)}
+ITERATION = 1
+
+
+def convert_worker(paths):
+    """One rank: the HF Llama as a Megatron base checkpoint."""
+    return C._run_cli(["hf-to-megatron", "--hf-dir", paths["llama"], "--output", paths["mg_llama"]])
+
+
+def _randomize_lora_b(model, seed=3):
+    """Non-zero B's (A keeps its init) through the logical adapter, so every layout gets the same."""
+    from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_full_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    full = gather_full_adapter(model)
+    for name in sorted(full):
+        if name.endswith("lora_B"):
+            full[name] = torch.randn(full[name].shape, generator=g, dtype=full[name].dtype) * 0.05
+    load_full_adapter(model, full)
+
+
+def _pipeline_logits(model):
+    """Logits of ``C.tokens()`` gathered over TP, on the last stage (None elsewhere): stage 0's
+    output goes to the next stage by plain p2p, as the schedules would send it."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return C._megatron_logits(model)
+    model.eval()
+    with torch.no_grad():
+        if not ps.is_pipeline_first_stage():
+            hidden = torch.empty(C.SEQ, C.BATCH, model.config.hidden_size)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(C.tokens(), torch.arange(C.SEQ).expand(C.BATCH, -1), None)
+        if not ps.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+    shards = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)
+
+
+def _parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def export_worker(paths, layout):
+    """LoRA on the converted base at this layout; every export; the saves the converter reads."""
+    from megatron_lora import apply_lora
+    from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
+    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.hf.export import export_merged, export_peft
+    from megatron_lora.training.loop import gpt_stage_from_args
+
+    sizes = LAYOUTS[layout]
+    args = C._script_args(paths, "mg_llama", [
+        "--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7",
+        "--tensor-model-parallel-size", sizes["tp"], "--pipeline-model-parallel-size", sizes["pp"]])
+    model = gpt_stage_from_args(args, args.lora)
+    load_model(model, paths["mg_llama"])
+    apply_lora(model, args.lora)
+    _randomize_lora_b(model)
+    before = _parameters(model)
+    hf_config = json.load(open(os.path.join(paths["llama"], "config.json")))
+    out = dict(
+        peft=export_peft(model, hf_config, dst=0),
+        peft_every_rank=export_peft(model, dst=None),
+        merged=dict(export_merged(model, hf_config, dtype=torch.float32, dst=0)),
+        merged_every_rank=dict(export_merged(model, dtype=torch.float32, dst=None)),
+        merged_on_rank1=dict(export_merged(model, dtype=torch.float32, dst=1)),
+        merged_bf16=dict(export_merged(model, dtype=torch.bfloat16, dst=0)))
+    after = _parameters(model)
+    out["unchanged"] = sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    out["lora_tensors"] = sum(1 for k in before if k.endswith(("lora_A", "lora_B")))
+    out["logits"] = _pipeline_logits(model)
+    save_adapter(model, paths[f"save_{layout}"], iteration=ITERATION)
+    save_full_adapter(model, paths[f"save_{layout}"] + ".safetensors")
+    return out
+
+
+def offline_worker(paths, layout):
+    """One rank: the file conversions of the adapter the layout saved."""
+    save, base = paths[f"save_{layout}"], paths["mg_llama"]
+    out = paths[f"offline_{layout}"]
+    return C._run_cli(
+        ["megatron-to-peft", "--adapter", save, "--iteration", ITERATION, "--base", base,
+         "--output", out + "/peft_dist"],
+        ["megatron-to-peft", "--adapter", save + ".safetensors", "--base", base, "--output", out + "/peft_full"],
+        ["merge", "--base", base, "--adapter", save + ".safetensors", "--to", "hf", "--output", out + "/merged"],
+        ["merge", "--base", base, "--adapter", save, "--iteration", ITERATION, "--to", "hf", "--dtype", "bfloat16",
+         "--output", out + "/merged_bf16"])
+
+
+# ------------------------------------------------------------------------------------ memory
+
+def memory_worker(num_layers, keep_all):
+    """Peak bytes the merged stream allocates on this rank, the logical bytes of one layer and of
+    the model; ``keep_all`` keeps every yielded tensor inside the meter (the meter must see them)."""
+    from megatron_lora import LoRAConfig, apply_lora
+    from megatron_lora.hf.export import export_merged
+    from tests.distributed.live_bytes import LiveBytes
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
+
+    tp, _ = tp_rank()
+    model = apply_lora(build_tiny_gpt(tiny_gpt_config(tp=tp, num_layers=num_layers)), LoRAConfig(rank=4, alpha=8))
+    _randomize_lora_b(model)
+    stream, meter, kept, sizes = export_merged(model, dtype=torch.float32, dst=None), LiveBytes(), [], {}
+    while True:
+        with meter:
+            item = next(stream, None)
+            if item is not None and keep_all:
+                kept.append(item[1])
+        if item is None:
+            break
+        sizes[item[0]] = item[1].nbytes
+        del item
+    layer = sum(n for name, n in sizes.items() if name.startswith("model.layers.0."))
+    return dict(peak=meter.peak, layer=layer, model=sum(sizes.values()), tensors=len(sizes))
+
+
+# ------------------------------------------------------------------------------------ errors
+
+def errors_worker():
+    """{case: the error's message} for what the exports must refuse before gathering anything."""
+    import torch.nn.functional as F
+
+    from megatron_lora import LoRAConfig, apply_lora, merge_lora
+    from megatron_lora.hf.export import export_merged, export_peft
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+
+    def message(call):
+        try:
+            call()
+        except (ValueError, TypeError) as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    lora = LoRAConfig(rank=4, alpha=8)
+    llama = apply_lora(build_tiny_gpt(tiny_gpt_config()), lora)
+    gelu = apply_lora(build_tiny_gpt(tiny_gpt_config(gated_linear_unit=False, activation_func=F.gelu)), lora)
+    qk_norm = apply_lora(build_tiny_gpt(tiny_gpt_config(qk_layernorm=True)), lora)
+    other_vocab = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=32000)
+    out = {
+        "gelu": message(lambda: export_peft(gelu)),
+        "qk_layernorm": message(lambda: export_merged(qk_norm)),
+        "hf_config of another model": message(lambda: export_merged(llama, other_vocab)),
+        "bad dst": message(lambda: export_peft(llama, dst=3)),
+    }
+    merge_lora(llama)
+    out["merged"] = message(lambda: export_merged(llama))
+    return out

@@ -1,0 +1,147 @@
+"""In-memory export for RL loops (issue 18): ``export_peft`` and ``export_merged`` at TP=2, PP=2
+and TP=2 x PP=2 against the file conversions and against transformers + peft.
+
+The base is a tiny random Llama built with transformers (``test_convert``'s, random norms, GQA)
+converted with ``hf-to-megatron``; LoRA (r=4 on all four targets) gets random non-zero B's.
+Each layout exports in memory, then saves the adapter the usual ways, and one rank runs
+``megatron-to-peft`` and ``merge --to hf`` on those saves. The rank workers live in
+``export_cases.py``; the peak-memory meter in ``live_bytes.py``.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.distributed import export_cases as E
+from tests.distributed import script_runs as S
+from tests.distributed.launcher import run_distributed
+
+transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install -e '.[hf]'")
+peft = pytest.importorskip("peft", reason="needs the hf extra: pip install -e '.[hf]'")
+
+from tests.distributed.test_convert import _hf_model, _logits  # noqa: E402  (the same reference model)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    paths = {name: str(root / name) for name in (
+        "llama", "mg_llama", *(f"{kind}_{layout}" for kind in ("save", "offline") for layout in E.LAYOUTS))}
+    _hf_model("llama").save_pretrained(paths["llama"])
+    paths["data"] = S.make_dataset(str(root), n=40)
+    run_distributed(E.convert_worker, 1, paths)
+    return paths
+
+
+@pytest.fixture(scope="module", params=sorted(E.LAYOUTS))
+def exported(request, work):
+    """(layout, each rank's in-memory exports, the offline outputs' directory)."""
+    layout = request.param
+    sizes = E.LAYOUTS[layout]
+    ranks = run_distributed(E.export_worker, sizes["tp"] * sizes["pp"], work, layout, **sizes)
+    run_distributed(E.offline_worker, 1, work, layout)
+    return layout, ranks, work[f"offline_{layout}"]
+
+
+def _load(directory, file):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, file))
+
+
+def _bitwise_equal(got, want):
+    assert sorted(got) == sorted(want)
+    different = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _megatron_logits(ranks, layout):
+    return ranks[-1]["logits"]  # the last stage has them
+
+
+def test_peft_export_equals_megatron_to_peft_bit_for_bit(exported):
+    _, ranks, offline = exported
+    tensors, config = ranks[0]["peft"]
+    assert all(rank["peft"] is None for rank in ranks[1:])  # dst=0
+    assert len(tensors) == 2 * 7 * 2  # layers x projections x factors
+    for saved in ("peft_dist", "peft_full"):  # from the dist checkpoint and from the full file
+        _bitwise_equal(tensors, _load(os.path.join(offline, saved), "adapter_model.safetensors"))
+        assert json.loads(json.dumps(config)) == json.load(open(os.path.join(offline, saved, "adapter_config.json")))
+    for rank in ranks:  # dst=None: every rank gets the same
+        _bitwise_equal(rank["peft_every_rank"][0], tensors)
+        assert rank["peft_every_rank"][1] == config
+
+
+def test_peft_export_loaded_in_memory_gives_the_megatron_logits(exported, work):
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+
+    layout, ranks, _ = exported
+    tensors, config = ranks[0]["peft"]
+    model = get_peft_model(_hf_model("llama", work["llama"]), PeftConfig.from_peft_type(**config))
+    result = set_peft_model_state_dict(model, tensors)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    got, want = _logits(model.eval()), _megatron_logits(ranks, layout)
+    diff = (got - want).abs().max().item()
+    print(f"max |logit difference| PEFT (in-memory export, {layout}) vs Megatron: {diff:.3g}")
+    assert diff < 1e-5
+    assert (want - _logits(_hf_model("llama", work["llama"]))).abs().max() > 1e-3  # the adapter matters
+
+
+def test_merged_stream_equals_merge_to_hf_bit_for_bit(exported):
+    _, ranks, offline = exported
+    merged = ranks[0]["merged"]
+    assert all(rank["merged"] == {} for rank in ranks[1:])  # dst=0: the others only send
+    _bitwise_equal(merged, _load(os.path.join(offline, "merged"), "model.safetensors"))
+    _bitwise_equal(ranks[0]["merged_bf16"], _load(os.path.join(offline, "merged_bf16"), "model.safetensors"))
+    for rank in ranks:
+        _bitwise_equal(rank["merged_every_rank"], merged)
+    assert all(rank["merged_on_rank1"] == {} for i, rank in enumerate(ranks) if i != 1)
+    _bitwise_equal(ranks[1]["merged_on_rank1"], merged)
+
+
+def test_merged_stream_loaded_in_transformers_gives_the_megatron_logits(exported, work):
+    layout, ranks, _ = exported
+    model = _hf_model("llama", work["llama"])
+    model.load_state_dict(ranks[0]["merged"], strict=True)
+    diff = (_logits(model) - _megatron_logits(ranks, layout)).abs().max().item()
+    print(f"max |logit difference| merged stream ({layout}) in transformers vs Megatron: {diff:.3g}")
+    assert diff < 1e-5
+
+
+def test_exports_leave_the_training_model_bitwise_unchanged(exported):
+    _, ranks, _ = exported
+    assert all(rank["unchanged"] for rank in ranks)
+    assert sum(rank["lora_tensors"] for rank in ranks) > 0
+
+
+@pytest.mark.parametrize("keep_all", [False, True], ids=["streamed", "kept"])
+def test_merged_stream_peak_memory_is_about_one_layer(keep_all):
+    """8 layers at TP=2, fp32: the stream's own allocations peak at about one layer's logical
+    bytes (two copies of linear_fc1, the largest tensor, 44% of a layer, plus the factors:
+    measured 1.01 layers, 0.12 of the model); a consumer that keeps every tensor shows the whole
+    model, so the meter does see the tensors."""
+    results = run_distributed(E.memory_worker, 2, 8, keep_all, tp=2)
+    for r in results:
+        print(f"merged stream peak {r['peak']} B; one layer {r['layer']} B; model {r['model']} B "
+              f"({r['peak'] / r['layer']:.2f} layers, {r['peak'] / r['model']:.3f} of the model)")
+        assert r["tensors"] == 3 + 8 * 9 and r["model"] > 8 * r["layer"]
+        if keep_all:
+            assert r["peak"] >= r["model"]
+        else:
+            assert r["peak"] <= 1.1 * r["layer"]
+
+
+def test_unsupported_models_fail_early_with_what_to_do():
+    errors = run_distributed(E.errors_worker, 1)[0]
+    expected = {
+        "gelu": "ConversionError: the model (its TransformerConfig): not a Llama-family model (--swiglu False",
+        "qk_layernorm": "ConversionError: the model uses qk_layernorm, which Llama / Qwen2 do not have",
+        "hf_config of another model":
+            "hf_config describes another model than the training model (vocab_size 32000 vs 64",
+        "bad dst": "ValueError: dst must be a global rank in [0, 1) or None (every rank), got 3.",
+        "merged": "is merged (merge_lora): its weight already holds the adapter. Call unmerge_lora(model)",
+    }
+    for case, needle in expected.items():
+        assert errors[case] is not None and needle in errors[case], (case, errors[case])
