@@ -13,9 +13,12 @@ epilogue), never a separate pass. Rank-r updates of an activation-sized tensor
 (``Y += s u B^T``, ``dX += s g A``) stay with the GEMM library: they are bandwidth-bound
 reads-and-writes of Y / dX that no kernel of ours would do faster.
 
-``select(mode, tensor)`` picks the implementation per call: ``"auto"`` takes Triton for a CUDA
-tensor when triton imports, plain torch otherwise (the CPU path); ``"triton"`` insists (on a CPU
-tensor it needs Triton's interpreter, ``TRITON_INTERPRET=1``, which is how CI tests the kernels).
+``select(mode, tensor, rank)`` picks the implementation per call: ``"auto"`` takes Triton for a
+CUDA tensor when triton imports and, on its first use per dtype / device / rank block, the kernels
+compile and agree with plain torch on a random problem (else plain torch, with one warning: a
+Triton or driver problem costs speed, never a run); plain torch otherwise (the CPU path).
+``"triton"`` insists (on a CPU tensor it needs Triton's interpreter, ``TRITON_INTERPRET=1``,
+which is how CI tests the kernels).
 
 Every Triton kernel is deterministic: no atomics, each output element is summed in a fixed order
 (the dB partial sums per token block are added by torch in a fixed order), so a replicated factor's
@@ -26,10 +29,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from typing import Tuple
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 MODES = ("auto", "torch", "triton")
 
@@ -78,10 +84,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select(mode: str, tensor: torch.Tensor):
-    """The kernels for ``mode`` (``LoRAConfig.branch_kernels``) and this call's tensors."""
+def select(mode: str, tensor: torch.Tensor, rank: int):
+    """The kernels for ``mode`` (``LoRAConfig.branch_kernels``), this call's tensors and LoRA rank."""
     if mode == "torch" or (mode == "auto" and (not tensor.is_cuda or triton_missing_reason())):
         return TorchKernels
+    if mode == "auto":
+        return _triton_kernels() if triton_agrees(tensor.dtype, str(tensor.device), rank_block(rank)) else TorchKernels
     if mode not in MODES:
         raise ValueError(f"branch kernels must be one of {MODES}, got {mode!r}.")
     reason = triton_missing_reason()
@@ -91,6 +99,33 @@ def select(mode: str, tensor: torch.Tensor):
         raise RuntimeError(f"LoRAConfig.branch_kernels='triton' (--lora-branch-kernels triton), but {reason}. "
                            "Use 'auto' to fall back to plain torch.")
     return _triton_kernels()
+
+
+def rank_block(rank: int) -> int:
+    """The rank dimension of the kernels' tiles (``tl.dot`` needs >= 16); one compilation each."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_agrees(dtype: torch.dtype, device: str, block: int) -> bool:
+    """Do the Triton kernels compile and match plain torch here (``auto``'s one-time check)?"""
+    try:
+        kernels = _triton_kernels()
+        g = torch.Generator(device=device).manual_seed(0)
+        rnd = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+        x, a, dy, b, u = rnd(130, 96), rnd(block, 96), rnd(130, 80), rnd(80, block), rnd(130, block)
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        for impl_out, ref_out in ((kernels.down(x, a), TorchKernels.down(x, a)),
+                                  *zip(kernels.dy(dy, b, u, 0.5), TorchKernels.dy(dy, b, u, 0.5)),
+                                  (kernels.up(u, x, 0.5, a), TorchKernels.up(u, x, 0.5, a))):
+            error = (impl_out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()
+            if not error <= tolerance:
+                raise ArithmeticError(f"relative error {float(error):.2e} against plain torch")
+    except Exception as error:  # noqa: BLE001 (any failure means: use plain torch)
+        logger.warning("LoRA branch kernels: Triton on %s (%s, rank block %d) failed its check (%s); "
+                       "using plain torch. --lora-branch-kernels torch silences this.", device, dtype, block, error)
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)

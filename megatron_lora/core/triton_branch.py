@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_lora.core.kernels import _flat, _interpreting
+from megatron_lora.core.kernels import _flat, _interpreting, rank_block
 
 # Decided once, like triton.jit itself decides at import whether to interpret.
 INTERPRETED = _interpreting()
@@ -82,10 +82,6 @@ def up_kernel(g_ptr, x_ptr, da_ptr, T, K, R, stride_x, scaling,
         acc = _dot(g, x, acc, UPCAST)
     tl.store(da_ptr + rr[:, None] * K + rk[None, :], (acc * scaling).to(da_ptr.dtype.element_ty),
              mask=(rr[:, None] < R) & (rk[None, :] < K))
-
-
-def rank_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _interpreted_kernels():
     from megatron_lora.core import triton_branch
 
     assert triton_branch.INTERPRETED, "TRITON_INTERPRET was not set when triton_branch was imported"
-    return kernels.select("triton", torch.empty(1))
+    return kernels.select("triton", torch.empty(1), 4)
 
 
 def worker_kernel_errors(shapes, dtypes):
@@ -76,6 +76,25 @@ def worker_strided_and_deterministic():
     dy2, b2, u2 = torch.randn(200, 70, generator=g), torch.randn(70, 8, generator=g), torch.randn(200, 8, generator=g)
     first, second = triton_kernels.dy(dy2, b2, u2, 0.5), triton_kernels.dy(dy2, b2, u2, 0.5)
     return pairs, all(torch.equal(p, q) for p, q in zip(first, second))
+
+
+def worker_auto_check():
+    """``auto``'s one-time check: passes for the real kernels, fails (warning, plain torch) for a
+    broken one."""
+    from megatron_lora.core import triton_branch
+
+    _interpreted_kernels()
+    passes = all(kernels.triton_agrees(dtype, "cpu", block) for dtype in (torch.float32, torch.bfloat16)
+                 for block in (16, 128))
+    triton_branch.TritonKernels.down = staticmethod(lambda x, a: torch.zeros(*x.shape[:-1], a.shape[0]))
+    return passes, kernels.triton_agrees(torch.float32, "cpu", 32)
+
+
+@needs_triton
+def test_auto_checks_the_kernels_once_and_falls_back_to_torch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    [(real, broken)] = run_distributed(worker_auto_check, 1)
+    assert real and not broken
 
 
 @needs_triton
@@ -125,14 +144,14 @@ def test_layers_with_triton_kernels_match_reference_and_torch_path(tp, monkeypat
 
 
 def test_auto_is_plain_torch_on_the_cpu():
-    assert kernels.select("auto", torch.empty(1)) is kernels.TorchKernels
-    assert kernels.select("torch", torch.empty(1)) is kernels.TorchKernels
+    assert kernels.select("auto", torch.empty(1), 4) is kernels.TorchKernels
+    assert kernels.select("torch", torch.empty(1), 4) is kernels.TorchKernels
 
 
 def test_forcing_triton_without_a_way_to_run_it_says_what_to_do(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="branch_kernels='triton'.*(TRITON_INTERPRET=1|triton does not import)"):
-        kernels.select("triton", torch.empty(1))
+        kernels.select("triton", torch.empty(1), 4)
 
 
 def test_unknown_mode_is_refused_by_the_config():
