@@ -23,8 +23,10 @@ from tests.distributed.shapes import RANK
 MISSING = kernels.triton_missing_reason()
 needs_triton = pytest.mark.skipif(MISSING is not None, reason=f"needs triton: {MISSING}")
 
-# (tokens, in, out, rank): odd sizes, a partial block everywhere, ranks 1..128.
-SHAPES = [(37, 53, 29, 1), (64, 64, 64, 16), (5, 130, 70, 128), (100, 33, 47, 3), (129, 96, 65, 64)]
+# (tokens, in, out, rank): odd sizes, a partial block everywhere, ranks 1..128; the last one
+# splits every reduction into spans (K > 512 for down, T > 512 for up, T > 1024 for the dY pass).
+SHAPES = [(37, 53, 29, 1), (64, 64, 64, 16), (5, 130, 70, 128), (100, 33, 47, 3), (129, 96, 65, 64),
+          (1100, 600, 300, 8)]
 # One bf16 rounding of the output (2^-8) plus fp32-accumulation order; fp32: summation order.
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7}
 
@@ -66,6 +68,7 @@ def worker_kernel_errors(shapes, dtypes):
 
 def worker_strided_and_deterministic():
     triton_kernels, ref = _interpreted_kernels(), kernels.TorchKernels
+    triton_kernels.SPAN, triton_kernels.DY_SPAN = 64, 128  # many spans, a partial last one
     g = torch.Generator().manual_seed(3)
     wide = torch.randn(7, 3, 40, generator=g)
     x = wide[..., :33]  # an [s, b, h] view with row stride 40: taken without a copy
