@@ -238,6 +238,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             _fail(f"--lora-target-modules {' '.join(unknown)}: no such module in a GPT layer; "
                   f"choose from {' '.join(DEFAULT_TARGET_MODULES)}.")
         # The smallest side of the four targets: hidden, attention width (heads x kv channels), ffn.
+        if args.lora.recompute_branch_input and args.transformer_impl == "transformer_engine":
+            _fail("--lora-recompute-branch-input works with --transformer-impl local: the TE layers "
+                  "run their norm inside the layer, so there is no input to recompute from.")
         kv_channels = args.kv_channels or args.hidden_size // heads
         smallest = min(args.hidden_size, heads * kv_channels, args.ffn_hidden_size)
         if args.lora.rank > smallest:

@@ -41,6 +41,8 @@ def test_defaults_are_derived_like_megatron_lm(data):
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 exclude each other"),
     (["--transformer-impl", "transformer_engine", "--device", "cpu"], 1,
      "transformer_engine needs CUDA .*use --transformer-impl local"),
+    (["--lora-rank", "4", "--lora-recompute-branch-input", "--transformer-impl", "transformer_engine"], 1,
+     "--lora-recompute-branch-input works with --transformer-impl local"),
     (["--tensor-model-parallel-size", "4", "--make-vocab-size-divisible-by", "2", "--num-attention-heads", "4"],
      4, "does not divide by TP=4"),
 ])
@@ -48,6 +50,13 @@ def test_bad_combinations_name_the_flag(data, flags, world, needle):
     with pytest.raises(UsageError, match=needle) as err:
         check(data + flags, world)
     assert "\n" not in str(err.value)
+
+
+def test_branch_kernel_choices_are_argparse_choices(data, capsys):
+    with pytest.raises(SystemExit):
+        check(data + ["--lora-rank", "4", "--lora-branch-kernels", "cuda"])
+    assert "invalid choice: 'cuda' (choose from 'auto', 'torch', 'triton')" in capsys.readouterr().err.replace('"', "'")
+    assert check(data + ["--lora-rank", "4", "--lora-branch-kernels", "torch"]).lora.branch_kernels == "torch"
 
 
 def test_gradient_accumulation_fusion_only_where_it_can_run(data):
