@@ -28,7 +28,6 @@ All memory figures are per rank.
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -39,6 +38,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.report import emit  # noqa: E402
 
 VOCAB, HEADS, GROUPS = 1024, 16, 4
 # (name, variant, sequence parallel): the order in which each rep times them
@@ -203,14 +204,7 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the measurements to this file as JSON")
     args = ap.parse_args(argv)
     result = run_benchmark(args.hidden, args.ffn, args.layers, args.seq, args.rank, args.reps, args.warmup)
-    table = format_table(result)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(format_table(result), result, args.out, args.json)
 
 
 if __name__ == "__main__":

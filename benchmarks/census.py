@@ -81,7 +81,6 @@ the weight for backward and runs no weight-gradient GEMM.
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -92,6 +91,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.report import emit  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -495,14 +496,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     shape = {k: getattr(args, k) for k in DEFAULT_SHAPE}
     result = run_census(tuple(args.tp), tuple(args.targets), shape)
-    table = format_table(result)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(format_table(result), result, args.out, args.json)
 
 
 if __name__ == "__main__":
