@@ -33,5 +33,6 @@ python -m pytest -q -rs -m "not once" tests/unit \
   tests/distributed/test_te_double.py tests/distributed/test_init_tp_invariant.py \
   tests/distributed/test_factor_reduction_flags.py tests/distributed/test_apply_lora.py \
   tests/distributed/test_gpt_lora_matches_tp1.py tests/distributed/test_checkpoint.py \
-  tests/distributed/test_convert.py tests/distributed/test_hybrid_model.py "$@"
+  tests/distributed/test_convert.py tests/distributed/test_hybrid_model.py \
+  tests/distributed/test_export.py tests/distributed/test_branch_input_recompute.py "$@"
 deactivate
