@@ -182,10 +182,11 @@ def plain_train(model, steps, lr=1e-2, first_step=0):
 
 def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout="gated",
           qkv_layout="grouped", breakage=contextlib.nullcontext, lr=1e-2, grad_fusion=False, overlap=False,
-          transformer_impl="local", config_overrides=None):
+          transformer_impl="local", config_overrides=None, cfg=None):
     """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter.
 
     ``breakage``: a context manager of ``breakages`` to train under (the harness tests).
+    ``cfg``: the LoRAConfig (default ``lora_cfg()``).
 
     ``grad_fusion``: Megatron's gradient_accumulation_fusion (LoRA factors write ``main_grad``
     themselves; switched on after the build, which on CPU refuses it for want of apex's kernel,
@@ -196,7 +197,7 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
         raise ValueError("under SP replicated factors get sequence-chunk partial gradients that "
                          "finalize_model_grads sums: use loop='ddp'")
     with breakage():
-        model = build_lora_gpt(full_state, sp=sp, path=path, fc1_layout=fc1_layout, qkv_layout=qkv_layout,
+        model = build_lora_gpt(full_state, sp=sp, path=path, cfg=cfg, fc1_layout=fc1_layout, qkv_layout=qkv_layout,
                                transformer_impl=transformer_impl, config_overrides=config_overrides)
         if loop == "plain":
             losses, norms = plain_train(model, steps, lr), []
