@@ -3,8 +3,9 @@ gated linear_fc1 (gate, up), under TP, SP, DDP and dist checkpoints.
 
 Reference: TP=1 in a plain loop, as in ``test_gpt_lora_matches_tp1.py``. TP=2 (surgery path,
 plain loop) and TP=2 + SP (LoRA spec, Megatron DDP, with and without gradient-accumulation
-fusion) must give the same losses (~1e-5) and the same gathered adapter, the replicated factors
-bitwise identical on both ranks. lora_B is compact, [out/t, r], by construction: no parameter
+fusion), and the Transformer Engine spec on the CPU double of TE (``test_te_double.py``), must
+give the same losses (~1e-5) and the same gathered adapter, the replicated factors bitwise
+identical on both ranks. lora_B is compact, [out/t, r], by construction: no parameter
 holds the off-block entries of the block B the operators multiply.
 """
 
@@ -21,7 +22,15 @@ LAYOUTS = {
     "tp2-plain": (2, dict()),
     "tp2-sp-ddp": (2, dict(loop="ddp", path="spec", sp=True)),
     "tp2-sp-ddp-fused": (2, dict(loop="ddp", path="spec", sp=True, grad_fusion=True, overlap=True)),
+    "te-tp2-apply": (2, dict(transformer_impl="transformer_engine")),
+    "te-tp2-sp-ddp-fused": (2, dict(transformer_impl="transformer_engine", loop="ddp", path="spec", sp=True,
+                                    grad_fusion=True, overlap=True)),
 }
+# Adam turns reduction-order noise in a near-zero gradient entry into visible noise in its
+# factor (the update is lr * g / (|g| + eps)). On the TE double under SP, one qkv lora_B entry,
+# gradient 1.8e-7 at step 1 (the gradients agree to 5e-9), ends 1.2e-5 from TP=1 after 6 steps:
+# that layout is held to the script-level adapter tolerance of docs/design.md §11.
+ADAPTER_TOLERANCE = {"te-tp2-sp-ddp-fused": dict(rtol=1e-3, atol=1e-4)}
 _runs = {}
 
 
@@ -34,7 +43,8 @@ def run(base_state, name):
     if name not in _runs:
         world, kwargs = LAYOUTS[name]
         options = {**kwargs, "steps": STEPS, "cfg": P.PER_PROJECTION}
-        _runs[name] = run_distributed(G.train_worker, world, base_state, options, tp=world)
+        _runs[name] = run_distributed(G.train_worker, world, base_state, options, tp=world,
+                                      te_double=name.startswith("te-"))
     return _runs[name]
 
 
@@ -55,9 +65,11 @@ def test_per_projection_trajectory_and_adapter_match_tp1(base_state, name):
     losses = ref[0]["losses"]
     assert len(losses) == STEPS and losses[-1] < 0.99 * losses[1]  # it learns
     ranks = run(base_state, name)
+    if name.startswith("te-"):
+        assert ranks[0]["lora_classes"] == ["LoRATELayerNormColumnParallelLinear", "LoRATERowParallelLinear"]
     for r in ranks:
         G.assert_same_trajectory(r["losses"], losses)
-    adapter = G.assert_same_logical_adapter(ranks, ref)
+    adapter = G.assert_same_logical_adapter(ranks, ref, **ADAPTER_TOLERANCE.get(name, {}))
     assert all(torch.count_nonzero(v) for k, v in adapter.items() if k.endswith("lora_B"))
     assert G.replicated_mismatches(ranks) == []
 
