@@ -14,10 +14,9 @@ import torch
 from megatron_lora.core.checkpoint.files import CONFIG_FIELDS_THAT_MUST_MATCH, saved_config_value
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.projections import column_index, dense_b, logical_row_projections
-from megatron_lora.hf.mapping import MODULES
 from megatron_lora.hf.peft_adapters import megatron_from_peft, peft_from_megatron, peft_key
 from tests.peft_reference import peft_deltas
-from tests.unit.test_hf_mapping import ARCH, PROJECTIONS, _config, _peft
+from tests.unit.test_hf_mapping import ARCH, PROJECTIONS, _config, _megatron_deltas, _peft
 
 # The Megatron config of ARCH: 4 heads in 2 query groups of head dim 16, SwiGLU ffn 128.
 MEGATRON = types.SimpleNamespace(num_attention_heads=4, num_query_groups=2, kv_channels=16, gated_linear_unit=True)
@@ -52,17 +51,11 @@ def test_dense_b_is_block_structured_and_its_gradient_is_the_compact_one():
 
 def _layer_deltas(tensors, cfg):
     """{(layer, projection): s * B_dense @ A}, B_dense built as a per-projection layer builds it."""
-    out = {}
-    for key, a in tensors.items():
-        if key.endswith("lora_A"):
-            layer, module = int(key.split(".")[2]), ".".join(key.split(".")[3:5])
-            b, rows = tensors[key[:-1] + "B"], _rows(module)
-            if rows is not None:
-                b = dense_b(b, column_index(rows, cfg.rank), int(rows.max()) + 1)
-            delta = cfg.scaling * (b.double() @ a.double())
-            for part, d in zip(MODULES[module][1], ARCH.split(module, delta)):
-                out[(layer, part)] = d
-    return out
+    def block(module, b):
+        rows = _rows(module)
+        return b if rows is None else dense_b(b, column_index(rows, cfg.rank), int(rows.max()) + 1)
+
+    return _megatron_deltas(tensors, cfg, block)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
