@@ -51,7 +51,8 @@ def peft_import_worker(paths):
     from tests.distributed import convert_cases as C
 
     return C._run_cli(
-        ["hf-to-megatron", "--hf-dir", paths["llama"], "--output", paths["mg_llama"], "--target-tensor-parallel-size", 2],
+        ["hf-to-megatron", "--hf-dir", paths["llama"], "--output", paths["mg_llama"],
+         "--target-tensor-parallel-size", 2],
         ["peft-to-megatron", "--peft-dir", paths["peft"], "--base", paths["mg_llama"], "--output", paths["imported"],
          "--per-projection"])
 

@@ -86,7 +86,10 @@ def test_trained_per_projection_adapter_exports_at_rank_r_where_the_stacked_one_
     """Training fills every entry of the factors: a stacked B then uses all 3r columns on every
     projection; a per-projection adapter has no such columns to fill."""
     g = torch.Generator().manual_seed(3)
-    trained = lambda tensors: {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in tensors.items()}  # noqa: E731
+
+    def trained(tensors):
+        return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in tensors.items()}
+
     per_projection, cfg = megatron_from_peft(_peft(), _config(), ARCH, per_projection=True)
     back, config = peft_from_megatron(trained(per_projection), cfg, ARCH)
     assert config["r"] == 4
