@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).")
     c.add_argument("--base", required=True, help=base_help)
     c.add_argument("--output", required=True, help="New .safetensors file.")
+    c.add_argument("--per-projection", action="store_true",
+                   help="For per-projection LoRA (--lora-per-projection): q/k/v and gate/up keep their own "
+                        "rank-r A, so the adapter stays at PEFT's r (default: distinct A's stacked, rank 3r).")
 
     c = sub.add_parser("megatron-to-peft", help="Megatron adapter -> PEFT adapter directory.")
     c.add_argument("--adapter", required=True,
@@ -87,7 +90,7 @@ def run(args) -> None:
         hf_to_megatron(args.hf_dir, args.output, args.target_tensor_parallel_size,
                        args.target_pipeline_parallel_size, args.dtype, log)
     elif args.command == "peft-to-megatron":
-        peft_to_megatron(args.peft_dir, args.output, args.base, log)
+        peft_to_megatron(args.peft_dir, args.output, args.base, log, args.per_projection)
     elif args.command == "megatron-to-peft":
         megatron_to_peft(args.adapter, args.output, args.base, args.iteration, not args.keep_rank,
                          args.base_model_name_or_path, log)

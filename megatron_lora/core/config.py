@@ -53,6 +53,13 @@ class LoRAConfig:
                           "the base keeps anyway (the norm input of linear_qkv / linear_fc1, the "
                           "fc1 output of linear_fc2). Exact; costs one norm / activation pass."},
     )
+    per_projection: bool = field(
+        default=False,
+        metadata={"help": "One rank-r A per projection of a fused linear_qkv (q, k, v) and of a gated "
+                          "linear_fc1 (gate, up), as PEFT has: lora_A stacks them [P*r, in], lora_B stays "
+                          "[out, r] (each row feeds one projection). PEFT adapters then import and export "
+                          "at rank r; other targets are unchanged."},
+    )
 
     def __post_init__(self):
         # Accept any iterable of names (argparse gives a list) but store an immutable tuple.

@@ -51,9 +51,9 @@ class ExternalGEMMLoRA(LoRALayerMixin):
     def lora_group(self):
         return self.lora_tp_group
 
-    def _lora_layout(self, gated: bool) -> AdapterLayout:
+    def _lora_layout(self, gated: bool, n_projections: int = 1) -> AdapterLayout:
         if self.lora_parallel_mode == "column":
-            return AdapterLayout.column(gated=gated)
+            return AdapterLayout.column(gated=gated, projections=n_projections)
         return AdapterLayout.row()
 
     def _comm_mode(self) -> str:
@@ -72,7 +72,7 @@ class ExternalGEMMLoRA(LoRALayerMixin):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         active = self._lora_active()
         branch = self._lora_branch()
-        lora_a, lora_b = (self.lora_A, self.lora_B) if active else (None, None)
+        lora_a, lora_b = (self.lora_A, self.lora_dense_b()) if active else (None, None)
         if self.lora_parallel_mode == "row":
             out, bias, _ = self._local_gemm(x)
             mask = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import torch
 
@@ -27,10 +28,12 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def logical_lora_a(shape, init: str, seed: int, name: str) -> torch.Tensor:
-    """The full ``[r, in]`` A in fp32 on CPU: identical on every machine and device."""
+def logical_lora_a(shape, init: str, seed: int, name: str, rank: Optional[int] = None) -> torch.Tensor:
+    """The full ``[r, in]`` A in fp32 on CPU: identical on every machine and device. ``rank``: the
+    LoRA rank when A stacks several (per-projection LoRA: ``[P*r, in]``), else ``shape[0]``."""
     gen = torch.Generator().manual_seed(name_seed(seed, name))
-    rank, fan_in = shape
+    rows, fan_in = shape
+    rank = rank or rows
     if init == "kaiming":
         # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT do: bound = 1 / sqrt(fan_in).
         bound = 1.0 / math.sqrt(fan_in)
@@ -48,12 +51,12 @@ def init_lora_factors(layer, name: str) -> None:
     a = layer.lora_A
     if layout.a_dim is None:
         if rank == 0:
-            a.copy_(logical_lora_a(layer.lora_logical_shape("lora_A"), cfg.init, cfg.seed, name))
+            a.copy_(logical_lora_a(layer.lora_logical_shape("lora_A"), cfg.init, cfg.seed, name, cfg.rank))
         C.broadcast_from_group_source(a, group)
     else:
         chunks = None
         if rank == 0:
-            full = logical_lora_a(layer.lora_logical_shape("lora_A"), cfg.init, cfg.seed, name)
+            full = logical_lora_a(layer.lora_logical_shape("lora_A"), cfg.init, cfg.seed, name, cfg.rank)
             full = full.to(device=a.device, dtype=a.dtype)
             chunks = [layout.shard("lora_A", full, r, world) for r in range(world)]
         C.scatter_from_group_source(a, chunks, group)

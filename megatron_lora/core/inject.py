@@ -23,7 +23,7 @@ from megatron_lora.core import recompute
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
-    LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1,
+    LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1, is_qkv,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def apply_lora(model, cfg: LoRAConfig):
                 if module.lora_config != cfg:
                     raise ValueError(f"{name} already has LoRA with {module.lora_config}, not {cfg}.")
             else:
-                classes[type(module)].from_base(module, cfg, gated=is_gated_fc1(module.config, leaf))
+                classes[type(module)].from_base(module, cfg, gated=is_gated_fc1(module.config, leaf), qkv=is_qkv(leaf))
             if module.lora_init_name is None:
                 init_lora_factors(module, name)
             wrapped[leaf] = wrapped.get(leaf, 0) + 1

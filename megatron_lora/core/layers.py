@@ -13,6 +13,10 @@ layer's own ``tp_group`` (expert layers get the expert-TP group from the base cl
 | column | [r, in] replicated           | [out/t, r] sharded on dim 0  | lora_B only           |
 | row    | [r, in/t] sharded on dim 1   | [out, r] replicated          | lora_A only           |
 
+With ``LoRAConfig.per_projection`` a fused column layer of P projections (``linear_qkv``, gated
+``linear_fc1``) has ``lora_A [P*r, in]`` and the operators get B in block form (``lora_dense_b``,
+``core/projections.py``); shapes of B, sharding and collectives are the table's.
+
 Replicated-factor gradient (docs/design.md §3; §10, trap 2): the TP sum the replicated factor's
 gradient needs is computed INSIDE the base layer's one collective (``ops.py``), so without SP the
 gradient is complete and bitwise identical on all TP ranks in any training loop; under SP the
@@ -41,7 +45,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core import compat
+from megatron_lora.core import compat, projections
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
@@ -60,6 +64,12 @@ def is_gated_fc1(config, name: Optional[str]) -> bool:
     of a gated MLP. ``name``: the module name, or the ``tp_comm_buffer_name`` ("fc1") Megatron's
     MLP builds it with, which is all a constructor sees."""
     return name in ("linear_fc1", "fc1") and bool(getattr(config, "gated_linear_unit", False))
+
+
+def is_qkv(name: Optional[str]) -> bool:
+    """Whether a layer is the fused ``linear_qkv`` (module name, or the ``tp_comm_buffer_name``
+    "qkv" of Megatron's attention): its rows are q, k and v per query group."""
+    return name in ("linear_qkv", "qkv")
 
 
 @torch.no_grad()
@@ -82,7 +92,7 @@ class LoRALayerMixin:
         """The TP group the factors are laid out over (the layer's own, docs/design.md §1)."""
         return self.tp_group
 
-    def _setup_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name: Optional[str]):
+    def _setup_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name: Optional[str], qkv: bool = False):
         if not isinstance(lora_config, LoRAConfig):
             raise TypeError(
                 f"{type(self).__name__} needs lora_config=LoRAConfig(...), got {type(lora_config).__name__}."
@@ -94,7 +104,11 @@ class LoRALayerMixin:
                 "layers do not support; build the model without a gtp_remat process group.")
         self.lora_config = lora_config
         self.lora_scaling = lora_config.scaling
-        self.lora_layout = self._lora_layout(gated)
+        # Per-projection LoRA (core/projections.py): which projection each logical row feeds.
+        rows = projections.logical_row_projections(self.config, self.output_size, qkv, gated) \
+            if lora_config.per_projection else None
+        self.lora_row_projections = rows
+        self.lora_layout = self._lora_layout(gated, 1 if rows is None else int(rows.max()) + 1)
         self.lora_enabled = True
         self.lora_merged = False
         self.lora_init_name = None  # set by init_lora_factors
@@ -125,8 +139,26 @@ class LoRALayerMixin:
                 param.sequence_parallel = self._comm_mode() == "reduce_scatter"
             param.allreduce = base_allreduce
             setattr(self, factor, param)
+        if rows is not None:  # this rank's rows of B_dense, sharded like lora_B
+            local = self.lora_layout.shard("lora_B", rows, C.group_rank(self.lora_group), world)
+            self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)
+
+    def lora_dense_b(self, logical_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B as the operators and every merge multiply it: ``lora_B`` itself, or with per-projection
+        LoRA the block-structured ``[rows, P*r]`` B (``core/projections.py``) of this rank's
+        ``lora_B``, or of ``logical_b``, the gathered logical one."""
+        b = self.lora_B if logical_b is None else logical_b
+        if self.lora_row_projections is None:
+            return b
+        if logical_b is None:
+            columns = self._lora_b_columns
+            if columns.device != b.device:  # the model was moved after it was built
+                columns = self._lora_b_columns = columns.to(b.device)
+        else:
+            columns = projections.column_index(self.lora_row_projections.to(b.device), self.lora_config.rank)
+        return projections.dense_b(b, columns, self.lora_layout.projections)
 
     def lora_logical_shape(self, factor: str):
         return self.lora_layout.logical_shapes(self.input_size, self.output_size, self.lora_config.rank)[factor]
@@ -167,7 +199,7 @@ class LoRALayerMixin:
     @torch.no_grad()
     def lora_delta(self) -> torch.Tensor:
         """``s * B @ A`` for this rank's base shard (local by construction, docs/design.md §1)."""
-        return fp32_lora_delta(self.lora_A, self.lora_B, self.lora_scaling).to(self.weight.dtype)
+        return fp32_lora_delta(self.lora_A, self.lora_dense_b(), self.lora_scaling).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -213,17 +245,18 @@ class LoRALayerMixin:
         return sharded
 
     @classmethod
-    def from_base(cls, base, lora_config: LoRAConfig, gated: bool = False, lora_init_name=None):
-        """Turn a built base layer into this LoRA layer in place: base weights are not copied."""
+    def from_base(cls, base, lora_config: LoRAConfig, gated: bool = False, lora_init_name=None, qkv: bool = False):
+        """Turn a built base layer into this LoRA layer in place: base weights are not copied.
+        ``gated`` / ``qkv``: the layer is a gated ``linear_fc1`` / the fused ``linear_qkv``."""
         expected = cls._base_class
         if type(base) is not expected:
             raise TypeError(f"{cls.__name__}.from_base expects a {expected.__name__}, got {type(base).__name__}.")
         base.__class__ = cls
-        base._become_lora(lora_config, gated, lora_init_name)
+        base._become_lora(lora_config, gated, lora_init_name, qkv)
         return base
 
-    def _become_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name):
-        self._setup_lora(lora_config, gated, lora_init_name)
+    def _become_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name, qkv: bool = False):
+        self._setup_lora(lora_config, gated, lora_init_name, qkv)
 
     def __repr__(self):
         c = self.lora_config
@@ -244,11 +277,11 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
     def __init__(self, input_size, output_size, *, lora_config: LoRAConfig,
                  lora_init_name: Optional[str] = None, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        gated = is_gated_fc1(self.config, kwargs.get("tp_comm_buffer_name"))
-        self._setup_lora(lora_config, gated, lora_init_name)
+        name = kwargs.get("tp_comm_buffer_name")
+        self._setup_lora(lora_config, is_gated_fc1(self.config, name), lora_init_name, is_qkv(name))
 
-    def _lora_layout(self, gated: bool) -> AdapterLayout:
-        return AdapterLayout.column(gated=gated)
+    def _lora_layout(self, gated: bool, n_projections: int = 1) -> AdapterLayout:
+        return AdapterLayout.column(gated=gated, projections=n_projections)
 
     def _comm_mode(self) -> str:
         # Megatron's column layer: explicit expert communication turns SP and the dX reduction
@@ -279,8 +312,8 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
         x_total = ColumnEntry.apply(input_, self.lora_A, rider, branch)
         # Under SP dA needs only this rank's chunk of the branch input: the layer's own input.
         chunk = input_ if branch.mode == "reduce_scatter" else None
-        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_B, mask, chunk, rider, branch,
-                                  recipe)
+        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_dense_b(), mask, chunk, rider,
+                                  branch, recipe)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
@@ -302,8 +335,8 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         self._setup_lora(lora_config, False, lora_init_name)
 
-    def _lora_layout(self, gated: bool) -> AdapterLayout:
-        return AdapterLayout.row()
+    def _lora_layout(self, gated: bool, n_projections: int = 1) -> AdapterLayout:
+        return AdapterLayout.row()  # a row layer is never a fused one
 
     def _comm_mode(self) -> str:
         # Megatron's row layer: explicit expert communication leaves the output unreduced.

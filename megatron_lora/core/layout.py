@@ -12,6 +12,10 @@ silently permutes rows when TP changes (docs/design.md §10, trap 5). ``linear_q
 grouped per query group (``[q_g, k_g, v_g]`` for g = 0..G-1) and TP splits whole groups, so a
 contiguous split is right there as long as the group count divides by t (checked when the model
 is built).
+
+Per-projection LoRA (``LoRAConfig.per_projection``, ``core/projections.py``) gives a fused column
+layer of P projections P stacked A's, ``lora_A [P*r, in]``, and keeps ``lora_B [out, r]``: B's rows
+shard exactly as above, so nothing else here changes.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ class AdapterLayout:
     a_dim: Optional[int]
     b_dim: Optional[int]
     gated: bool = False  # dim-0 shards are [gate_i; up_i]
+    projections: int = 1  # per-projection LoRA: A's stacked in lora_A (core/projections.py)
 
     @classmethod
-    def column(cls, gated: bool = False) -> "AdapterLayout":
-        return cls(a_dim=None, b_dim=0, gated=gated)
+    def column(cls, gated: bool = False, projections: int = 1) -> "AdapterLayout":
+        return cls(a_dim=None, b_dim=0, gated=gated, projections=projections)
 
     @classmethod
     def row(cls) -> "AdapterLayout":
@@ -42,7 +47,7 @@ class AdapterLayout:
         return {"lora_A": self.a_dim, "lora_B": self.b_dim}[factor]
 
     def logical_shapes(self, in_features: int, out_features: int, rank: int):
-        return {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
+        return {"lora_A": (self.projections * rank, in_features), "lora_B": (out_features, rank)}
 
     def local_shape(self, factor: str, logical: Sequence[int], world: int) -> Tuple[int, ...]:
         dim = self.partition_dim(factor)

@@ -27,7 +27,7 @@ import importlib
 from megatron_lora.core import collectives as C
 from megatron_lora.core import compat
 from megatron_lora.core.external_gemm import ExternalGEMMLoRA
-from megatron_lora.core.layers import is_gated_fc1
+from megatron_lora.core.layers import is_gated_fc1, is_qkv
 
 try:
     importlib.import_module("transformer_engine")
@@ -76,13 +76,14 @@ class _TELoRA(ExternalGEMMLoRA):
             raise ValueError(f"{type(self).__name__}: LoRA on Transformer Engine expert layers is "
                              "not supported; build MoE experts with the local spec.")
         self._te_base.__init__(self, input_size, output_size, **kwargs)
-        self._become_lora(lora_config, is_gated_fc1(self.config, kwargs.get("tp_comm_buffer_name")), lora_init_name)
+        name = kwargs.get("tp_comm_buffer_name")
+        self._become_lora(lora_config, is_gated_fc1(self.config, name), lora_init_name, is_qkv(name))
 
     @property
     def _base_tp_axes(self):
         return {"weight": 0, "bias": 0} if self.lora_parallel_mode == "column" else {"weight": 1}
 
-    def _become_lora(self, lora_config, gated, lora_init_name):
+    def _become_lora(self, lora_config, gated, lora_init_name, qkv=False):
         check_te_config(self.config, type(self).__name__)
         group = compat.te_tp_group(self)
         world = C.group_size(group)
@@ -93,7 +94,7 @@ class _TELoRA(ExternalGEMMLoRA):
         skip_bias_add = bool(self.te_return_bias)  # Megatron: skip_bias_add and bias
         self._make_te_local()
         self._init_external(*sizes, group, skip_bias_add)
-        self._setup_lora(lora_config, gated, lora_init_name)
+        self._setup_lora(lora_config, gated, lora_init_name, qkv)
 
     def _make_te_local(self) -> None:
         """Turn the built TE module into a local GEMM of this rank's shard (no TP communication).

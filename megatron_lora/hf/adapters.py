@@ -17,20 +17,30 @@ from megatron_lora.core.config import LoRAConfig
 from megatron_lora.hf.mapping import ConversionError, arch_from_model_args
 from megatron_lora.hf.peft_adapters import peft_from_megatron
 from megatron_lora.hf.sources import (
-    PEFT_CONFIG, PEFT_WEIGHTS, Log, check_new_output, checked, read_adapter, read_base, read_peft, silent,
+    PEFT_CONFIG, PEFT_WEIGHTS, Log, check_new_output, checked, read_adapter, read_base, read_json, read_peft, silent,
 )
 from megatron_lora.training.arguments import lora_flags
 
 
-def peft_to_megatron(peft_dir: str, output: str, base: str, log: Log = silent) -> LoRAConfig:
-    """Import a PEFT adapter as a full adapter file; returns its LoRAConfig."""
+def peft_to_megatron(peft_dir: str, output: str, base: str, log: Log = silent,
+                     per_projection: bool = False) -> LoRAConfig:
+    """Import a PEFT adapter as a full adapter file; returns its LoRAConfig. ``per_projection``
+    (``--per-projection``): for per-projection LoRA, keeping PEFT's rank r on every projection;
+    otherwise distinct q/k/v (gate/up) A's are stacked into one rank (``peft_adapters``)."""
     model_args, _ = read_base(base)
     if os.path.exists(output):
         raise ConversionError(f"--output {output} already exists; choose a new path or delete it.")
-    tensors, cfg = checked(*read_peft(peft_dir, arch_from_model_args(model_args, base)), where=peft_dir)
+    tensors, cfg = checked(*read_peft(peft_dir, arch_from_model_args(model_args, base), per_projection),
+                           where=peft_dir)
     write_full_adapter(tensors, cfg, output, converted_from=f"peft:{os.path.abspath(peft_dir)}")
-    log(f"wrote {output}: rank {cfg.rank}, alpha {cfg.alpha:g} on {' '.join(cfg.target_modules)}. "
+    kind = " per projection" if cfg.per_projection else ""
+    log(f"wrote {output}: rank {cfg.rank}{kind}, alpha {cfg.alpha:g} on {' '.join(cfg.target_modules)}. "
         f"LoRA flags for pretrain_gpt_lora.py:\n  {shlex.join(['--lora-load', output, *lora_flags(cfg)])}")
+    peft_rank = read_json(os.path.join(peft_dir, PEFT_CONFIG), "")["r"]
+    if cfg.rank != peft_rank:
+        log(f"note: the PEFT adapter has r={peft_rank}; its distinct q/k/v (gate/up) A's were stacked into "
+            f"rank {cfg.rank}. --per-projection imports it at r={peft_rank} per projection instead "
+            "(its flags then include --lora-per-projection).")
     return cfg
 
 

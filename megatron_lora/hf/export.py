@@ -224,7 +224,7 @@ def _merged_logical(name: str, module, pname: str) -> torch.Tensor:
         full = full.float()
         # W + s·B·A with the factors in their logical form: merge_lora's sum on the fp32 TP=1
         # model of the ``merge`` conversion, so the bits match it (IEEE addition commutes).
-        a, b = gather_factor(module, "lora_A"), gather_factor(module, "lora_B")
+        a, b = gather_factor(module, "lora_A"), module.lora_dense_b(gather_factor(module, "lora_B"))
         return full.add_(fp32_lora_delta(a, b, module.lora_scaling))
 
 

@@ -30,6 +30,13 @@ or a zero row of A) are dropped per projection, and all projections are zero-pad
 largest remaining count r_out, so one PEFT ``r`` fits all: importing then exporting returns the
 original PEFT factors. lora_alpha is kept when r_out == R, else it is s·r_out (use_rslora False).
 ``compact=False`` (``--keep-rank``) keeps R; an untrained adapter (B = 0) keeps R and its A's.
+
+**Per-projection LoRA** (``LoRAConfig.per_projection``, ``core/projections.py``). A fused layer
+carries PEFT's own factors: ``A = [A_q; A_k; A_v]`` (``[A_gate; A_up]``) and the compact
+``B = fuse_qkv(B_q, B_k, B_v)`` (``[B_gate; B_up]``), each of rank r, so import keeps PEFT's r,
+lora_alpha and use_rslora, and export cuts A into its blocks and B into its rows: rank r per
+projection however the adapter was trained (``compact`` then only drops unused components as
+above). An absent projection gets a zero A block and zero B rows, which stay zero in training.
 """
 
 from __future__ import annotations
@@ -127,21 +134,24 @@ def _peft_factors(tensors: Dict[str, torch.Tensor], r: int, arch: Arch, where: s
 
 
 def megatron_from_peft(tensors: Dict[str, torch.Tensor], peft_config: dict, arch: Arch,
-                       where: str = "the PEFT adapter") -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
-    """A full adapter and its LoRAConfig whose update equals the PEFT adapter's (module docstring)."""
+                       where: str = "the PEFT adapter",
+                       per_projection: bool = False) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+    """A full adapter and its LoRAConfig whose update equals the PEFT adapter's (module docstring);
+    ``per_projection``: for a per-projection model, at PEFT's rank."""
     scale = check_peft_config(peft_config, where)
     r = peft_config["r"]
     factors = _peft_factors(tensors, r, arch, where)
     targets = [t for t in DEFAULT_TARGET_MODULES if any(LORA_TARGET_OF_PART[p] == t for _, p in factors)]
+    join = _per_projection if per_projection else _stack
     fused: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in range(arch.num_layers):
         for target in targets:
             module = MODULE_OF_TARGET[target]
-            fused[(layer, module)] = _stack(module, [factors.get((layer, p)) for p in MODULES[module][1]], arch)
-    rank = max(a.shape[0] for a, _ in fused.values())
+            fused[(layer, module)] = join(module, [factors.get((layer, p)) for p in MODULES[module][1]], arch, r)
+    rank = max(b.shape[1] for _, b in fused.values())  # per-projection: r (A stacks r rows per projection)
     out = {}
     for (layer, module), (a, b) in fused.items():
-        pad = rank - a.shape[0]
+        pad = rank - b.shape[1]
         out[full_key(layer, module, "lora_A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
         out[full_key(layer, module, "lora_B")] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
     if rank == r:
@@ -149,11 +159,22 @@ def megatron_from_peft(tensors: Dict[str, torch.Tensor], peft_config: dict, arch
     else:
         alpha, rslora = scale * rank, False
     cfg = LoRAConfig(rank=rank, alpha=alpha, use_rslora=rslora, target_modules=tuple(targets),
-                     dropout=float(peft_config.get("lora_dropout") or 0.0))
+                     dropout=float(peft_config.get("lora_dropout") or 0.0), per_projection=per_projection)
     return out, cfg
 
 
-def _stack(module: str, parts: List[Optional[Tuple[torch.Tensor, torch.Tensor]]], arch: Arch):
+def _per_projection(module: str, parts: List[Optional[Tuple[torch.Tensor, torch.Tensor]]], arch: Arch, r: int):
+    """(A, B) of one per-projection layer: the parts' A's stacked, their B's fused (compact, rank r);
+    an absent part is zero. Every part has rank r (``_peft_factors`` checked the shapes)."""
+    shapes = arch.part_shapes()
+    names = MODULES[module][1]
+    dtype = next((p[1].dtype for p in parts if p is not None), torch.float32)
+    a_blocks = [p[0] if p is not None else torch.zeros(r, shapes[n][1], dtype=dtype) for n, p in zip(names, parts)]
+    b_parts = [p[1] if p is not None else torch.zeros(shapes[n][0], r, dtype=dtype) for n, p in zip(names, parts)]
+    return torch.cat(a_blocks), arch.fuse(module, b_parts)
+
+
+def _stack(module: str, parts: List[Optional[Tuple[torch.Tensor, torch.Tensor]]], arch: Arch, r: int):
     """(A, B) of one fused layer: distinct A's stacked, B block-structured, absent parts zero."""
     shapes = arch.part_shapes()
     names = MODULES[module][1]
@@ -196,7 +217,7 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
         for target in cfg.target_modules:
             module = MODULE_OF_TARGET[target]
             out_features, in_features = arch.module_shape(module)
-            expected[full_key(layer, module, "lora_A")] = (cfg.rank, in_features)
+            expected[full_key(layer, module, "lora_A")] = (_projections(cfg, module) * cfg.rank, in_features)
             expected[full_key(layer, module, "lora_B")] = (out_features, cfg.rank)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {v})" for k, v in expected.items()
@@ -209,8 +230,9 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
         for target in cfg.target_modules:
             module = MODULE_OF_TARGET[target]
             a, b = tensors[full_key(layer, module, "lora_A")], tensors[full_key(layer, module, "lora_B")]
-            for part, b_part in zip(MODULES[module][1], arch.split(module, b)):
-                per_part[(layer, part)] = (a, b_part)
+            a_parts = a.chunk(_projections(cfg, module)) if cfg.per_projection else None
+            for i, (part, b_part) in enumerate(zip(MODULES[module][1], arch.split(module, b))):
+                per_part[(layer, part)] = (a_parts[i] if a_parts else a, b_part)
     keep = {k: (b.ne(0).any(0) & a.ne(0).any(1)).nonzero().flatten() for k, (a, b) in per_part.items()}
     r_out = max(len(idx) for idx in keep.values()) if compact else cfg.rank
     if r_out == 0:  # an untrained adapter (B = 0): keep its A's for further training
@@ -236,3 +258,8 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
                   rank_pattern={}, alpha_pattern={}, layers_to_transform=None, layers_pattern=None,
                   inference_mode=True, base_model_name_or_path=base_model_name_or_path)
     return out, config
+
+
+def _projections(cfg: LoRAConfig, module: str) -> int:
+    """How many A's the layer stacks: its projections under per-projection LoRA, else one."""
+    return len(MODULES[module][1]) if cfg.per_projection else 1

@@ -118,15 +118,15 @@ def read_base(path: str) -> Tuple[dict, Optional[str]]:
                           "model_args.json, or the Hugging Face model directory.")
 
 
-def read_peft(peft_dir: str, arch: Arch) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
-    """A PEFT adapter directory as a full adapter (see ``peft_adapters``)."""
+def read_peft(peft_dir: str, arch: Arch, per_projection: bool = False) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+    """A PEFT adapter directory as a full adapter (see ``peft_adapters``), per-projection or not."""
     config = read_json(os.path.join(peft_dir, PEFT_CONFIG), "pass a PEFT adapter directory (save_pretrained)")
     check_peft_config(config, os.path.join(peft_dir, PEFT_CONFIG))
     weights = os.path.join(peft_dir, PEFT_WEIGHTS)
     if not os.path.exists(weights):
         raise ConversionError(f"{peft_dir}: no {PEFT_WEIGHTS} (a .bin adapter would be unpickled; re-save "
                               "it with safe_serialization=True).")
-    return megatron_from_peft(adapter_checkpoint.read_full_adapter(weights)[0], config, arch, weights)
+    return megatron_from_peft(adapter_checkpoint.read_full_adapter(weights)[0], config, arch, weights, per_projection)
 
 
 def _is_peft_dir(path: str) -> bool:

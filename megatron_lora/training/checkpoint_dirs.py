@@ -68,7 +68,7 @@ def _check_same_run(root: str, kind: str, args, model_args: dict, flag: str, fai
     if kind == "adapter":
         saved, current = files.read_descriptor(ckpt_dir)["lora_config"], args.lora.to_dict()
         fields = files.CONFIG_FIELDS_THAT_MUST_MATCH
-        differ = describe_mismatch({f"lora_{k}": saved.get(k) for k in fields},
+        differ = describe_mismatch({f"lora_{k}": files.saved_config_value(saved, k) for k in fields},
                                    {f"lora_{k}": current[k] for k in fields})
         what = "another LoRA config"
     else:

@@ -132,9 +132,22 @@ def parity_worker(paths):
     return out
 
 
+def train_steps(model):
+    """``TRAIN_STEPS`` AdamW steps on the LoRA factors, on fixed random batches."""
+    from megatron_lora import lora_parameters
+
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    batches = torch.randint(0, VOCAB, (TRAIN_STEPS, BATCH, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    for batch in batches:
+        opt.zero_grad()
+        loss = model(batch[:, :-1], torch.arange(SEQ).expand(BATCH, -1), None, labels=batch[:, 1:]).mean()
+        loss.backward()
+        opt.step()
+
+
 def train_worker(paths):
     """LoRA trained at TP=2 on the converted base; saved as the script saves (dist + full file)."""
-    from megatron_lora import apply_lora, lora_parameters
+    from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
     from megatron_lora.core.checkpoint.model import load_model
     from megatron_lora.training.loop import gpt_stage_from_args
@@ -143,13 +156,7 @@ def train_worker(paths):
     model = gpt_stage_from_args(args, args.lora)
     load_model(model, paths["mg_llama"])
     apply_lora(model, args.lora)
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
-    batches = torch.randint(0, VOCAB, (TRAIN_STEPS, BATCH, SEQ + 1), generator=torch.Generator().manual_seed(5))
-    for batch in batches:
-        opt.zero_grad()
-        loss = model(batch[:, :-1], torch.arange(SEQ).expand(BATCH, -1), None, labels=batch[:, 1:]).mean()
-        loss.backward()
-        opt.step()
+    train_steps(model)
     save_adapter(model, paths["lora_save"], iteration=TRAIN_STEPS)
     save_full_adapter(model, os.path.join(paths["lora_save"], "adapter.safetensors"))
     return _megatron_logits(model)

@@ -182,10 +182,11 @@ def plain_train(model, steps, lr=1e-2, first_step=0):
 
 def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout="gated",
           qkv_layout="grouped", breakage=contextlib.nullcontext, lr=1e-2, grad_fusion=False, overlap=False,
-          transformer_impl="local", config_overrides=None):
+          transformer_impl="local", config_overrides=None, cfg=None):
     """Train LoRA ``steps`` AdamW steps; returns losses, grad norms and the local adapter.
 
     ``breakage``: a context manager of ``breakages`` to train under (the harness tests).
+    ``cfg``: the LoRAConfig (default ``lora_cfg()``).
 
     ``grad_fusion``: Megatron's gradient_accumulation_fusion (LoRA factors write ``main_grad``
     themselves; switched on after the build, which on CPU refuses it for want of apex's kernel,
@@ -196,7 +197,7 @@ def train(full_state, sp=False, steps=10, loop="plain", path="apply", fc1_layout
         raise ValueError("under SP replicated factors get sequence-chunk partial gradients that "
                          "finalize_model_grads sums: use loop='ddp'")
     with breakage():
-        model = build_lora_gpt(full_state, sp=sp, path=path, fc1_layout=fc1_layout, qkv_layout=qkv_layout,
+        model = build_lora_gpt(full_state, sp=sp, path=path, cfg=cfg, fc1_layout=fc1_layout, qkv_layout=qkv_layout,
                                transformer_impl=transformer_impl, config_overrides=config_overrides)
         if loop == "plain":
             losses, norms = plain_train(model, steps, lr), []
@@ -256,13 +257,13 @@ def assert_same_trajectory(got, ref):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
 
 
-def assert_same_logical_adapter(ranks: list, ref_ranks: list):
+def assert_same_logical_adapter(ranks: list, ref_ranks: list, rtol=1e-4, atol=1e-5):
     """The ranks' gathered logical adapter equals the reference run's, every factor of every
     target of every layer present; returns the reference's."""
     ref, got = logical_adapter(ref_ranks), logical_adapter(ranks)
     assert got.keys() == ref.keys() and len(ref) == ADAPTER_TENSORS
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], ref[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
     return ref
 
 

@@ -42,7 +42,7 @@ def _gathered_logits(model):
     return torch.cat(shards, dim=-1)
 
 
-def build_lora_hybrid(full_state, path="spec"):
+def build_lora_hybrid(full_state, path="spec", cfg=None):
     """The tiny model as a HybridModel "*-*-" at this layout, the GPT base weights loaded, LoRA
     applied: built with LoRA layers from the spec (``path="spec"``) or converted by ``apply_lora``
     ("apply"), or built plain and given the weights of a GPT stage by ``copy_gpt_weights`` ("copy")."""
@@ -50,22 +50,22 @@ def build_lora_hybrid(full_state, path="spec"):
     from megatron_lora.core.hybrid import build_hybrid_stage, copy_gpt_weights, hybrid_key_of_gpt
     from tests.distributed.models import tiny_gpt_config, tp_rank
 
-    cfg = G.lora_cfg()
+    cfg = cfg or G.lora_cfg()
     config = tiny_gpt_config(tp=tp_rank()[0], **{**G.MODEL, "num_layers": len(PATTERN)})
     model = build_hybrid_stage(config, VOCAB_SIZE, SEQ_LEN, PATTERN, lora_config=cfg if path == "spec" else None,
                                position_embedding_type="rope", share_embeddings_and_output_weights=False)
     if path == "copy":  # the way a GPT checkpoint (e.g. converted from Hugging Face) reaches it
-        copy_gpt_weights(model, G.build_lora_gpt(full_state))
+        copy_gpt_weights(model, G.build_lora_gpt(full_state, cfg=cfg))
     else:
         G.load_base(model, {hybrid_key_of_gpt(k): v for k, v in full_state.items()})
     return apply_lora(model, cfg)
 
 
-def hybrid_vs_gpt_worker(full_state, path):
+def hybrid_vs_gpt_worker(full_state, path, cfg=None):
     from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_full_adapter
 
-    gpt = G.build_lora_gpt(full_state)
-    hybrid = build_lora_hybrid(full_state, path)
+    gpt = G.build_lora_gpt(full_state, cfg=cfg)
+    hybrid = build_lora_hybrid(full_state, path, cfg)
     load_full_adapter(hybrid, gather_full_adapter(gpt))  # the same adapter, by its GPT names
     out = {"logits": (_gathered_logits(gpt), _gathered_logits(hybrid))}
     out["losses"] = (G.plain_train(gpt, STEPS), G.plain_train(hybrid, STEPS))
@@ -76,7 +76,18 @@ def hybrid_vs_gpt_worker(full_state, path):
 
 @pytest.mark.parametrize("tp,path", [(1, "spec"), (2, "spec"), (2, "apply"), (2, "copy")])
 def test_hybrid_model_matches_gpt_with_the_same_weights(tp, path):
-    out = run_distributed(hybrid_vs_gpt_worker, tp, G.base_state(), path, tp=tp)[0]
+    _assert_hybrid_matches_gpt(run_distributed(hybrid_vs_gpt_worker, tp, G.base_state(), path, tp=tp)[0])
+
+
+@pytest.mark.parametrize("path", ["spec", "apply"])
+def test_per_projection_hybrid_model_matches_gpt(path):
+    """Per-projection LoRA (issue 18): HybridModel's linear_qkv and gated linear_fc1 are the GPT's."""
+    from tests.distributed.per_projection_cases import PER_PROJECTION
+
+    _assert_hybrid_matches_gpt(run_distributed(hybrid_vs_gpt_worker, 2, G.base_state(), path, PER_PROJECTION, tp=2)[0])
+
+
+def _assert_hybrid_matches_gpt(out):
     gpt_logits, hybrid_logits = out["logits"]
     torch.testing.assert_close(hybrid_logits, gpt_logits, rtol=1e-6, atol=1e-6)
     gpt_losses, hybrid_losses = out["losses"]

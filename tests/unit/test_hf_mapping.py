@@ -189,13 +189,14 @@ def _config(**change):
     return {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": list(PROJECTIONS), **change}
 
 
-def _megatron_deltas(tensors, cfg):
-    """{(layer, projection): s * B @ A} of a full adapter, split back by the layouts."""
+def _megatron_deltas(tensors, cfg, b_as_multiplied=lambda module, b: b):
+    """{(layer, projection): s * B @ A} of a full adapter, split back by the layouts;
+    ``b_as_multiplied(module, B)``: the B a layer multiplies (per-projection: its block form)."""
     out = {}
     for key, a in tensors.items():
         if key.endswith("lora_A"):
             layer, module = int(key.split(".")[2]), ".".join(key.split(".")[3:5])
-            delta = cfg.scaling * (tensors[key[:-1] + "B"].double() @ a.double())
+            delta = cfg.scaling * (b_as_multiplied(module, tensors[key[:-1] + "B"]).double() @ a.double())
             from megatron_lora.hf.mapping import MODULES
 
             for part, d in zip(MODULES[module][1], ARCH.split(module, delta)):

@@ -34,7 +34,7 @@ from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.common import CheckpointError
 from megatron_lora.core.checkpoint.files import (
     ADAPTER_TRACKER, CONFIG_FIELDS_THAT_MUST_MATCH, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE,
-    read_descriptor,
+    read_descriptor, saved_config_value,
 )
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
@@ -78,13 +78,14 @@ def _logical_shapes(model) -> Dict[str, List[int]]:
 
 def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
     expected = cfg.to_dict()
-    bad = {k: (expected[k], found.get(k)) for k in CONFIG_FIELDS_THAT_MUST_MATCH
-           if found.get(k) != expected[k]}
+    found = {k: saved_config_value(found, k) for k in CONFIG_FIELDS_THAT_MUST_MATCH}
+    bad = {k: (expected[k], found[k]) for k in CONFIG_FIELDS_THAT_MUST_MATCH if found[k] != expected[k]}
     if bad:
         detail = "; ".join(f"{k}: model has {e!r}, checkpoint has {f!r}" for k, (e, f) in bad.items())
         raise CheckpointError(
             f"{where} was saved with another LoRA config ({detail}). Build the model with the "
-            "checkpoint's LoRA settings (--lora-rank / --lora-alpha / --lora-target-modules).")
+            "checkpoint's LoRA settings (--lora-rank / --lora-alpha / --lora-target-modules / "
+            "--lora-per-projection).")
 
 
 # ------------------------------------------------------------------- adapter-only dist checkpoint
@@ -308,6 +309,8 @@ def _check_full_tensor(name, full, m, factor, where) -> None:
         hint = "it looks transposed (PEFT and Megatron both store A as [r, in] and B as [out, r])"
     elif len(found) == 2 and found[rank_dim] != expected[rank_dim]:
         hint = f"its LoRA rank is {found[rank_dim]}, the model's is {expected[rank_dim]}: set --lora-rank to match"
+        if name.rsplit(".", 2)[-2] in ("linear_qkv", "linear_fc1"):  # fused: A stacks P*r rows per projection
+            hint += " (and --lora-per-projection to the adapter's: lora_A then stacks r rows per projection)"
     elif dim is not None and len(found) == 2 and found[dim] % world:
         hint = f"size {found[dim]} on the TP-split dim {dim} does not divide by TP={world}"
     else:

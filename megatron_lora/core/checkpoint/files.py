@@ -28,7 +28,14 @@ MODEL_TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name
 MODEL_ARGS_FILE = "model_args.json"
 KINDS = {ADAPTER_TRACKER: "adapter", MODEL_TRACKER: "model"}
 # LoRAConfig fields that change what the saved numbers mean; dropout / init / seed only affect training.
-CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules")
+CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules", "per_projection")
+# What a descriptor written before a field existed meant by its absence.
+_FIELDS_ADDED_LATER = {"per_projection": False}
+
+
+def saved_config_value(saved: dict, field: str):
+    """A LoRAConfig field of a saved descriptor; older ones lack fields added since (their default)."""
+    return saved.get(field, _FIELDS_ADDED_LATER.get(field))
 
 
 def checkpoint_kind(root: str) -> Optional[str]:
