@@ -54,7 +54,7 @@ _PRELOAD = [
 ]
 
 
-def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, te_double=False,
+def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, te_double=False, fresh=False,
                     **init_kwargs):
     """Run ``fn(*args)`` on ``world_size`` gloo ranks and return the results in rank order.
 
@@ -69,6 +69,8 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, t
         te_double: run with ``tests/te_double.py`` as ``transformer_engine`` (Megatron's TE spec on
             CPU). Such ranks are spawned fresh, not forked from the forkserver, whose Megatron
             already settled on "no TE"; each pays the Megatron import (~8 s of CPU).
+        fresh: spawn fresh ranks too, for an environment variable that is read at import (the
+            forkserver imported Megatron, and with it triton, under the environment of its start).
         **init_kwargs: further keyword arguments for ``initialize_model_parallel``.
 
     Returns:
@@ -93,6 +95,8 @@ def run_distributed(fn, world_size, *args, tp=1, pp=1, seed=1234, timeout=240, t
         # module), which must come after the double is installed in the fresh rank.
         ctx, target = mp.get_context("spawn"), double.rank_main
         call = (pickle.dumps((_rank_main, fn, args)),)
+    elif fresh:
+        ctx, target, call = mp.get_context("spawn"), _rank_main, (fn, args)
     else:
         ctx, target, call = mp.get_context("forkserver"), _rank_main, (fn, args)
         ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, so safe to repeat

@@ -96,15 +96,15 @@ def worker_auto_check():
 @needs_triton
 def test_auto_checks_the_kernels_once_and_falls_back_to_torch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    [(real, broken)] = run_distributed(worker_auto_check, 1)
+    [(real, broken)] = run_distributed(worker_auto_check, 1, fresh=True)
     assert real and not broken
 
 
 @needs_triton
 def test_kernels_match_float64(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned rank inherits it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the fresh rank starts with it
     dtypes = (torch.float32, torch.bfloat16)
-    [errors] = run_distributed(worker_kernel_errors, 1, SHAPES, dtypes)
+    [errors] = run_distributed(worker_kernel_errors, 1, SHAPES, dtypes, fresh=True)
     assert len(errors) == len(SHAPES) * len(dtypes) * 2 * 4
     bad = {key: f"{error:.2e}" for key, error in errors.items() if error > TOLERANCE[getattr(torch, key[1][6:])]}
     assert not bad, f"relative errors over tolerance: {bad}"
@@ -115,7 +115,7 @@ def test_kernels_take_strided_batched_inputs_and_are_deterministic(monkeypatch):
     """[s, b, h] inputs and a row-strided view give the plain-torch numbers; two runs of the dY
     kernel give the same bits (no atomics: a replicated factor's gradient must agree across ranks)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    [(pairs, deterministic)] = run_distributed(worker_strided_and_deterministic, 1)
+    [(pairs, deterministic)] = run_distributed(worker_strided_and_deterministic, 1, fresh=True)
     for got, ref in pairs:
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
     assert deterministic
@@ -128,9 +128,9 @@ T = L.logical_tensors()
 
 
 def _run(tp, kernels_mode, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the fresh ranks start with it
     cfg = LoRAConfig(rank=RANK, alpha=8, dropout=0.5, branch_kernels=kernels_mode)
-    return run_distributed(L.worker_all_cases, tp, CASES + DROPOUT_CASES, T, cfg, tp=tp)
+    return run_distributed(L.worker_all_cases, tp, CASES + DROPOUT_CASES, T, cfg, tp=tp, fresh=True)
 
 
 @needs_triton
