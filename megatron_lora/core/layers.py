@@ -260,7 +260,9 @@ class LoRALayerMixin:
 
     def __repr__(self):
         c = self.lora_config
-        return (f"{super().__repr__()[:-1]}, lora_rank={c.rank}, lora_alpha={c.alpha}, "
+        fused = self.lora_row_projections is not None
+        per_projection = f", per_projection={self.lora_layout.projections}" if fused else ""
+        return (f"{super().__repr__()[:-1]}, lora_rank={c.rank}, lora_alpha={c.alpha}{per_projection}, "
                 f"lora_dropout={c.dropout}, merged={self.lora_merged}, enabled={self.lora_enabled})")
 
 
