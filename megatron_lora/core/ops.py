@@ -235,7 +235,8 @@ class RowJoin(torch.autograd.Function):
         ctx.branch, ctx.foreign, ctx.active = branch, weight is None, lora_a is not None
         if not ctx.active:
             return collectives.reduce(out.contiguous(), b.group, b.mode) if b.mode != "none" else out.view_as(out)
-        h = kernels.select(b.kernels, x, lora_a.shape[0]).down(_dropped(x, mask, b.dropout), lora_a)  # [s, b, r]: rank i's term
+        # [s, b, r]: rank i's term
+        h = kernels.select(b.kernels, x, lora_a.shape[0]).down(_dropped(x, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x, weight, out), weight is not None, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
