@@ -51,6 +51,16 @@ def all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def all_gather_list(x: torch.Tensor, group) -> list:
+    """Every rank's ``x``, in group-rank order (``[x]`` alone in a one-rank group)."""
+    world = group_size(group)
+    if world == 1:
+        return [x]
+    shards = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    return shards
+
+
 def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group, each rank keeping its chunk of dim 0."""
     world = group_size(group)

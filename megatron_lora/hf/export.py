@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.adapter import (
     _check_loaded_factors, _model_config, check_finite_float, gather_factor, gather_full_adapter,
@@ -236,10 +237,7 @@ def _gather_fresh(name: str, module, param: torch.nn.Parameter) -> torch.Tensor:
     dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
     param = param.detach()  # the TP attributes live on the Parameter object, read above
     group = getattr(module, "tp_group", None) or ps.get_tensor_model_parallel_group()
-    world = dist.get_world_size(group)
-    if dim is None or world == 1:
+    if dim is None or dist.get_world_size(group) == 1:
         return param.clone()
-    shards = [torch.empty_like(param) for _ in range(world)]
-    dist.all_gather(shards, param.contiguous(), group=group)
     gated = dim == 0 and is_gated_fc1(getattr(module, "config", None), name.rsplit(".", 2)[-2])
-    return unshard_tensors(shards, dim, gated=gated)
+    return unshard_tensors(C.all_gather_list(param, group), dim, gated=gated)

@@ -389,9 +389,7 @@ def _replicated_factors_identical(model) -> tuple:
     for m in lora_modules(model):
         for factor in LORA_FACTORS:
             if m.lora_layout.partition_dim(factor) is None and C.group_size(m.lora_group) > 1:
-                mine = getattr(m, factor).detach().contiguous()
-                copies = [torch.empty_like(mine) for _ in range(C.group_size(m.lora_group))]
-                dist.all_gather(copies, mine, group=m.lora_group)
+                copies = C.all_gather_list(getattr(m, factor).detach(), m.lora_group)
                 same += all(torch.equal(c, copies[0]) for c in copies)
                 total += 1
     from megatron.core import parallel_state

@@ -27,7 +27,6 @@ import os
 from typing import Dict, List, Optional, Union
 
 import torch
-import torch.distributed as dist
 
 from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
@@ -190,12 +189,7 @@ def _check_loaded_factors(model, where: str) -> None:
 def gather_factor(m, factor: str) -> torch.Tensor:
     """One layer's factor in its logical (TP=1) form, on the layer's device; collective over its
     TP group. With TP=1 it is the parameter itself (detached): read it, do not write it."""
-    local = getattr(m, factor).detach()
-    shards = [local]
-    if C.group_size(m.lora_group) > 1:
-        shards = [torch.empty_like(local) for _ in range(C.group_size(m.lora_group))]
-        dist.all_gather(shards, local.contiguous(), group=m.lora_group)
-    return m.lora_layout.unshard(factor, shards)
+    return m.lora_layout.unshard(factor, C.all_gather_list(getattr(m, factor).detach(), m.lora_group))
 
 
 def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
