@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 MODES = ("auto", "torch", "triton")
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``[..., h]`` as ``[tokens, h]`` (a view where the layout allows)."""
     return x.reshape(-1, x.shape[-1])
 
 
@@ -63,11 +64,11 @@ class TorchKernels:
 
     @staticmethod
     def dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.matmul(dy, b), scaled_mm(_flat(dy).t(), _flat(u), scaling, b)
+        return torch.matmul(dy, b), scaled_mm(flat(dy).t(), flat(u), scaling, b)
 
     @staticmethod
     def up(g: torch.Tensor, x: torch.Tensor, scaling: float, like: torch.Tensor) -> torch.Tensor:
-        return scaled_mm(_flat(g).t(), _flat(x), scaling, like)
+        return scaled_mm(flat(g).t(), flat(x), scaling, like)
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +81,7 @@ def triton_missing_reason():
     return None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -93,7 +94,7 @@ def select(mode: str, tensor: torch.Tensor, rank: int):
     if mode not in MODES:
         raise ValueError(f"branch kernels must be one of {MODES}, got {mode!r}.")
     reason = triton_missing_reason()
-    if reason is None and not tensor.is_cuda and not _interpreting():
+    if reason is None and not tensor.is_cuda and not interpreting():
         reason = "the tensors are on the CPU; set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
     if reason is not None:
         raise RuntimeError(f"LoRAConfig.branch_kernels='triton' (--lora-branch-kernels triton), but {reason}. "

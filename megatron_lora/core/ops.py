@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_lora.core import collectives, kernels
+from megatron_lora.core.kernels import flat
 from megatron_lora.core.recompute import Recipe
 
 
@@ -68,19 +69,22 @@ def _dropped(x: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.T
     return x if mask is None else x * mask / (1.0 - p)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
 def _branch_input_grad(dx: Optional[torch.Tensor], g, lora_a, scaling, mask, p) -> torch.Tensor:
     """``dx + s * drop'(g @ A)``: in place into the base's dX when there is one and no dropout."""
     if dx is None:
         return _dropped(torch.matmul(g, lora_a) * scaling, mask, p)
     if mask is None:
-        _flat(dx).addmm_(_flat(g), lora_a, alpha=scaling)
+        flat(dx).addmm_(flat(g), lora_a, alpha=scaling)
     else:
         dx += _dropped(torch.matmul(g, lora_a) * scaling, mask, p)
     return dx
+
+
+def _keep_recipe(ctx, recipe: Optional[Recipe], trains_weight: bool) -> tuple:
+    """Set ``ctx.recipe`` to the recompute function, or None when the input is kept (no recipe, or
+    a trained base weight needs the input anyway); returns the recipe's tensors to save."""
+    ctx.recipe = recipe.fn if recipe is not None and not trains_weight else None
+    return recipe.tensors if ctx.recipe is not None else ()
 
 
 def main_grads_for(params, fuse: bool):
@@ -122,9 +126,9 @@ def _base_gemm(x: torch.Tensor, weight: Optional[torch.Tensor], out: Optional[to
 def _join_branch(base: torch.Tensor, owned: bool, u: torch.Tensor, lora_b, scaling) -> torch.Tensor:
     """``base + s u B^T``: in place into our own GEMM's output, out of place into a foreign one."""
     if owned:
-        _flat(base).addmm_(_flat(u), lora_b.t(), alpha=scaling)
+        flat(base).addmm_(flat(u), lora_b.t(), alpha=scaling)
         return base
-    return torch.addmm(_flat(base), _flat(u), lora_b.t(), alpha=scaling).view_as(base)
+    return torch.addmm(flat(base), flat(u), lora_b.t(), alpha=scaling).view_as(base)
 
 
 class ColumnEntry(torch.autograd.Function):
@@ -180,11 +184,10 @@ class ColumnJoin(torch.autograd.Function):
         if bias is not None:
             y += bias
         trains_weight = weight is not None and ctx.needs_input_grad[2]
-        ctx.recipe = recipe.fn if recipe is not None and not trains_weight else None
+        sources = _keep_recipe(ctx, recipe, trains_weight)
         keep_x = trains_weight or (chunk is None and ctx.recipe is None)
         keep_chunk = chunk if ctx.recipe is None else None
-        ctx.save_for_backward(x_in if keep_x else None, weight, lora_a, lora_b, u, mask, keep_chunk,
-                              *(recipe.tensors if ctx.recipe is not None else ()))
+        ctx.save_for_backward(x_in if keep_x else None, weight, lora_a, lora_b, u, mask, keep_chunk, *sources)
         ctx.rider, ctx.branch, ctx.foreign = rider, branch, weight is None
         ctx.fused = main_grads_for((lora_b,), b.fuse)
         return y
@@ -199,8 +202,8 @@ class ColumnJoin(torch.autograd.Function):
             d_base = torch.matmul(dy, weight) if weight is not None else None
             d_in = _branch_input_grad(d_base, g, lora_a, b.scaling, mask, b.dropout)
         # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
-        d_w = _flat(dy).t().matmul(_flat(x_in)) if ctx.needs_input_grad[2] else None
-        d_bias = _flat(dy).sum(0) if ctx.needs_input_grad[3] else None
+        d_w = flat(dy).t().matmul(flat(x_in)) if ctx.needs_input_grad[2] else None
+        d_bias = flat(dy).sum(0) if ctx.needs_input_grad[3] else None
         [d_b] = deliver_factor_grads(ctx.fused, [d_b])
         if ctx.recipe is not None:
             rider.branch_input = Recipe.run(ctx.recipe, *sources)
@@ -240,10 +243,10 @@ class RowJoin(torch.autograd.Function):
         y = _join_branch(_base_gemm(x, weight, out), weight is not None, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
-        ctx.recipe = recipe.fn if recipe is not None and not (weight is not None and ctx.needs_input_grad[2]) else None
+        sources = _keep_recipe(ctx, recipe, weight is not None and ctx.needs_input_grad[2])
         # A view would keep the whole reduced message alive until backward: copy the r columns.
         ctx.save_for_backward(x if ctx.recipe is None else None, weight, lora_a, lora_b, h_sum.contiguous(), mask,
-                              *(recipe.tensors if ctx.recipe is not None else ()))
+                              *sources)
         ctx.fused = main_grads_for((lora_a, lora_b), b.fuse)
         return y
 
@@ -258,7 +261,7 @@ class RowJoin(torch.autograd.Function):
             x = Recipe.run(ctx.recipe, *sources)
         s, k = b.scaling, kernels.select(b.kernels, dy, lora_a.shape[0])
         if b.mode == "reduce_scatter":  # dB from this rank's chunk, g from the whole sequence
-            d_b = kernels.scaled_mm(_flat(dy).t(), _flat(h_sum), s, lora_b)
+            d_b = kernels.scaled_mm(flat(dy).t(), flat(h_sum), s, lora_b)
             g = torch.matmul(dy_total, lora_b)
         else:
             g, d_b = k.dy(dy, lora_b, h_sum, s)  # g: [s, b, r], identical on every rank
@@ -267,6 +270,6 @@ class RowJoin(torch.autograd.Function):
             d_base = torch.matmul(dy_total, weight) if weight is not None else None
             d_x = _branch_input_grad(d_base, g, lora_a, s, mask, b.dropout)
         d_a = k.up(g, _dropped(x, mask, b.dropout), s, lora_a)
-        d_w = _flat(dy_total).t().matmul(_flat(x)) if ctx.needs_input_grad[2] else None
+        d_w = flat(dy_total).t().matmul(flat(x)) if ctx.needs_input_grad[2] else None
         d_a, d_b = deliver_factor_grads(ctx.fused, [d_a, d_b])
         return d_x, dy_total if ctx.foreign else None, d_w, d_a, d_b, None, None, None

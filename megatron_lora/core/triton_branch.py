@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_lora.core.kernels import _flat, _interpreting, rank_block
+from megatron_lora.core.kernels import flat, interpreting, rank_block
 
 # Decided once, like triton.jit itself decides at import whether to interpret.
-INTERPRETED = _interpreting()
+INTERPRETED = interpreting()
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def up_kernel(g_ptr, x_ptr, part_ptr, T, K, R, stride_x, span, scaling,
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as [T, C] with unit column stride (a copy only when it has none)."""
-    x = _flat(x)
+    x = flat(x)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -120,7 +120,7 @@ class TritonKernels:
 
     @staticmethod
     def dy(dy, b, u, scaling):
-        d2, b, u2 = rows(dy), b.contiguous(), _flat(u).contiguous()
+        d2, b, u2 = rows(dy), b.contiguous(), flat(u).contiguous()
         (t, n), r = d2.shape, b.shape[1]
         block = rank_block(r)
         cols = min(256, max(32, 4096 // block))  # the dB accumulator (cols x block) stays in registers
@@ -133,7 +133,7 @@ class TritonKernels:
 
     @staticmethod
     def up(g, x, scaling, like):
-        x2, g2 = rows(x), _flat(g).contiguous()
+        x2, g2 = rows(x), flat(g).contiguous()
         (t, k), r = x2.shape, g2.shape[1]
         splits = triton.cdiv(t, TritonKernels.SPAN)
         parts = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
