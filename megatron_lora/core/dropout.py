@@ -39,7 +39,7 @@ def column_block_bounds(width: int) -> list:
     return [j * width // k for j in range(k + 1)]
 
 
-def stream_key(device: torch.device) -> int:
+def _stream_key(device: torch.device) -> int:
     """A 63-bit key from the generator a plain ``torch.rand(device=device)`` draws from; advances it.
 
     CUDA: the Philox seed and offset, read on the host (no synchronisation), and the offset moved
@@ -80,7 +80,7 @@ def dropout_mask(shape: Sequence[int], p: float, device: torch.device,
     if not (0 <= start and length > 0 and start + length <= width):
         raise ValueError(f"dropout_mask: columns (start {start}, length {length}) must lie within the "
                          f"logical width {width}; pass this rank's slice of the layer's input features.")
-    key = stream_key(device)
+    key = _stream_key(device)
     mask = torch.empty(shape[:-1] + [length], dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
     bounds = column_block_bounds(width)
