@@ -43,7 +43,8 @@ def _stream_key(device: torch.device) -> int:
     """A 63-bit key from the generator a plain ``torch.rand(device=device)`` draws from; advances it.
 
     CUDA: the Philox seed and offset, read on the host (no synchronisation), and the offset moved
-    on as one small draw would move it. Elsewhere: one integer drawn from the generator.
+    on as one small draw would move it. Elsewhere: one integer drawn from the generator (free on the
+    CPU; on another accelerator its read synchronises).
     """
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
