@@ -40,23 +40,18 @@ def column_block_bounds(width: int) -> list:
 
 
 def _stream_key(device: torch.device) -> int:
-    """A 63-bit key from the generator a plain ``torch.rand(device=device)`` draws from; advances it.
+    """A 62-bit key: one integer drawn from the generator a plain ``torch.rand(device=device)``
+    draws from (so it advances it, and a restored state redraws it).
 
-    CUDA: the Philox seed and offset, read on the host (no synchronisation), and the offset moved
-    on as one small draw would move it. Elsewhere: one integer drawn from the generator (free on the
-    CPU; on another accelerator its read synchronises).
+    On an accelerator reading it synchronises once per row layer and call. Reading the CUDA
+    generator's Philox seed and offset on the host would avoid that, but has never run on a GPU:
+    unmeasured GPU code is never a default here.
     """
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "LoRA dropout on a row layer cannot be captured in a CUDA graph: its mask's block seeds "
-                "are host values taken at capture, so every replay would reuse one mask. Set "
-                "LoRAConfig.dropout = 0 or leave these layers out of the captured region.")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        gen = torch.cuda.default_generators[index]
-        seed, offset = gen.initial_seed(), gen.get_offset()
-        gen.set_offset(offset + 4)  # Philox offsets move in steps of 4
-        return name_seed(seed, f"philox offset {offset}")
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "LoRA dropout on a row layer cannot be captured in a CUDA graph: its mask's block seeds "
+            "are host values, so every replay would reuse one mask. Set LoRAConfig.dropout = 0 or "
+            "leave these layers out of the captured region.")
     return int(torch.randint(0, 2 ** 62, (), device=device))
 
 
