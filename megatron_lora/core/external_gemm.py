@@ -78,8 +78,8 @@ class ExternalGEMMLoRA(LoRALayerMixin):
             mask = None
             if active:
                 width = self.input_size // C.group_size(branch.group)
-                mask = self._lora_dropout_mask(
-                    list(x.shape[:-1]) + [self.input_size], (-1, C.group_rank(branch.group) * width, width))
+                mask = self._lora_dropout_mask(list(x.shape[:-1]) + [self.input_size],
+                                               (C.group_rank(branch.group) * width, width))
             y = RowJoin.apply(x, out, None, lora_a, lora_b, mask, branch)
             if self.lora_skip_bias_add or bias is None:
                 return y, bias

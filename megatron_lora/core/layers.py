@@ -26,10 +26,11 @@ factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping coun
 (trap 8). Both factors take the base weight's ``allreduce`` flag (the DDP group it is reduced
 over: expert-data-parallel for expert weights).
 
-Dropout rule: the mask is drawn for the LOGICAL (unsharded, full-sequence) branch input from the
-default generator, which Megatron keeps in sync across the TP group, and each rank keeps its own
-slice. Replicated inputs therefore see the same mask on every TP rank, and the mask does not
-depend on the TP size at all.
+Dropout rule: the mask is that of the LOGICAL (unsharded, full-sequence) branch input, drawn from
+the default generator, which Megatron keeps in sync across the TP group. A column layer draws it
+whole; a row layer draws and keeps only its own columns, from the mask's column blocks
+(``core/dropout.py``). Replicated inputs therefore see the same mask on every TP rank, and the
+mask does not depend on the TP size at all.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron_lora.core import collectives as C
 from megatron_lora.core import compat, projections
 from megatron_lora.core.config import LoRAConfig
+from megatron_lora.core.dropout import dropout_mask
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
 from megatron_lora.core.ops import Branch, ColumnEntry, ColumnJoin, Rider, RowJoin
@@ -185,16 +187,13 @@ class LoRALayerMixin:
         source = self.lora_input_source
         return source.take(branch_input) if source is not None else None
 
-    def _lora_dropout_mask(self, logical_shape, keep_slice=None) -> Optional[torch.Tensor]:
-        """Mask of the logical branch input (see the module docstring); None when inactive."""
+    def _lora_dropout_mask(self, logical_shape, columns=None) -> Optional[torch.Tensor]:
+        """Keep-mask of the logical branch input (``core/dropout.py``); None when inactive.
+        ``columns``: ``(start, length)`` of the last dim, a row layer's slice: only it is drawn."""
         p = self.lora_config.dropout
         if p == 0.0 or not self.training:
             return None
-        mask = torch.rand(logical_shape, device=self.lora_A.device) >= p
-        if keep_slice is not None:
-            dim, start, length = keep_slice
-            mask = mask.narrow(dim, start, length)
-        return mask
+        return dropout_mask(logical_shape, p, self.lora_A.device, columns)
 
     @torch.no_grad()
     def lora_delta(self) -> torch.Tensor:
@@ -355,8 +354,8 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
             x = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         recipe = self._take_recipe(x)
         width = self.input_size_per_partition
-        mask = self._lora_dropout_mask(
-            list(x.shape[:-1]) + [self.input_size], (-1, C.group_rank(self.tp_group) * width, width))
+        mask = self._lora_dropout_mask(list(x.shape[:-1]) + [self.input_size],
+                                       (C.group_rank(self.tp_group) * width, width))
         output = RowJoin.apply(x, None, self.weight, self.lora_A, self.lora_B, mask, self._lora_branch(), recipe)
         if self.skip_bias_add:
             return output, self.bias
