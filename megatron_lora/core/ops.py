@@ -23,8 +23,9 @@ runs only after every consumer of ``X_total`` has run, so the Rider holds Column
 term when the collective goes.
 
 Shapes use Megatron's ``[s, b, h]``; ``t`` = TP size, ``r`` = LoRA rank, ``s`` = scaling.
-Dropout: ``mask`` is a bool tensor shaped like the LOGICAL branch input (or None), drawn by the
-layer so that replicated inputs get the same mask on every TP rank (§6).
+Dropout: ``mask`` is a bool tensor shaped like the branch input this rank multiplies (the whole
+input of a column layer, this rank's columns of a row layer's) or None, drawn by the layer from
+the logical mask so that replicated inputs get the same mask on every TP rank (§6).
 """
 
 from __future__ import annotations
