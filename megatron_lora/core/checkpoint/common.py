@@ -37,12 +37,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_ranks(obj) -> list:
-    """``obj`` from every rank (small Python objects only)."""
+def all_ranks(obj, group=None) -> list:
+    """``obj`` from every rank of ``group`` (the world if None), in group-rank order.
+
+    Small metadata only (names, shapes): it is pickled through the host and every rank receives
+    every rank's object, so its bytes grow with the group. Tensors never travel this way; the
+    adapter gather sends them point-to-point (``checkpoint/gather.py``, docs/design.md §16).
+    """
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
