@@ -1,5 +1,6 @@
 """Rank worker of ``test_scale_bytes.py``: the bytes each rank receives in ``export_peft(dst=0)`` and
-in ``save_full_adapter`` (the training script's final save), and what the rank holds.
+in ``save_full_adapter`` (the training script's final save), the peak bytes of tensors it allocates
+meanwhile (``LiveBytes``), and what the rank holds.
 """
 
 import zlib
@@ -27,6 +28,7 @@ def bytes_worker(path):
     from megatron_lora import LoRAConfig, apply_lora
     from megatron_lora.core.checkpoint.adapter import _named_factors, gather_factor, save_full_adapter
     from megatron_lora.hf.export import arch_from_model, export_peft
+    from tests.distributed.live_bytes import LiveBytes
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
     from tests.distributed.received_bytes import ReceivedBytes
 
@@ -45,10 +47,11 @@ def bytes_worker(path):
                reference=reference, arch=arch_from_model(model))
     for what, call in (("export_peft", lambda: export_peft(model, dst=0)),
                        ("save", lambda: save_full_adapter(model, path))):
-        meter = ReceivedBytes()
-        with meter:
+        meter, live = ReceivedBytes(), LiveBytes()
+        with meter, live:
             result = call()
-        out[what] = dict(total=meter.total, by_op=dict(meter.by_op), object_calls=dict(meter.object_calls))
+        out[what] = dict(total=meter.total, by_op=dict(meter.by_op), object_calls=dict(meter.object_calls),
+                         peak=live.peak)
         if what == "export_peft":
             out["peft"] = result
     return out

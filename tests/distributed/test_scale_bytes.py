@@ -78,7 +78,8 @@ def _report(runs):
         for r in ranks:
             own = sum(_nbytes(h["logical"], h["element"]) for h in r["held"].values())
             lines.append(f"  world {world} rank {r['rank']} ({r['tp']},{r['pp']},{r['dp']}): "
-                         f"{r['export_peft']['total']} / {r['save']['total']} [{own}] "
+                         f"{r['export_peft']['total']} / {r['save']['total']} [{own}] peak "
+                         f"{r['export_peft']['peak']} / {r['save']['peak']} "
                          f"{r['export_peft']['by_op']} {r['export_peft']['object_calls'] or ''}")
     print("\n".join(lines))
 
@@ -100,6 +101,22 @@ def test_dst_receives_the_adapter_once_and_others_at_most_their_own_layers(runs,
 
 
 @pytest.mark.parametrize("what", ["export_peft", "save"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_peak_memory_is_the_adapter_on_dst_and_two_tensors_elsewhere(runs, world, what):
+    """Peak bytes of tensors allocated during the call (``LiveBytes``): ``dst`` holds the adapter
+    (export_peft: and the PEFT tensors) plus at most two copies of the largest factor (the TP
+    gather's shards and their concatenation); every other rank at most those two copies."""
+    ranks, _ = runs[world]
+    factors = [_nbytes(h["logical"], h["element"]) for r in ranks for h in r["held"].values()]
+    adapter = sum(_nbytes(t.shape, t.element_size()) for r in ranks if r["dp"] == 0 and r["tp"] == 0
+                  for t in r["reference"].values())
+    peft = sum(t.nbytes for t in ranks[DST]["peft"][0].values()) if what == "export_peft" else 0
+    for r in ranks:
+        bound = 2 * max(factors) + (adapter + peft if r["rank"] == DST else 0)
+        assert r[what]["peak"] <= bound, (r["rank"], r[what]["peak"], bound)
+
+
+@pytest.mark.parametrize("what", ["export_peft", "save"])
 def test_bytes_per_rank_do_not_grow_with_data_parallel_replicas(runs, what):
     small, _ = runs[4]
     big, _ = runs[8]
@@ -110,6 +127,7 @@ def test_bytes_per_rank_do_not_grow_with_data_parallel_replicas(runs, what):
         else:
             assert r[what]["total"] <= FINITE_CHECK, r["rank"]
     assert max(r[what]["total"] for r in big) == max(per_position.values())
+    assert max(r[what]["peak"] for r in big) == max(r[what]["peak"] for r in small)
 
 
 @pytest.mark.parametrize("world", WORLDS)
