@@ -55,3 +55,25 @@ def bytes_worker(path):
         if what == "export_peft":
             out["peft"] = result
     return out
+
+
+def non_finite_worker(bad_rank):
+    """export_peft's message on this rank when ``bad_rank`` holds a NaN in its first factor."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import LoRAConfig, apply_lora
+    from megatron_lora.core.checkpoint.adapter import _named_factors
+    from megatron_lora.hf.export import export_peft
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    model = apply_lora(build_tiny_gpt(tiny_gpt_config(tp=tp, pp=pp)), LoRAConfig(**LORA))
+    if torch.distributed.get_rank() == bad_rank:
+        name, (m, factor) = next(iter(_named_factors(model).items()))
+        with torch.no_grad():
+            getattr(m, factor).view(-1)[0] = float("nan")
+    try:
+        export_peft(model, dst=0)
+    except ValueError as err:
+        return str(err)
+    return None

@@ -149,3 +149,9 @@ def test_gathered_adapter_equals_an_all_gather_of_every_layer_bit_for_bit(runs, 
     want, want_config = peft_from_megatron(reference, LoRAConfig(**S.LORA), ranks[DST]["arch"])
     assert config == want_config and sorted(tensors) == sorted(want)
     assert all(torch.equal(tensors[k], want[k]) for k in want)
+
+
+def test_a_non_finite_factor_on_one_rank_raises_the_same_error_on_every_rank():
+    messages = run_distributed(S.non_finite_worker, 4, 3, tp=2, pp=2)
+    assert len(set(messages)) == 1, messages
+    assert "decoder.layers.1." in messages[0] and "holds 1 non-finite values" in messages[0], messages[0]

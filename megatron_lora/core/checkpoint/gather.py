@@ -53,6 +53,7 @@ def gather_adapter(named: Dict[str, tuple], dst: Optional[int]) -> Optional[Dict
         return {name: _logical(m, f, 0, True).cpu().contiguous() for name, (m, f) in named.items()}
     if dst is None:
         return _broadcast(gather_adapter(named, 0), src=0)
+    _refuse_expert_parallel_experts(named)
     route = _Route(dst)
     if not route.takes_part:
         return None
@@ -106,6 +107,23 @@ class _Route:
                 f"rank {dist.get_rank()} (TP rank {tp_rank}) is {'' if self.collects else 'not '}on the pipeline "
                 f"group of rank {dst} (TP rank {self.dst_tp}): expected Megatron's layout, where a pipeline group "
                 "joins the ranks of one TP rank. Gather with dst=None instead.")
+
+
+def _refuse_expert_parallel_experts(named: Dict[str, tuple]) -> None:
+    """With expert parallelism the replica of ``dst`` holds only its own experts, whose local
+    names repeat on the other expert ranks: refuse on every rank rather than drop or mix them."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+        return
+    experts = [name for name in named if ".experts." in name]
+    problem = first_message(
+        f"{experts[0]} is an expert layer and expert parallelism is {ps.get_expert_model_parallel_world_size()}: "
+        "a full (unsharded) adapter of LoRA experts is not gathered across expert ranks. Save the dist "
+        "checkpoint (save_adapter) and convert it at EP=1, or leave the experts out of the LoRA targets."
+        if experts else None)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _logical(m, factor: str, collector_tp: int, collects: bool) -> Optional[torch.Tensor]:
