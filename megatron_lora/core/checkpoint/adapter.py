@@ -12,7 +12,8 @@ Two formats:
 2. **Full (unsharded) adapter** in safetensors, keyed by qualified name with global layer numbers
    (a TP=1 export, or an imported PEFT adapter). ``load_full_adapter`` slices each rank's shard
    along the layer's DECLARED layout with strict checks (never by guessing from a shape mismatch,
-   docs/design.md §10, trap 11).
+   docs/design.md §10, trap 11). ``gather_full_adapter`` brings it onto one rank with tensor
+   messages whose bytes do not grow with the world size (``gather.py``, docs/design.md §16).
 
 The frozen base is never written here: it loads from its own checkpoint.
 Nothing here unpickles arbitrary objects: full adapters are safetensors; a dist checkpoint holds
