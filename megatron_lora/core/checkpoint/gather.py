@@ -61,10 +61,11 @@ def gather_adapter(named: Dict[str, tuple], dst: Optional[int]) -> Optional[Dict
     if me != dst:
         if route.collects:
             _send_tensors(_encode(_meta(named)), dst, route.pp_group)
-        for name, (m, f) in named.items():
-            logical = _logical(m, f, route.dst_tp, route.collects)
+        for m, f in named.values():  # one logical tensor alive at a time: peak 2T (§16)
             if route.collects:
-                dist.send(logical.contiguous().to(route.device), dst, group=route.pp_group)
+                dist.send(_logical(m, f, route.dst_tp, True).contiguous().to(route.device), dst, group=route.pp_group)
+            else:
+                _logical(m, f, route.dst_tp, False)
         return None
     out = {}
     for src in route.pp_ranks:  # stage order: the order the old all-ranks gather produced
