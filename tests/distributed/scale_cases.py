@@ -1,5 +1,6 @@
 """Rank worker of ``test_scale_bytes.py``: the bytes each rank receives in ``export_peft(dst=0)`` and
-in ``save_full_adapter`` (the training script's final save), the peak bytes of tensors it allocates
+in ``save_full_adapter`` (the training script's final save) and in ``gather_full_adapter()`` (every
+rank), the peak bytes of tensors it allocates
 meanwhile (``LiveBytes``), and what the rank holds.
 """
 
@@ -26,7 +27,9 @@ def bytes_worker(path):
     from megatron.core import parallel_state as ps
 
     from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.core.checkpoint.adapter import _named_factors, gather_factor, save_full_adapter
+    from megatron_lora.core.checkpoint.adapter import (
+        _named_factors, gather_factor, gather_full_adapter, save_full_adapter,
+    )
     from megatron_lora.hf.export import arch_from_model, export_peft
     from tests.distributed.live_bytes import LiveBytes
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
@@ -46,14 +49,15 @@ def bytes_worker(path):
                pp=ps.get_pipeline_model_parallel_rank(), dp=ps.get_data_parallel_rank(), held=held,
                reference=reference, arch=arch_from_model(model))
     for what, call in (("export_peft", lambda: export_peft(model, dst=0)),
-                       ("save", lambda: save_full_adapter(model, path))):
+                       ("save", lambda: save_full_adapter(model, path)),
+                       ("every_rank", lambda: gather_full_adapter(model))):
         meter, live = ReceivedBytes(), LiveBytes()
         with meter, live:
             result = call()
         out[what] = dict(total=meter.total, by_op=dict(meter.by_op), object_calls=dict(meter.object_calls),
                          peak=live.peak)
-        if what == "export_peft":
-            out["peft"] = result
+        if what != "save":
+            out[what + "_result"] = result
     return out
 
 

@@ -68,23 +68,26 @@ def _expected(ranks, what):
                               for h in r["held"].values() if h["sharded"])
         else:
             got = ROUTE
+        if what == "every_rank":  # gathered onto rank 0, which broadcasts it with one header
+            got += 0 if r["rank"] == DST else adapter + _header([n for held in stages.values() for n in held])
         out[r["rank"]] = got + (FINITE_CHECK if what == "export_peft" else 0)
     return out
 
 
 def _report(runs):
-    lines = ["rank (tp,pp,dp): export_peft / save bytes received [own logical factors]"]
+    lines = ["rank (tp,pp,dp): export_peft / save / dst=None bytes received [own logical factors]"]
     for world, (ranks, _) in runs.items():
         for r in ranks:
             own = sum(_nbytes(h["logical"], h["element"]) for h in r["held"].values())
             lines.append(f"  world {world} rank {r['rank']} ({r['tp']},{r['pp']},{r['dp']}): "
-                         f"{r['export_peft']['total']} / {r['save']['total']} [{own}] peak "
+                         f"{r['export_peft']['total']} / {r['save']['total']} / {r['every_rank']['total']} "
+                         f"[{own}] peak "
                          f"{r['export_peft']['peak']} / {r['save']['peak']} "
                          f"{r['export_peft']['by_op']} {r['export_peft']['object_calls'] or ''}")
     print("\n".join(lines))
 
 
-@pytest.mark.parametrize("what", ["export_peft", "save"])
+@pytest.mark.parametrize("what", ["export_peft", "save", "every_rank"])
 @pytest.mark.parametrize("world", WORLDS)
 def test_dst_receives_the_adapter_once_and_others_at_most_their_own_layers(runs, world, what):
     ranks, _ = runs[world]
@@ -96,7 +99,7 @@ def test_dst_receives_the_adapter_once_and_others_at_most_their_own_layers(runs,
     for r in ranks:
         assert not r[what]["object_calls"], (r["rank"], r[what]["object_calls"])
         own = sum(_nbytes(h["logical"], h["element"]) for h in r["held"].values())
-        if r["rank"] != DST:
+        if r["rank"] != DST and what != "every_rank":
             assert found[r["rank"]] <= own + ROUTE + FINITE_CHECK
 
 
@@ -110,7 +113,7 @@ def test_peak_memory_is_the_adapter_on_dst_and_two_tensors_elsewhere(runs, world
     factors = [_nbytes(h["logical"], h["element"]) for r in ranks for h in r["held"].values()]
     adapter = sum(_nbytes(t.shape, t.element_size()) for r in ranks if r["dp"] == 0 and r["tp"] == 0
                   for t in r["reference"].values())
-    peft = sum(t.nbytes for t in ranks[DST]["peft"][0].values()) if what == "export_peft" else 0
+    peft = sum(t.nbytes for t in ranks[DST]["export_peft_result"][0].values()) if what == "export_peft" else 0
     for r in ranks:
         bound = 2 * max(factors) + (adapter + peft if r["rank"] == DST else 0)
         assert r[what]["peak"] <= bound, (r["rank"], r[what]["peak"], bound)
@@ -143,9 +146,13 @@ def test_gathered_adapter_equals_an_all_gather_of_every_layer_bit_for_bit(runs, 
     saved = load_file(path)
     assert sorted(saved) == sorted(reference)
     assert all(saved[k].dtype == reference[k].dtype and torch.equal(saved[k], reference[k]) for k in reference)
+    for r in ranks:  # gather_full_adapter() on every rank
+        got = r["every_rank_result"]
+        assert sorted(got) == sorted(reference)
+        assert all(got[k].dtype == reference[k].dtype and torch.equal(got[k], reference[k]) for k in reference)
 
-    assert all(r["peft"] is None for r in ranks if r["rank"] != DST)
-    tensors, config = ranks[DST]["peft"]
+    assert all(r["export_peft_result"] is None for r in ranks if r["rank"] != DST)
+    tensors, config = ranks[DST]["export_peft_result"]
     want, want_config = peft_from_megatron(reference, LoRAConfig(**S.LORA), ranks[DST]["arch"])
     assert config == want_config and sorted(tensors) == sorted(want)
     assert all(torch.equal(tensors[k], want[k]) for k in want)
