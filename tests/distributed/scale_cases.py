@@ -1,6 +1,6 @@
 """Rank worker of ``test_scale_bytes.py``: the bytes each rank receives in ``export_peft(dst=0)`` and
-in ``save_full_adapter`` (the training script's final save) and in ``gather_full_adapter()`` (every
-rank), the peak bytes of tensors it allocates
+in ``save_full_adapter`` (the training script's final save), in ``gather_full_adapter()`` (every
+rank) and ``gather_full_adapter(dst=last rank)`` (TP rank 1 of the last stage), the peak bytes of tensors it allocates
 meanwhile (``LiveBytes``), and what the rank holds.
 """
 
@@ -50,7 +50,8 @@ def bytes_worker(path):
                reference=reference, arch=arch_from_model(model))
     for what, call in (("export_peft", lambda: export_peft(model, dst=0)),
                        ("save", lambda: save_full_adapter(model, path)),
-                       ("every_rank", lambda: gather_full_adapter(model))):
+                       ("every_rank", lambda: gather_full_adapter(model)),
+                       ("last_rank", lambda: gather_full_adapter(model, dst=torch.distributed.get_world_size() - 1))):
         meter, live = ReceivedBytes(), LiveBytes()
         with meter, live:
             result = call()

@@ -50,7 +50,8 @@ def _header(names):
 
 def _expected(ranks, what):
     """{rank: bytes it must receive} by the formulas of docs/design.md §16."""
-    me = ranks[DST]
+    dst = len(ranks) - 1 if what == "last_rank" else DST
+    me = ranks[dst]
     stages = {}
     for r in ranks:
         if r["dp"] == me["dp"] and r["tp"] == me["tp"]:
@@ -59,7 +60,7 @@ def _expected(ranks, what):
     out = {}
     for r in ranks:
         local = sum(_nbytes(h["local"], h["element"]) for h in r["held"].values())
-        if r["rank"] == DST:
+        if r["rank"] == dst:
             got = adapter - local + sum(_header(held) for stage, held in stages.items() if stage != me["pp"])
         elif r["dp"] != me["dp"]:
             got = 0  # another replica
@@ -69,7 +70,7 @@ def _expected(ranks, what):
         else:
             got = ROUTE
         if what == "every_rank":  # gathered onto rank 0, which broadcasts it with one header
-            got += 0 if r["rank"] == DST else adapter + _header([n for held in stages.values() for n in held])
+            got += 0 if r["rank"] == dst else adapter + _header([n for held in stages.values() for n in held])
         out[r["rank"]] = got + (FINITE_CHECK if what == "export_peft" else 0)
     return out
 
@@ -87,19 +88,22 @@ def _report(runs):
     print("\n".join(lines))
 
 
-@pytest.mark.parametrize("what", ["export_peft", "save", "every_rank"])
+@pytest.mark.parametrize("what", ["export_peft", "save", "every_rank", "last_rank"])
 @pytest.mark.parametrize("world", WORLDS)
 def test_dst_receives_the_adapter_once_and_others_at_most_their_own_layers(runs, world, what):
+    """``last_rank``: ``gather_full_adapter(dst=world - 1)``, TP rank 1 of stage 1 (at 8 ranks in
+    replica 1): the route follows ``dst``'s TP rank and replica."""
     ranks, _ = runs[world]
     if what == "export_peft":
         _report({world: runs[world]})
     expected = _expected(ranks, what)
     found = {r["rank"]: r[what]["total"] for r in ranks}
     assert found == expected
+    dst = len(ranks) - 1 if what == "last_rank" else DST
     for r in ranks:
         assert not r[what]["object_calls"], (r["rank"], r[what]["object_calls"])
         own = sum(_nbytes(h["logical"], h["element"]) for h in r["held"].values())
-        if r["rank"] != DST and what != "every_rank":
+        if r["rank"] != dst and what != "every_rank":
             assert found[r["rank"]] <= own + ROUTE + FINITE_CHECK
 
 
@@ -146,6 +150,9 @@ def test_gathered_adapter_equals_an_all_gather_of_every_layer_bit_for_bit(runs, 
     saved = load_file(path)
     assert sorted(saved) == sorted(reference)
     assert all(saved[k].dtype == reference[k].dtype and torch.equal(saved[k], reference[k]) for k in reference)
+    last = ranks[-1]["last_rank_result"]
+    assert all(r["last_rank_result"] is None for r in ranks[:-1]) and sorted(last) == sorted(reference)
+    assert all(last[k].dtype == reference[k].dtype and torch.equal(last[k], reference[k]) for k in reference)
     for r in ranks:  # gather_full_adapter() on every rank
         got = r["every_rank_result"]
         assert sorted(got) == sorted(reference)
