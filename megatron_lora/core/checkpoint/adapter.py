@@ -67,24 +67,12 @@ def _named_factors(model) -> Dict[str, tuple]:
     return out
 
 
-def _pipeline_group():
-    """The smallest group that holds every layer once: Megatron's pipeline group (the world
-    without Megatron's parallel state). TP ranks and data-parallel replicas hold the same names."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_pipeline_model_parallel_group() if ps.model_parallel_is_initialized() else None
-
-
 def _logical_shapes(model) -> Dict[str, List[int]]:
-    """Logical shape of every LoRA tensor of the WHOLE model (all PP stages).
+    """Logical shape of every LoRA tensor of the WHOLE model (all PP stages), on every rank.
 
-    Names and shapes only, over the pipeline group: a rank receives the other stages' names once
-    (O(model names)), never once per TP rank or replica (docs/design.md §16)."""
-    mine = {name: list(m.lora_logical_shape(f)) for name, (m, f) in _named_factors(model).items()}
-    merged = {}
-    for shapes in common.all_ranks(mine, _pipeline_group()):
-        merged.update(shapes)
-    return merged
+    Headers over the pipeline group, tensors only: a rank receives the other stages' names and
+    shapes once, never once per TP rank or replica (docs/design.md §16)."""
+    return {name: list(shape) for name, _, shape in gather.every_stage(_named_factors(model))}
 
 
 def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
@@ -274,9 +262,7 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
         tensors = source
     named = _named_factors(model)
     if strict:
-        known = set()
-        for names in common.all_ranks(sorted(named), _pipeline_group()):  # names only, O(model)
-            known.update(names)
+        known = set(_logical_shapes(model))  # every stage's names
         unexpected = sorted(set(tensors) - known)
         if unexpected:
             raise CheckpointError(

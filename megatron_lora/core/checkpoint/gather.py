@@ -190,15 +190,34 @@ def _recv_tensors(src: int, group, device) -> List[torch.Tensor]:
     return out
 
 
-def _broadcast_header(header: Optional[List[torch.Tensor]], src: int, device) -> List[torch.Tensor]:
+def _broadcast_header(header: Optional[List[torch.Tensor]], src: int, device, group=None) -> List[torch.Tensor]:
     sizes = header[0].to(device) if header else torch.empty(2, dtype=torch.int64, device=device)
-    dist.broadcast(sizes, src=src)
+    dist.broadcast(sizes, src=src, group=group)
     out = [sizes]
     for i, (n, dtype) in enumerate(zip(sizes.tolist(), (torch.uint8, torch.int64)), start=1):
         t = header[i].to(device) if header else torch.empty(n, dtype=dtype, device=device)
         if n:
-            dist.broadcast(t, src=src)
+            dist.broadcast(t, src=src, group=group)
         out.append(t)
+    return out
+
+
+def every_stage(named: Dict[str, tuple]) -> Meta:
+    """(name, dtype, logical shape) of every LoRA tensor of the whole model, on every rank.
+
+    Each pipeline stage broadcasts its header over the pipeline group (TP ranks and replicas hold
+    the same names): a rank receives the other stages' headers once, whatever TP and DP are.
+    Without Megatron's parallel state every rank of the world is a stage.
+    """
+    from megatron.core import parallel_state as ps
+
+    mine = _meta(named)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    group = ps.get_pipeline_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    device, me, out = transport_device(group), dist.get_rank(), []
+    for src in dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size()):
+        out += _decode(*_broadcast_header(_encode(mine) if src == me else None, src, device, group))
     return out
 
 
