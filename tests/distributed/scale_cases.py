@@ -1,6 +1,7 @@
 """Rank worker of ``test_scale_bytes.py``: the bytes each rank receives in ``export_peft(dst=0)`` and
 in ``save_full_adapter`` (the training script's final save), in ``gather_full_adapter()`` (every
-rank) and ``gather_full_adapter(dst=last rank)`` (TP rank 1 of the last stage), the peak bytes of tensors it allocates
+rank), ``gather_full_adapter(dst=last rank)`` (TP rank 1 of the last stage) and the logical shapes
+of every stage (``_logical_shapes``: the descriptor, the strict load check), the peak bytes of tensors it allocates
 meanwhile (``LiveBytes``), and what the rank holds.
 """
 
@@ -28,7 +29,7 @@ def bytes_worker(path):
 
     from megatron_lora import LoRAConfig, apply_lora
     from megatron_lora.core.checkpoint.adapter import (
-        _named_factors, gather_factor, gather_full_adapter, save_full_adapter,
+        _logical_shapes, _named_factors, gather_factor, gather_full_adapter, save_full_adapter,
     )
     from megatron_lora.hf.export import arch_from_model, export_peft
     from tests.distributed.live_bytes import LiveBytes
@@ -51,7 +52,8 @@ def bytes_worker(path):
     for what, call in (("export_peft", lambda: export_peft(model, dst=0)),
                        ("save", lambda: save_full_adapter(model, path)),
                        ("every_rank", lambda: gather_full_adapter(model)),
-                       ("last_rank", lambda: gather_full_adapter(model, dst=torch.distributed.get_world_size() - 1))):
+                       ("last_rank", lambda: gather_full_adapter(model, dst=torch.distributed.get_world_size() - 1)),
+                       ("shapes", lambda: _logical_shapes(model))):
         meter, live = ReceivedBytes(), LiveBytes()
         with meter, live:
             result = call()

@@ -58,6 +58,8 @@ def _expected(ranks, what):
             stages[r["pp"]] = r["held"]
     adapter = sum(_nbytes(h["logical"], h["element"]) for held in stages.values() for h in held.values())
     out = {}
+    if what == "shapes":  # every stage's header, over the pipeline group, to every rank
+        return {r["rank"]: sum(_header(held) for stage, held in stages.items() if stage != r["pp"]) for r in ranks}
     for r in ranks:
         local = sum(_nbytes(h["local"], h["element"]) for h in r["held"].values())
         if r["rank"] == dst:
@@ -88,7 +90,7 @@ def _report(runs):
     print("\n".join(lines))
 
 
-@pytest.mark.parametrize("what", ["export_peft", "save", "every_rank", "last_rank"])
+@pytest.mark.parametrize("what", ["export_peft", "save", "every_rank", "last_rank", "shapes"])
 @pytest.mark.parametrize("world", WORLDS)
 def test_dst_receives_the_adapter_once_and_others_at_most_their_own_layers(runs, world, what):
     """``last_rank``: ``gather_full_adapter(dst=world - 1)``, TP rank 1 of stage 1 (at 8 ranks in
@@ -103,7 +105,7 @@ def test_dst_receives_the_adapter_once_and_others_at_most_their_own_layers(runs,
     for r in ranks:
         assert not r[what]["object_calls"], (r["rank"], r[what]["object_calls"])
         own = sum(_nbytes(h["logical"], h["element"]) for h in r["held"].values())
-        if r["rank"] != dst and what != "every_rank":
+        if r["rank"] != dst and what not in ("every_rank", "shapes"):
             assert found[r["rank"]] <= own + ROUTE + FINITE_CHECK
 
 
@@ -150,6 +152,9 @@ def test_gathered_adapter_equals_an_all_gather_of_every_layer_bit_for_bit(runs, 
     saved = load_file(path)
     assert sorted(saved) == sorted(reference)
     assert all(saved[k].dtype == reference[k].dtype and torch.equal(saved[k], reference[k]) for k in reference)
+    for r in ranks:
+        assert r["shapes_result"] == {name: list(t.shape) for name, t in reference.items()}
+        assert list(r["shapes_result"]) == list(reference)  # stage order, as the descriptor lists them
     last = ranks[-1]["last_rank_result"]
     assert all(r["last_rank_result"] is None for r in ranks[:-1]) and sorted(last) == sorted(reference)
     assert all(last[k].dtype == reference[k].dtype and torch.equal(last[k], reference[k]) for k in reference)
