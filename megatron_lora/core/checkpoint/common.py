@@ -37,17 +37,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_ranks(obj, group=None) -> list:
-    """``obj`` from every rank of ``group`` (the world if None), in group-rank order.
+def all_ranks(obj) -> list:
+    """``obj`` from every rank, in rank order.
 
-    Small metadata only (names, shapes): it is pickled through the host and every rank receives
-    every rank's object, so its bytes grow with the group. Tensors never travel this way; the
-    adapter gather sends them point-to-point (``checkpoint/gather.py``, docs/design.md §16).
+    Small metadata only: it is pickled through the host and every rank receives every rank's
+    object, so its bytes grow with the world size. Tensors never travel this way; the adapter
+    and its names move as tensor messages (``checkpoint/gather.py``, docs/design.md §16).
     """
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
