@@ -104,13 +104,15 @@ def export_peft(model, hf_config: Optional[dict] = None, dst: Optional[int] = 0,
     """The adapter as PEFT tensors (``base_model.model.model.layers.N...lora_A.weight``, on the
     CPU) and its ``adapter_config.json`` dict, on rank ``dst`` (every rank with None); None on
     the others. Collective: every rank calls it. The same bits as ``megatron-to-peft``
-    (``compact`` = not ``--keep-rank``); a non-finite factor raises on every rank."""
+    (``compact`` = not ``--keep-rank``); a non-finite factor raises on every rank.
+
+    Only ``dst`` receives the adapter (once); the other ranks send at most their stage's factors
+    and one data-parallel replica takes part (``gather_full_adapter``, docs/design.md §16)."""
     _check_dst(dst)
     arch = arch_from_model(model, hf_config)
     cfg = _model_config(model)
-    tensors = gather_full_adapter(model)
-    for name, tensor in tensors.items():
-        check_finite_float(name, tensor, WHERE)
+    _check_loaded_factors(model, WHERE)  # each rank its shards, so that every rank raises
+    tensors = gather_full_adapter(model, dst=dst)
     if not _receives(dst):
         return None
     peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE)

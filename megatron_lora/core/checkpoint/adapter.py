@@ -12,7 +12,8 @@ Two formats:
 2. **Full (unsharded) adapter** in safetensors, keyed by qualified name with global layer numbers
    (a TP=1 export, or an imported PEFT adapter). ``load_full_adapter`` slices each rank's shard
    along the layer's DECLARED layout with strict checks (never by guessing from a shape mismatch,
-   docs/design.md §10, trap 11).
+   docs/design.md §10, trap 11). ``gather_full_adapter`` brings it onto one rank with tensor
+   messages whose bytes do not grow with the world size (``gather.py``, docs/design.md §16).
 
 The frozen base is never written here: it loads from its own checkpoint.
 Nothing here unpickles arbitrary objects: full adapters are safetensors; a dist checkpoint holds
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core.checkpoint import common
+from megatron_lora.core.checkpoint import common, gather
 from megatron_lora.core.checkpoint.common import CheckpointError
 from megatron_lora.core.checkpoint.files import (
     ADAPTER_TRACKER, CONFIG_FIELDS_THAT_MUST_MATCH, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE,
@@ -67,12 +68,11 @@ def _named_factors(model) -> Dict[str, tuple]:
 
 
 def _logical_shapes(model) -> Dict[str, List[int]]:
-    """Logical shape of every LoRA tensor of the WHOLE model (all PP stages)."""
-    mine = {name: list(m.lora_logical_shape(f)) for name, (m, f) in _named_factors(model).items()}
-    merged = {}
-    for shapes in common.all_ranks(mine):
-        merged.update(shapes)
-    return merged
+    """Logical shape of every LoRA tensor of the WHOLE model (all PP stages), on every rank.
+
+    Headers over the pipeline group, tensors only: a rank receives the other stages' names and
+    shapes once, never once per TP rank or replica (docs/design.md §16)."""
+    return {name: list(shape) for name, _, shape in gather.every_stage(_named_factors(model))}
 
 
 def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
@@ -172,16 +172,18 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
 
 
 def _check_loaded_factors(model, where: str) -> None:
-    """Every rank's loaded shards are finite floats; the first problem any rank found is raised on all."""
-    problems = []
+    """Every rank's shards are finite floats; the lowest rank's first problem is raised on all
+    (one int64 all-reduce when there is none)."""
+    problem = None
     for name, (m, factor) in _named_factors(model).items():
         try:
             check_finite_float(name, getattr(m, factor).detach(), where)
         except CheckpointError as err:
-            problems.append(str(err))
-    found = [p for rank_problems in common.all_ranks(problems[:1]) for p in rank_problems]
-    if found:
-        raise CheckpointError(found[0])
+            problem = str(err)
+            break
+    found = gather.first_message(problem)
+    if found is not None:
+        raise CheckpointError(found)
 
 
 # ------------------------------------------------------------------------- full (unsharded) adapter
@@ -192,15 +194,17 @@ def gather_factor(m, factor: str) -> torch.Tensor:
     return m.lora_layout.unshard(factor, C.all_gather_list(getattr(m, factor).detach(), m.lora_group))
 
 
-def gather_full_adapter(model) -> Dict[str, torch.Tensor]:
-    """Every LoRA tensor in its logical (TP=1) form, on every rank; collective over all ranks."""
-    full = {}
-    for name, (m, factor) in _named_factors(model).items():
-        full[name] = gather_factor(m, factor).cpu().contiguous()
-    merged = {}
-    for part in common.all_ranks(full):  # PP stages hold different layers
-        merged.update(part)
-    return merged
+def gather_full_adapter(model, dst: Optional[int] = None) -> Optional[Dict[str, torch.Tensor]]:
+    """Every LoRA tensor in its logical (TP=1) form, on the CPU, on global rank ``dst`` (every
+    rank with None); None on the other ranks. Collective over all ranks.
+
+    One data-parallel replica gathers each layer over TP onto one rank of its stage, which sends
+    it point-to-point to ``dst`` (``checkpoint/gather.py``): ``dst`` receives the adapter once,
+    a sender at most its stage's factors, another replica nothing (docs/design.md §16). A
+    replicated factor, or any factor at TP = 1 on the CPU, may be the parameter itself: read the
+    result, do not write it.
+    """
+    return gather.gather_adapter(_named_factors(model), dst)
 
 
 def write_full_adapter(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, path: str, **metadata: str) -> None:
@@ -213,10 +217,11 @@ def write_full_adapter(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, path: 
     os.replace(tmp, path)
 
 
-def save_full_adapter(model, path: str) -> None:
-    """Write the logical adapter as one safetensors file (rank 0 writes; collective)."""
-    tensors = gather_full_adapter(model)
-    if common.rank() == 0:
+def save_full_adapter(model, path: str, writer: int = 0) -> None:
+    """Write the logical adapter as one safetensors file (global rank ``writer`` gathers and
+    writes it; collective)."""
+    tensors = gather_full_adapter(model, dst=writer)
+    if common.rank() == writer:
         write_full_adapter(tensors, _model_config(model), path)
     common.barrier()
 
@@ -257,9 +262,7 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
         tensors = source
     named = _named_factors(model)
     if strict:
-        known = set()
-        for names in common.all_ranks(sorted(named)):
-            known.update(names)
+        known = set(_logical_shapes(model))  # every stage's names
         unexpected = sorted(set(tensors) - known)
         if unexpected:
             raise CheckpointError(
