@@ -106,18 +106,29 @@ def offline_worker(paths, layout):
 
 # ------------------------------------------------------------------------------------ memory
 
-def memory_worker(num_layers, keep_all):
-    """Peak bytes the merged stream allocates on this rank, the logical bytes of one layer and of
-    the model; ``keep_all`` keeps every yielded tensor inside the meter (the meter must see them)."""
-    from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.hf.export import export_merged
+def memory_worker(num_layers, keep_all, dtype_name, dst=None):
+    """Peak bytes the merged stream allocates on this rank while it makes each tensor, with the
+    model and the export in ``dtype_name``; the sizes of the documented bound (``export_merged``'s
+    docstring): the largest logical tensor's elements N, its shard's S = N/t, the largest layer's
+    local factors in fp32; the logical bytes of one layer and of the model. ``keep_all`` keeps
+    every yielded tensor inside the meter (the meter must see them)."""
+    from megatron_lora import LoRAConfig, apply_lora, lora_modules
+    from megatron_lora.hf.export import arch_from_model, export_merged
+    from megatron_lora.hf.mapping import hf_names_of, hf_shapes, megatron_names
     from tests.distributed.live_bytes import LiveBytes
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 
+    dtype = getattr(torch, dtype_name)
     tp, _ = tp_rank()
-    model = apply_lora(build_tiny_gpt(tiny_gpt_config(tp=tp, num_layers=num_layers)), LoRAConfig(rank=4, alpha=8))
+    config = tiny_gpt_config(tp=tp, num_layers=num_layers, params_dtype=dtype)
+    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8))
     _randomize_lora_b(model)
-    stream, meter, kept, sizes = export_merged(model, dtype=torch.float32, dst=None), LiveBytes(), [], {}
+    arch = arch_from_model(model)
+    shapes = hf_shapes(arch)
+    largest = max(sum(torch.Size(shapes[h]).numel() for h in hf_names_of(n)) for n in megatron_names(arch))
+    factors = max(4 * (m.lora_A.numel() + m.lora_B.numel()) for m in lora_modules(model))
+    stream, meter, kept, sizes = export_merged(model, dtype=dtype, dst=dst), LiveBytes(), [], {}
+    _settle_collectives()
     while True:
         with meter:
             item = next(stream, None)
@@ -128,7 +139,24 @@ def memory_worker(num_layers, keep_all):
         sizes[item[0]] = item[1].nbytes
         del item
     layer = sum(n for name, n in sizes.items() if name.startswith("model.layers.0."))
-    return dict(peak=meter.peak, layer=layer, model=sum(sizes.values()), tensors=len(sizes))
+    return dict(peak=meter.peak, layer=layer, model=sum(sizes.values()), tensors=len(sizes), N=largest,
+                S=largest // tp, factors=factors, d=torch.empty(0, dtype=dtype).element_size(),
+                param_dtype=str(next(model.parameters()).dtype))
+
+
+def _settle_collectives(seconds=0.01):
+    """Let gloo's worker thread drop its reference to a finished collective's tensors before the
+    stream goes on: it still holds them for a moment after ``wait()`` returns, so without this
+    pause the meter sees the previous tensor alive a little longer or not, by thread timing."""
+    import time
+
+    for name in ("all_gather", "gather", "broadcast", "send", "recv"):
+        def settled(*args, _original=getattr(dist, name), **kwargs):
+            out = _original(*args, **kwargs)
+            time.sleep(seconds)
+            return out
+
+        setattr(dist, name, settled)
 
 
 # ------------------------------------------------------------------------------------ errors
