@@ -28,21 +28,33 @@ from tests.distributed.test_convert import _hf_model, _logits  # noqa: E402  (th
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     paths = {name: str(root / name) for name in (
-        "llama", "mg_llama", *(f"{kind}_{layout}" for kind in ("save", "offline") for layout in E.LAYOUTS))}
+        "llama", "mg_llama", "llama4", "mg_llama4", "save_vpp", "offline_vpp",
+        *(f"{kind}_{layout}" for kind in ("save", "offline") for layout in E.LAYOUTS))}
     _hf_model("llama").save_pretrained(paths["llama"])
     paths["data"] = S.make_dataset(str(root), n=40)
     run_distributed(E.convert_worker, 1, paths)
     return paths
 
 
+_RUNS = {}
+
+
+def _run_layout(work, layout):
+    """Each rank's in-memory exports at ``layout`` and the offline conversions (once per module)."""
+    if layout not in _RUNS:
+        sizes = E.LAYOUTS[layout]
+        ranks = run_distributed(E.export_worker, sizes["tp"] * sizes["pp"] * sizes["dp"], work, layout,
+                                tp=sizes["tp"], pp=sizes["pp"])
+        run_distributed(E.offline_worker, 1, work, layout)
+        _RUNS[layout] = ranks
+    return _RUNS[layout]
+
+
 @pytest.fixture(scope="module", params=sorted(E.LAYOUTS))
 def exported(request, work):
     """(layout, each rank's in-memory exports, the offline outputs' directory)."""
     layout = request.param
-    sizes = E.LAYOUTS[layout]
-    ranks = run_distributed(E.export_worker, sizes["tp"] * sizes["pp"], work, layout, **sizes)
-    run_distributed(E.offline_worker, 1, work, layout)
-    return layout, ranks, work[f"offline_{layout}"]
+    return layout, _run_layout(work, layout), work[f"offline_{layout}"]
 
 
 def _load(directory, file):
@@ -114,6 +126,92 @@ def test_exports_leave_the_training_model_bitwise_unchanged(exported):
     _, ranks, _ = exported
     assert all(rank["unchanged"] for rank in ranks)
     assert sum(rank["lora_tensors"] for rank in ranks) > 0
+
+
+def test_merged_stream_receives_the_model_once_on_dst_and_nothing_grows_with_data_parallel(work):
+    """Bytes each rank receives in ``export_merged(dtype=bf16, dst=0)``
+    (``tests/distributed/received_bytes.py``) at TP=2 x PP=2 (4 ranks) and TP=2 x PP=2 x DP=2
+    (8 ranks): ``dst`` receives at most the merged model; the others at most their own base
+    shards, apart from the routes (one 4-byte flag per tensor name from each other stage, and
+    dst's pipeline ranks); the second data-parallel replica receives nothing more; no tensor goes
+    through an ``*_object`` call; and the 8-rank figures equal the 4-rank ones."""
+    figures = {}
+    for layout in ("tp2pp2", "tp2pp2dp2"):
+        ranks = _run_layout(work, layout)
+        model = sum(t.nbytes for t in ranks[0]["merged_bf16"].values())
+        payload = [sum(n for op, n in r["received"].items() if op in ("gather", "recv")) for r in ranks]
+        routes = [r["received"]["all_gather"] + r["received"]["broadcast"] for r in ranks]
+        print(f"{layout}: model {model} B; received payload per rank {payload}, routes {routes}")
+        assert all(r["received"]["objects"] == 0 for r in ranks)
+        assert model // 2 < payload[0] <= model
+        assert all(payload[i] <= ranks[i]["own_bf16"] for i in range(1, len(ranks)))
+        names = 1 + 2 * (2 + 4) + 2  # Megatron tensors: embedding, 2 x (2 norms, 4 linears), norm, output
+        assert 0 < max(routes) <= 4 * names + 8 * 2
+        assert all(p == 0 for p, r in zip(payload, ranks) if r["coords"]["dp"] != 0)  # dst's replica only
+        figures[layout] = {(r["coords"]["pp"], r["coords"]["tp"]): (p, q)
+                           for p, q, r in zip(payload, routes, ranks) if r["coords"]["dp"] == 0}
+    assert figures["tp2pp2"] == figures["tp2pp2dp2"]
+
+
+def test_merged_stream_at_virtual_pipeline_2_equals_merge_to_hf_bit_for_bit(work):
+    """PP=2 with two virtual stages per rank: stage 0 holds layers 0 and 2, stage 1 layers 1 and
+    3, so the stream alternates stages; fp32 and bf16 equal ``merge --to hf``."""
+    config = dict(json.load(open(os.path.join(work["llama"], "config.json"))), num_hidden_layers=4)
+    llama4 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    llama4.load_state_dict(_hf_model("llama", work["llama"]).state_dict(), strict=False)  # layers 2, 3 random
+    llama4.save_pretrained(work["llama4"])
+    run_distributed(E.convert_worker, 1, work, "llama4", "mg_llama4")
+    ranks = run_distributed(E.vpp_worker, 2, work, pp=2, virtual_pipeline_model_parallel_size=2)
+    run_distributed(E.vpp_offline_worker, 1, work)
+    assert ranks[0]["layers"] == [0, 2] and ranks[1]["layers"] == [1, 3]
+    assert ranks[1]["merged"] == {} and ranks[1]["merged_bf16"] == {}
+    _bitwise_equal(ranks[0]["merged"], _load(os.path.join(work["offline_vpp"], "merged"), "model.safetensors"))
+    _bitwise_equal(ranks[0]["merged_bf16"],
+                   _load(os.path.join(work["offline_vpp"], "merged_bf16"), "model.safetensors"))
+
+
+def test_bucketed_stream_is_the_stream_cut_greedily_at_bucket_bytes():
+    """TP=2: buckets of at most 3,000 bytes (a larger tensor, e.g. the embedding, alone), closed only when the
+    next tensor would not fit, and together the plain stream in order, bit for bit."""
+    limit = 3000
+    got = run_distributed(E.bucket_worker, 2, limit, tp=2)
+    assert got[1] == dict(plain=[], buckets=[])
+    plain, buckets = got[0]["plain"], got[0]["buckets"]
+    flat = [pair for bucket in buckets for pair in bucket]
+    assert [n for n, _ in flat] == [n for n, _ in plain] and len(plain) == 3 + 2 * 9
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for (_, a), (_, b) in zip(flat, plain))
+    sizes = [sum(t.nbytes for _, t in bucket) for bucket in buckets]
+    assert all(size <= limit or len(bucket) == 1 for size, bucket in zip(sizes, buckets))
+    assert any(len(bucket) == 1 and size > limit for size, bucket in zip(sizes, buckets))
+    assert any(len(bucket) > 1 for bucket in buckets)
+    assert all(sizes[i] + buckets[i + 1][0][1].nbytes > limit for i in range(len(buckets) - 1))
+
+
+@pytest.mark.parametrize("dst, raising_rank", [(0, 0), (None, 3)], ids=["dst0", "every-rank"])
+def test_a_consumer_raising_on_dst_leaves_every_rank_with_the_schedule_intact(dst, raising_rank):
+    """TP=2 x PP=2, real gloo ranks: ``export_merged_to``'s consumer raises on its 2nd tensor on
+    ``raising_rank``. Every rank returns (no hang: the launcher times out otherwise), only that
+    rank re-raises the engine's error, its consumer saw nothing after the error, and a second,
+    plain export then runs to the end on every rank (nothing was left half-sent)."""
+    ranks = run_distributed(E.failing_consumer_worker, 4, dst, raising_rank, tp=2, pp=2, timeout=120)
+    everything = 3 + 2 * 9
+    for rank, (seen, error, after) in enumerate(ranks):
+        receives = dst is None or rank == dst
+        assert len(after) == (everything if receives else 0)
+        if rank == raising_rank:
+            assert len(seen) == 2 and error == f"the engine refused {seen[1]}"
+        else:
+            assert error is None and len(seen) == (everything if receives else 0)
+
+
+def test_a_non_finite_factor_on_one_rank_fails_the_merged_export_on_every_rank():
+    """TP=2: rank 1's shard of a B holds a NaN; both ranks raise its message, without an
+    ``*_object`` collective."""
+    results = run_distributed(E.nonfinite_worker, 2, 1, tp=2)
+    assert results[0] == results[1]
+    error, object_calls = results[0]
+    assert error.startswith("CheckpointError: the model's adapter: ") and "lora_B holds 1 non-finite values" in error
+    assert object_calls == 0
 
 
 def _documented_bound(r):
