@@ -11,12 +11,16 @@ the training model (every result is a fresh tensor, no parameter is written).
   ``peft_from_megatron`` (what the converter runs), so tensors and ``adapter_config.json`` are
   the converter's, bit for bit.
 * :func:`export_merged`: ``W + s·B·A`` per base tensor, as ``merge --to hf`` writes it. For each
-  logical Megatron tensor in pipeline order, the TP group of the stage that holds it gathers it
-  (and the layer's factors), merges out of place in fp32 with ``fp32_lora_delta`` (the formula
-  ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once, splits
-  fused rows into Hugging Face projections (``hf_from_megatron_tensor``, the converter's mapping)
-  and sends the pieces to the destination over the pipeline group. Peak extra memory is about
-  two copies of the largest single tensor (``linear_fc1`` or the embedding), never the model.
+  logical Megatron tensor in pipeline order, every TP rank of the stage that holds it merges its
+  own shard out of place in fp32 with ``fp32_lora_delta`` from its local factors (shard i of the
+  formula ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once,
+  splits fused rows per shard into Hugging Face projections (``hf_from_megatron_tensor``, the
+  converter's mapping), gathers each projection in the target dtype onto the one rank that sends
+  and sends it to the destination over the pipeline group. Peak extra memory is about one copy
+  of the largest single tensor (``linear_fc1`` or the embedding) in the target dtype, plus
+  shard-sized buffers (the bound is in its docstring), never the model.
+  :func:`export_merged_to` hands the stream to a callback and keeps the collective schedule if
+  the callback raises.
 
 The architecture is read from the model (``arch_from_model``: its TransformerConfig, vocabulary
 and embedding tying); an ``hf_config`` (the engine's config.json as a dict) is checked against

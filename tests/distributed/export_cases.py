@@ -11,7 +11,7 @@ import torch.distributed as dist
 from tests.distributed import convert_cases as C
 
 LAYOUTS = {"tp2": dict(tp=2, pp=1, dp=1), "pp2": dict(tp=1, pp=2, dp=1), "tp2pp2": dict(tp=2, pp=2, dp=1),
-           "tp2pp2dp2": dict(tp=2, pp=2, dp=2)}
+           "tp2pp2dp2": dict(tp=2, pp=2, dp=2), "tp2_per_projection": dict(tp=2, pp=1, dp=1, per_projection=True)}
 ITERATION = 1
 
 
@@ -72,7 +72,8 @@ def export_worker(paths, layout):
     sizes = LAYOUTS[layout]
     args = C._script_args(paths, "mg_llama", [
         "--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7",
-        "--tensor-model-parallel-size", sizes["tp"], "--pipeline-model-parallel-size", sizes["pp"]])
+        "--tensor-model-parallel-size", sizes["tp"], "--pipeline-model-parallel-size", sizes["pp"],
+        *(["--lora-per-projection"] if sizes.get("per_projection") else [])])
     model = gpt_stage_from_args(args, args.lora)
     load_model(model, paths["mg_llama"])
     apply_lora(model, args.lora)
