@@ -179,11 +179,12 @@ def vpp_offline_worker(paths):
 # ------------------------------------------------------------------------------------ memory
 
 def memory_worker(num_layers, keep_all, dtype_name, dst=None):
-    """Peak bytes the merged stream allocates on this rank while it makes each tensor, with the
-    model and the export in ``dtype_name``; the sizes of the documented bound (``export_merged``'s
-    docstring): the largest logical tensor's elements N, its shard's S = N/t, the largest layer's
-    local factors in fp32; the logical bytes of one layer and of the model. ``keep_all`` keeps
-    every yielded tensor inside the meter (the meter must see them)."""
+    """Peak bytes the merged stream allocates on this rank, in all and per logical Megatron
+    tensor (while it makes that tensor's Hugging Face pieces), with the model and the export in
+    ``dtype_name``; the sizes of the documented bound (``export_merged``'s docstring): each
+    tensor's elements N and this rank's shard S (N/t, or N for a replicated norm), the largest
+    layer's local factors in fp32; the logical bytes of one layer and of the model. ``keep_all``
+    keeps every yielded tensor inside the meter (the meter must see them)."""
     from megatron_lora import LoRAConfig, apply_lora, lora_modules
     from megatron_lora.hf.export import arch_from_model, export_merged
     from megatron_lora.hf.mapping import hf_names_of, hf_shapes, megatron_names
@@ -197,22 +198,32 @@ def memory_worker(num_layers, keep_all, dtype_name, dst=None):
     _randomize_lora_b(model)
     arch = arch_from_model(model)
     shapes = hf_shapes(arch)
-    largest = max(sum(torch.Size(shapes[h]).numel() for h in hf_names_of(n)) for n in megatron_names(arch))
+    tensors = {}
+    for name in megatron_names(arch):
+        n = sum(torch.Size(shapes[h]).numel() for h in hf_names_of(name))
+        tensors[name] = dict(N=n, S=n if "layernorm" in name else n // tp, pieces=hf_names_of(name))
     factors = max(4 * (m.lora_A.numel() + m.lora_B.numel()) for m in lora_modules(model))
-    stream, meter, kept, sizes = export_merged(model, dtype=dtype, dst=dst), LiveBytes(), [], {}
+    stream, meter, kept, sizes, peaks = export_merged(model, dtype=dtype, dst=dst), LiveBytes(), [], {}, []
     _settle_collectives()
     while True:
+        meter.peak = 0  # this call's peak: what is live while it allocates
         with meter:
             item = next(stream, None)
             if item is not None and keep_all:
                 kept.append(item[1])
+        peaks.append(meter.peak)
         if item is None:
             break
         sizes[item[0]] = item[1].nbytes
         del item
+    if dst is None or dist.get_rank() == dst:  # per tensor: its pieces' calls, in stream order
+        calls = iter(peaks)
+        for entry in tensors.values():
+            entry["peak"] = max(next(calls) for _ in entry["pieces"])
     layer = sum(n for name, n in sizes.items() if name.startswith("model.layers.0."))
-    return dict(peak=meter.peak, layer=layer, model=sum(sizes.values()), tensors=len(sizes), N=largest,
-                S=largest // tp, factors=factors, d=torch.empty(0, dtype=dtype).element_size(),
+    largest = max(tensors.values(), key=lambda entry: entry["N"])
+    return dict(peak=max(peaks), layer=layer, model=sum(sizes.values()), tensors=len(sizes), N=largest["N"],
+                S=largest["S"], per_tensor=tensors, factors=factors, d=torch.empty(0, dtype=dtype).element_size(),
                 param_dtype=str(next(model.parameters()).dtype))
 
 

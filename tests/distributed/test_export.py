@@ -216,9 +216,11 @@ def test_a_non_finite_factor_on_one_rank_fails_the_merged_export_on_every_rank()
     assert object_calls == 0
 
 
-def _documented_bound(r):
-    """``export_merged``'s docstring: max((4 + d)·S, d·(N + 2·S)) + the largest layer's fp32 factors."""
-    return max((4 + r["d"]) * r["S"], r["d"] * (r["N"] + 2 * r["S"])) + r["factors"]
+def _documented_bound(r, n=None, s=None):
+    """``export_merged``'s docstring: max((4 + d)·S, d·(N + 2·S)) + the largest layer's fp32
+    factors; N, S of the largest tensor unless given."""
+    n, s = (r["N"], r["S"]) if n is None else (n, s)
+    return max((4 + r["d"]) * s, r["d"] * (n + 2 * s)) + r["factors"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -241,6 +243,24 @@ def test_merged_stream_peak_memory_is_the_documented_bound(keep_all, dtype):
             assert r["peak"] >= r["model"]
         else:
             assert r["peak"] <= bound
+            over = {name: (t["peak"], _documented_bound(r, t["N"], t["S"])) for name, t in r["per_tensor"].items()
+                    if t["peak"] > _documented_bound(r, t["N"], t["S"])}
+            assert not over, over  # each tensor within the bound of its own N and S (row layers, qkv)
+
+
+def test_merged_stream_ranks_that_only_contribute_a_shard_hold_a_shard():
+    """TP=2, bf16, dst=0: rank 1 only merges and sends its shards, and stays under the
+    documented (4 + d)·S of the largest shard (plus the factors); rank 0 under the full bound. (At
+    TP=2 both measure 12,288 B: the fp32 shard merge, not the gather, is the peak there. The
+    former code, where every TP rank gathered and merged the whole tensor, measured 36,608 B on
+    both.)"""
+    results = run_distributed(E.memory_worker, 2, 2, False, "bfloat16", 0, tp=2)
+    receiver, contributor = results
+    print(f"dst=0: receiver peak {receiver['peak']} B, contributor peak {contributor['peak']} B "
+          f"(S={contributor['S']}, d={contributor['d']})")
+    assert receiver["tensors"] == 3 + 2 * 9 and contributor["tensors"] == 0
+    assert receiver["peak"] <= _documented_bound(receiver)
+    assert contributor["peak"] <= (4 + contributor["d"]) * contributor["S"] + contributor["factors"]
 
 
 def test_unsupported_models_fail_early_with_what_to_do():
