@@ -34,6 +34,7 @@ _HOME = {
     "load_full_adapter": "megatron_lora.core.checkpoint.adapter",
     "export_peft": "megatron_lora.hf.export",
     "export_merged": "megatron_lora.hf.export",
+    "export_merged_to": "megatron_lora.hf.export",
 }
 
 __all__ = list(_HOME)

@@ -83,8 +83,9 @@ def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRACon
     return lora_layer_spec(spec, lora_config) if lora_config is not None else spec
 
 
-def gpt_block_spec(config, layer_spec, transformer_impl: str = "local"):
-    """The transformer block of this pipeline stage: its share of layers, then the final norm."""
+def gpt_block_spec(config, layer_spec, transformer_impl: str = "local", vp_stage: Optional[int] = None):
+    """The transformer block of this pipeline stage (of its virtual stage ``vp_stage``): its share
+    of layers, then the final norm."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -93,7 +94,7 @@ def gpt_block_spec(config, layer_spec, transformer_impl: str = "local"):
     final_norm = torch_norm(config.normalization)
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=final_norm)
 
 
@@ -125,7 +126,7 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    block = gpt_block_spec(config, layer_spec, transformer_impl)
+    block = gpt_block_spec(config, layer_spec, transformer_impl, gpt_kwargs.get("vp_stage"))
     return GPTModel(config=config, transformer_layer_spec=block,
                     vocab_size=vocab_size, max_sequence_length=max_sequence_length,
                     pre_process=pre_process, post_process=post_process, **gpt_kwargs)

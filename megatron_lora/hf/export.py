@@ -11,12 +11,16 @@ the training model (every result is a fresh tensor, no parameter is written).
   ``peft_from_megatron`` (what the converter runs), so tensors and ``adapter_config.json`` are
   the converter's, bit for bit.
 * :func:`export_merged`: ``W + s·B·A`` per base tensor, as ``merge --to hf`` writes it. For each
-  logical Megatron tensor in pipeline order, the TP group of the stage that holds it gathers it
-  (and the layer's factors), merges out of place in fp32 with ``fp32_lora_delta`` (the formula
-  ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once, splits
-  fused rows into Hugging Face projections (``hf_from_megatron_tensor``, the converter's mapping)
-  and sends the pieces to the destination over the pipeline group. Peak extra memory is about
-  two copies of the largest single tensor (``linear_fc1`` or the embedding), never the model.
+  logical Megatron tensor in pipeline order, every TP rank of the stage that holds it merges its
+  own shard out of place in fp32 with ``fp32_lora_delta`` from its local factors (shard i of the
+  formula ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once,
+  splits fused rows per shard into Hugging Face projections (``hf_from_megatron_tensor``, the
+  converter's mapping), gathers each projection in the target dtype onto the one rank that sends
+  and sends it to the destination over the pipeline group. Peak extra memory is about one copy
+  of the largest single tensor (``linear_fc1`` or the embedding) in the target dtype, plus
+  shard-sized buffers (the bound is in its docstring), never the model.
+  :func:`export_merged_to` hands the stream to a callback and keeps the collective schedule if
+  the callback raises.
 
 The architecture is read from the model (``arch_from_model``: its TransformerConfig, vocabulary
 and embedding tying); an ``hf_config`` (the engine's config.json as a dict) is checked against
@@ -25,7 +29,8 @@ it, so a model the engine would load differently fails before anything is gather
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+import dataclasses
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,11 +38,10 @@ import torch.distributed as dist
 from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.adapter import (
-    _check_loaded_factors, _model_config, check_finite_float, gather_factor, gather_full_adapter,
+    _model_config, check_finite_float, gather_full_adapter,
 )
 from megatron_lora.core.inject import global_module_names, lora_modules, model_chunks
-from megatron_lora.core.layers import LoRALayerMixin, fp32_lora_delta, is_gated_fc1, is_lora_key
-from megatron_lora.core.layout import unshard_tensors
+from megatron_lora.core.layers import LoRALayerMixin, fp32_lora_delta, is_lora_key
 from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_model_args, check_hf_config_matches, hf_from_megatron_tensor, hf_names_of,
     hf_shapes, megatron_names,
@@ -124,26 +128,108 @@ def export_peft(model, hf_config: Optional[dict] = None, dst: Optional[int] = 0,
 # ------------------------------------------------------------------------------------ merged
 
 def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch.dtype] = None,
-                  dst: Optional[int] = 0) -> Iterator[Tuple[str, torch.Tensor]]:
+                  dst: Optional[int] = 0, bucket_bytes: Optional[int] = None) -> Iterator:
     """(Hugging Face name, merged tensor) pairs, one at a time, in pipeline order (embedding,
     layers, final norm, lm_head unless tied), on the model's device, in ``dtype`` (default: the
-    parameters' dtype), on rank ``dst`` (every rank with None). The iterator is collective:
-    EVERY rank must run it to the end (``for _ in it: pass`` on ranks that only send); on
-    other ranks it yields nothing. A layer's adapter is merged when it is enabled, as the forward
-    runs it. The model is checked now, before the first tensor is asked for."""
+    parameters' dtype), on rank ``dst`` (every rank with None). A layer's adapter is merged when
+    it is enabled, as the forward runs it. The model is checked now, before the first tensor is
+    asked for.
+
+    ``bucket_bytes``: yield lists of pairs instead, each holding at most ``bucket_bytes`` (a
+    single larger tensor comes alone), for engines that load weights in buckets.
+
+    Collective contract: EVERY rank must drive the iterator to its end (``for _ in it: pass`` on
+    ranks that only send); on other ranks than ``dst`` it yields nothing. A receiving rank that
+    stops early (a consumer raising, a ``break``) leaves the others blocked in a send or gather
+    that never completes. :func:`export_merged_to` keeps the schedule whatever the consumer does.
+
+    Memory: each TP rank of the stage that holds a tensor merges ITS shard, ``W_i + s·B_i·A``
+    (column) or ``W_i + s·B·A_i`` (row), in fp32 from its own factors (docs/design.md §1), casts
+    once, splits fused rows into its share of each projection and gathers those onto the one
+    rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. With N the
+    elements of the largest logical tensor (``linear_fc1``, or the embedding of a large
+    vocabulary), S = N/t its shard and d the bytes per element of ``dtype``, the extra memory a
+    rank holds peaks at ``max((4 + d)·S, d·(N + 2·S))`` bytes plus the largest layer's local
+    factors in fp32: the fp32 shard delta and its cast, then the gathered projection, its shard
+    and (row layers) one row block of the gather. Ranks that only contribute a shard stay under
+    ``(4 + d)·S``; with ``dst`` set only the data-parallel replica of ``dst`` takes part.
+    """
     _check_dst(dst)
+    if bucket_bytes is not None and not (isinstance(bucket_bytes, int) and bucket_bytes > 0):
+        raise ValueError(f"bucket_bytes must be a positive number of bytes or None (one tensor at a time), "
+                         f"got {bucket_bytes!r}.")
     arch = arch_from_model(model, hf_config)
     merged = [m.lora_init_name for m in lora_modules(model) if m.lora_merged]
     if merged:
         raise ConversionError(f"{merged[0]} is merged (merge_lora): its weight already holds the adapter. "
                               "Call unmerge_lora(model) before exporting.")
-    _check_loaded_factors(model, WHERE)
+    first = next(p for chunk in model_chunks(model) for p in chunk.parameters())
+    _check_factors(model, first.device)
     held = _held_tensors(model)
-    routes = _Routes(held, megatron_names(arch))
-    if dtype is None:
-        dtype = next(p for chunk in model_chunks(model) for p in chunk.parameters()).dtype
-    device = next(p for chunk in model_chunks(model) for p in chunk.parameters()).device
-    return _stream(held, routes, arch, dtype, device, dst)
+    routes = _Routes(held, megatron_names(arch), dst, first.device)
+    stream = _stream(held, routes, arch, dtype or first.dtype, first.device, dst)
+    return stream if bucket_bytes is None else _buckets(stream, bucket_bytes)
+
+
+def export_merged_to(consume: Callable, model, hf_config: Optional[dict] = None, dtype: Optional[torch.dtype] = None,
+                     dst: Optional[int] = 0, bucket_bytes: Optional[int] = None) -> None:
+    """:func:`export_merged` handed to ``consume(name, tensor)`` (``consume(bucket)`` with
+    ``bucket_bytes``) on the receiving ranks, keeping the collective schedule whatever ``consume``
+    does: when it raises, this rank stops calling it, still runs the rest of the stream (its
+    sends, gathers and receives, so no other rank waits forever) and then re-raises the first
+    error. Only the ranks whose ``consume`` raised raise; the others return normally."""
+    error = None
+    for item in export_merged(model, hf_config, dtype, dst, bucket_bytes):
+        if error is None:
+            try:
+                consume(item) if bucket_bytes is not None else consume(*item)
+            except Exception as err:  # noqa: BLE001 - deferred, re-raised below
+                error = err
+        del item
+    if error is not None:
+        raise error
+
+
+def _check_factors(model, device) -> None:
+    """Every rank's factor shards are finite floats; the first problem (lowest rank) is raised on
+    every rank. As ``_check_loaded_factors`` but with a tensor all-reduce of one flag, and the
+    message's bytes broadcast only when there is one: no ``*_object`` collective, nothing that
+    grows with the world size."""
+    problem = b""
+    for m in lora_modules(model):
+        for factor in ("lora_A", "lora_B"):
+            try:
+                check_finite_float(f"{m.lora_init_name}.{factor}", getattr(m, factor).detach(), WHERE)
+            except common.CheckpointError as err:
+                problem = problem or str(err).encode()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        first = torch.tensor([common.rank() if problem else world], dtype=torch.int64, device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        src = int(first.item())
+        if src == world:
+            return
+        size = torch.tensor([len(problem)], dtype=torch.int64, device=device)
+        dist.broadcast(size, src=src)
+        message = (torch.tensor(list(problem), dtype=torch.uint8, device=device) if common.rank() == src
+                   else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+        dist.broadcast(message, src=src)
+        problem = bytes(message.cpu().tolist())
+    if problem:
+        raise common.CheckpointError(problem.decode())
+
+
+def _buckets(stream, limit: int) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """``stream``'s pairs in lists of at most ``limit`` bytes; a larger tensor alone."""
+    bucket, size = [], 0
+    for name, tensor in stream:
+        if bucket and size + tensor.nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.nbytes
+    if bucket:
+        yield bucket
 
 
 def _held_tensors(model) -> Dict[str, Tuple[torch.nn.Module, str]]:
@@ -158,51 +244,64 @@ def _held_tensors(model) -> Dict[str, Tuple[torch.nn.Module, str]]:
 
 
 class _Routes:
-    """Which pipeline stage holds each tensor, and who sends it where (one small all-gather)."""
+    """Which pipeline stage holds each tensor, and which rank sends it.
 
-    def __init__(self, held: dict, names: List[str]):
+    Built with two tensor collectives of a few bytes per tensor name and no ``*_object`` call:
+    a 0/1 row per stage over the pipeline group (which names this stage holds; the names
+    themselves are ``megatron_names(arch)``, the same list on every rank), and with ``dst`` set
+    the global ranks of ``dst``'s pipeline group, broadcast from ``dst``.
+    """
+
+    def __init__(self, held: dict, names: List[str], dst: Optional[int], device):
         from megatron.core import parallel_state as ps
 
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        me = dict(stage=ps.get_pipeline_model_parallel_rank(),
-                  pp_ranks=dist.get_process_group_ranks(self.pp_group),
-                  tp_ranks=dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()),
-                  names=sorted(set(names) & set(held)))
-        self.table = common.all_ranks(me)
-        self.me = self.table[common.rank()]
-        self.stage = {}
-        for entry in self.table:
-            self.stage.update({name: entry["stage"] for name in entry["names"]})
-        missing = [n for n in names if n not in self.stage]
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.my_stage = ps.get_pipeline_model_parallel_rank()
+        self.tp_ranks = dist.get_process_group_ranks(self.tp_group)
+        self.pp_ranks = dist.get_process_group_ranks(self.pp_group)
+        mine = torch.tensor([name in held for name in names], dtype=torch.int32, device=device)
+        holders = torch.stack(C.all_gather_list(mine, self.pp_group)).cpu()  # [stages, names]
+        missing = [n for n, count in zip(names, holders.sum(0).tolist()) if count == 0]
         if missing:
             raise ConversionError(
                 f"no rank holds {missing[:3]}{' ...' if len(missing) > 3 else ''}: the export reads Megatron's "
                 "local GPT spec (separate input_layernorm / pre_mlp_layernorm modules); Transformer Engine "
                 "specs with norms fused into linear_qkv / linear_fc1 are not supported.")
+        self.stage = dict(zip(names, holders.argmax(0).tolist()))  # the first stage that holds it
+        self.dst_pp_ranks = self.pp_ranks
+        if dst is not None and dist.get_world_size() > 1:
+            ranks = torch.tensor(self.pp_ranks, dtype=torch.int64, device=device)
+            dist.broadcast(ranks, src=dst)
+            self.dst_pp_ranks = ranks.tolist()
 
-    def source(self, name: str, dst: Optional[int]) -> Optional[int]:
-        """The global rank that sends ``name`` to ``dst`` (to this rank's pipeline group if None)."""
-        pp_ranks = self.me["pp_ranks"] if dst is None else self.table[dst]["pp_ranks"]
-        return pp_ranks[self.stage[name]]
+    def source(self, name: str) -> int:
+        """The global rank that sends ``name`` (to ``dst``, or to its pipeline group if None)."""
+        return self.dst_pp_ranks[self.stage[name]]
 
-    def computes(self, name: str, dst: Optional[int]) -> bool:
-        """Whether this rank gathers and merges ``name`` (the source's TP group does)."""
-        return self.me["stage"] == self.stage[name] and self.source(name, dst) in self.me["tp_ranks"]
+    def computes(self, name: str) -> bool:
+        """Whether this rank merges a shard of ``name`` (the source's TP group does)."""
+        return self.my_stage == self.stage[name] and self.source(name) in self.tp_ranks
 
 
 def _stream(held, routes: _Routes, arch: Arch, dtype, device, dst) -> Iterator[Tuple[str, torch.Tensor]]:
     shapes, rank = hf_shapes(arch), common.rank()
-    multi_stage = len(routes.me["pp_ranks"]) > 1
+    multi_stage = len(routes.pp_ranks) > 1
     for name in megatron_names(arch):
-        src = routes.source(name, dst)
-        pieces = []
-        if routes.computes(name, dst):
+        src = routes.source(name)
+        shards, dim = [], None
+        if routes.computes(name):
             module, pname = held[name]
-            merged = _merged_logical(name, module, pname).to(dtype)  # cast once; the split is exact
-            pieces = [piece for _, piece in hf_from_megatron_tensor(name, merged, arch)]
-            del merged
+            dim = _partition_dim(getattr(module, pname), routes.tp_group)
+            if dim is not None or dst is None or rank == src:  # a replicated tensor: the source's copy only
+                t = dist.get_world_size(routes.tp_group)
+                shards = [piece for _, piece in _merged_shard_pieces(name, module, pname, dtype, arch, dim, t)]
         for hf_name in hf_names_of(name):
-            piece = pieces.pop(0).contiguous() if pieces else None  # keep no reference to what is handed out
+            piece = None
+            if shards:
+                shard = shards.pop(0)  # keep no reference to what is handed out
+                piece = _gather_pieces(shard, dim, routes.tp_group, None if dst is None else src, shapes[hf_name])
+                del shard
             if dst is None and multi_stage:
                 if piece is None:
                     piece = torch.empty(shapes[hf_name], dtype=dtype, device=device)
@@ -217,29 +316,66 @@ def _stream(held, routes: _Routes, arch: Arch, dtype, device, dst) -> Iterator[T
             del piece
 
 
-def _merged_logical(name: str, module, pname: str) -> torch.Tensor:
-    """The logical (TP=1) tensor ``name``, a fresh copy, with the layer's enabled adapter merged
-    in fp32."""
-    with torch.no_grad():
-        full = _gather_fresh(name, module, getattr(module, pname))
-        if not (isinstance(module, LoRALayerMixin) and pname == "weight" and module.lora_enabled):
-            return full
-        full = full.float()
-        # W + s·B·A with the factors in their logical form: merge_lora's sum on the fp32 TP=1
-        # model of the ``merge`` conversion, so the bits match it (IEEE addition commutes).
-        a, b = gather_factor(module, "lora_A"), module.lora_dense_b(gather_factor(module, "lora_B"))
-        return full.add_(fp32_lora_delta(a, b, module.lora_scaling))
-
-
-def _gather_fresh(name: str, module, param: torch.nn.Parameter) -> torch.Tensor:
-    """``param`` gathered over the layer's TP group along Megatron's declared partition dim
-    (``[gate_i; up_i]`` halves for a gated ``linear_fc1``), as a new tensor."""
-    from megatron.core import parallel_state as ps
-
+def _partition_dim(param: torch.nn.Parameter, group) -> Optional[int]:
+    """The dim Megatron splits ``param`` on over ``group``; None when every rank holds all of it."""
     dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
-    param = param.detach()  # the TP attributes live on the Parameter object, read above
-    group = getattr(module, "tp_group", None) or ps.get_tensor_model_parallel_group()
-    if dim is None or dist.get_world_size(group) == 1:
-        return param.clone()
-    gated = dim == 0 and is_gated_fc1(getattr(module, "config", None), name.rsplit(".", 2)[-2])
-    return unshard_tensors(C.all_gather_list(param, group), dim, gated=gated)
+    return None if dist.get_world_size(group) == 1 else dim
+
+
+def _merged_shard_pieces(name: str, module, pname: str, dtype, arch: Arch, dim: Optional[int], t: int):
+    """This rank's shard of ``name`` (the whole tensor when ``dim`` is None), a fresh tensor in
+    ``dtype`` with the layer's enabled adapter merged in fp32 from the LOCAL factors, split into
+    (Hugging Face name, this rank's share of that projection).
+
+    Merging is local and exact (docs/design.md §1): rows i of ``s·B·A`` are ``s·B_i·A`` (column),
+    columns i are ``s·B·A_i`` (row), so the fp32 sum here is, element for element, ``merge_lora``'s
+    on the fp32 TP=1 model of the ``merge`` conversion (IEEE addition commutes), and the cast of a
+    shard is the shard of the cast. Fused rows split per shard too: a ``linear_fc1`` shard is
+    ``[gate_i; up_i]`` (§7) and a ``linear_qkv`` shard holds whole query groups, ``[q; k; v]`` of
+    heads/t heads in groups/t groups, so each HF projection's shards are rows i of it.
+    """
+    param = getattr(module, pname).detach()
+    with torch.no_grad():
+        if isinstance(module, LoRALayerMixin) and pname == "weight" and module.lora_enabled:
+            merged = fp32_lora_delta(module.lora_A, module.lora_dense_b(), module.lora_scaling)
+            merged = merged.add_(param).to(dtype)  # one cast; the fp32 delta is freed on return
+        else:
+            merged = param.to(dtype, copy=True)  # never a parameter
+    local = arch
+    if dim == 0:  # Megatron splits whole query groups over the TP ranks
+        local = dataclasses.replace(arch, num_heads=arch.num_heads // t, num_groups=arch.num_groups // t)
+    return hf_from_megatron_tensor(name, merged, local)
+
+
+def _gather_pieces(shard: torch.Tensor, dim: Optional[int], group, to: Optional[int], shape) -> Optional[torch.Tensor]:
+    """The TP shards of one projection, split on ``dim``, joined in ``shard``'s dtype on global
+    rank ``to`` (on every rank of ``group`` with None; None on the others). The result is a new
+    tensor: dim 0 gathers straight into row blocks of it; dim 1 gathers one row block of every
+    shard at a time (a buffer of one shard's size) and copies it in, so nothing of the
+    projection's size exists twice."""
+    if dim is None:
+        return shard if to is None or to == common.rank() else None
+    t, receives = dist.get_world_size(group), to is None or to == common.rank()
+    out = torch.empty(shape, dtype=shard.dtype, device=shard.device) if receives else None
+    if dim == 0:
+        _gather(shard, list(out.split(shard.shape[0])) if receives else None, group, to)
+        return out
+    rows, cols = shard.shape
+    bounds = [rows * i // t for i in range(t + 1)]
+    for r0, r1 in zip(bounds, bounds[1:]):
+        if r0 == r1:
+            continue
+        buffer = torch.empty(t, r1 - r0, cols, dtype=shard.dtype, device=shard.device) if receives else None
+        _gather(shard[r0:r1], list(buffer.unbind(0)) if receives else None, group, to)
+        if receives:
+            out[r0:r1].view(r1 - r0, t, cols).copy_(buffer.transpose(0, 1))
+        del buffer
+    return out
+
+
+def _gather(tensor: torch.Tensor, outputs: Optional[List[torch.Tensor]], group, to: Optional[int]) -> None:
+    """Every rank's ``tensor`` into ``outputs`` (rank order) on ``to``, or on every rank (None)."""
+    if to is None:
+        dist.all_gather(outputs, tensor.contiguous(), group=group)
+    else:
+        dist.gather(tensor.contiguous(), outputs, dst=to, group=group)

@@ -10,13 +10,14 @@ import torch.distributed as dist
 
 from tests.distributed import convert_cases as C
 
-LAYOUTS = {"tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2), "tp2pp2": dict(tp=2, pp=2)}
+LAYOUTS = {"tp2": dict(tp=2, pp=1, dp=1), "pp2": dict(tp=1, pp=2, dp=1), "tp2pp2": dict(tp=2, pp=2, dp=1),
+           "tp2pp2dp2": dict(tp=2, pp=2, dp=2), "tp2_per_projection": dict(tp=2, pp=1, dp=1, per_projection=True)}
 ITERATION = 1
 
 
-def convert_worker(paths):
+def convert_worker(paths, hf="llama", megatron="mg_llama"):
     """One rank: the HF Llama as a Megatron base checkpoint."""
-    return C._run_cli(["hf-to-megatron", "--hf-dir", paths["llama"], "--output", paths["mg_llama"]])
+    return C._run_cli(["hf-to-megatron", "--hf-dir", paths[hf], "--output", paths[megatron]])
 
 
 def _randomize_lora_b(model, seed=3):
@@ -59,16 +60,20 @@ def _parameters(model):
 
 def export_worker(paths, layout):
     """LoRA on the converted base at this layout; every export; the saves the converter reads."""
+    from megatron.core import parallel_state as ps
+
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
     from megatron_lora.core.checkpoint.model import load_model
     from megatron_lora.hf.export import export_merged, export_peft
     from megatron_lora.training.loop import gpt_stage_from_args
+    from tests.distributed.received_bytes import ReceivedBytes
 
     sizes = LAYOUTS[layout]
     args = C._script_args(paths, "mg_llama", [
         "--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7",
-        "--tensor-model-parallel-size", sizes["tp"], "--pipeline-model-parallel-size", sizes["pp"]])
+        "--tensor-model-parallel-size", sizes["tp"], "--pipeline-model-parallel-size", sizes["pp"],
+        *(["--lora-per-projection"] if sizes.get("per_projection") else [])])
     model = gpt_stage_from_args(args, args.lora)
     load_model(model, paths["mg_llama"])
     apply_lora(model, args.lora)
@@ -80,8 +85,14 @@ def export_worker(paths, layout):
         peft_every_rank=export_peft(model, dst=None),
         merged=dict(export_merged(model, hf_config, dtype=torch.float32, dst=0)),
         merged_every_rank=dict(export_merged(model, dtype=torch.float32, dst=None)),
-        merged_on_rank1=dict(export_merged(model, dtype=torch.float32, dst=1)),
-        merged_bf16=dict(export_merged(model, dtype=torch.bfloat16, dst=0)))
+        merged_on_rank1=dict(export_merged(model, dtype=torch.float32, dst=1)))
+    with ReceivedBytes() as received:
+        out["merged_bf16"] = dict(export_merged(model, dtype=torch.bfloat16, dst=0))
+    out["received"] = dict(received.by_op, objects=sum(received.object_calls.values()))
+    out["coords"] = dict(dp=ps.get_data_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank(),
+                         tp=ps.get_tensor_model_parallel_rank())
+    out["own_bf16"] = sum(2 * p.numel() for name, p in model.named_parameters()
+                          if not name.endswith(("lora_A", "lora_B")))  # this rank's base shards in bf16
     after = _parameters(model)
     out["unchanged"] = sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
     out["lora_tensors"] = sum(1 for k in before if k.endswith(("lora_A", "lora_B")))
@@ -104,31 +115,198 @@ def offline_worker(paths, layout):
          "--output", out + "/merged_bf16"])
 
 
+def vpp_worker(paths):
+    """The 4-layer Llama at PP=2 with 2 virtual stages per rank (layers 0 and 2 on stage 0, 1 and 3
+    on stage 1): ``export_merged`` in fp32 and bf16 on rank 0, and the adapter saved for the
+    conversion (the rank-0 run of ``vpp_offline_worker``)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import apply_lora
+    from megatron_lora.core.checkpoint.adapter import save_full_adapter
+    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.hf.export import export_merged
+    from megatron_lora.training.pretrain_args import transformer_config_from_args
+
+    args = C._script_args(paths, "mg_llama4", [
+        "--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7",
+        "--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 2])
+    config = transformer_config_from_args(args)
+    config.virtual_pipeline_model_parallel_size = 2
+    chunks = [build_gpt_stage(
+        config, args.padded_vocab_size, args.max_position_embeddings, lora_config=args.lora,
+        transformer_impl=args.transformer_impl,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp)
+        for vp in range(2)]
+    _load_chunks(chunks, paths["mg_llama4"])
+    apply_lora(chunks, args.lora)
+    _randomize_lora_b(chunks)
+    out = dict(merged=dict(export_merged(chunks, dtype=torch.float32, dst=0)),
+               merged_bf16=dict(export_merged(chunks, dtype=torch.bfloat16, dst=0)),
+               layers=sorted(layer.layer_number - 1 for chunk in chunks for layer in chunk.decoder.layers))
+    save_full_adapter(chunks, paths["save_vpp"] + ".safetensors")
+    return out
+
+
+def _load_chunks(chunks, path):
+    """``load_model`` for virtual-pipeline chunks. ``load_model(chunks)`` itself fails: its
+    ``base_sharded_state_dict`` keys every chunk's entries by the chunk-local name
+    ("decoder.layers.0...", the global layer is an offset), so the second chunk's entries replace
+    the first's; here each chunk's keys get their own prefix (Megatron-LM's "model0", "model1")."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_lora.core.checkpoint import common
+    from megatron_lora.core.checkpoint.model import base_sharded_state_dict, resolve
+
+    ckpt_dir = resolve(path)
+    metadata = dist_checkpointing.load_content_metadata(ckpt_dir)
+    sharded = {f"model{i}.{key}": entry for i, chunk in enumerate(chunks)
+               for key, entry in base_sharded_state_dict(chunk, metadata=metadata).items()}
+    common.copy_loaded(sharded, common.load_dist(sharded, ckpt_dir))
+
+
+def vpp_offline_worker(paths):
+    """One rank: ``merge --to hf`` of the adapter the VPP run saved, in fp32 and bf16."""
+    save, base, out = paths["save_vpp"] + ".safetensors", paths["mg_llama4"], paths["offline_vpp"]
+    return C._run_cli(
+        ["merge", "--base", base, "--adapter", save, "--to", "hf", "--output", out + "/merged"],
+        ["merge", "--base", base, "--adapter", save, "--to", "hf", "--dtype", "bfloat16", "--output",
+         out + "/merged_bf16"])
+
+
 # ------------------------------------------------------------------------------------ memory
 
-def memory_worker(num_layers, keep_all):
-    """Peak bytes the merged stream allocates on this rank, the logical bytes of one layer and of
-    the model; ``keep_all`` keeps every yielded tensor inside the meter (the meter must see them)."""
-    from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.hf.export import export_merged
+def memory_worker(num_layers, keep_all, dtype_name, dst=None):
+    """Peak bytes the merged stream allocates on this rank, in all and per logical Megatron
+    tensor (while it makes that tensor's Hugging Face pieces), with the model and the export in
+    ``dtype_name``; the sizes of the documented bound (``export_merged``'s docstring): each
+    tensor's elements N and this rank's shard S (N/t, or N for a replicated norm), the largest
+    layer's local factors in fp32; the logical bytes of one layer and of the model. ``keep_all``
+    keeps every yielded tensor inside the meter (the meter must see them)."""
+    from megatron_lora import LoRAConfig, apply_lora, lora_modules
+    from megatron_lora.hf.export import arch_from_model, export_merged
+    from megatron_lora.hf.mapping import hf_names_of, hf_shapes, megatron_names
     from tests.distributed.live_bytes import LiveBytes
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 
+    dtype = getattr(torch, dtype_name)
     tp, _ = tp_rank()
-    model = apply_lora(build_tiny_gpt(tiny_gpt_config(tp=tp, num_layers=num_layers)), LoRAConfig(rank=4, alpha=8))
+    config = tiny_gpt_config(tp=tp, num_layers=num_layers, params_dtype=dtype)
+    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8))
     _randomize_lora_b(model)
-    stream, meter, kept, sizes = export_merged(model, dtype=torch.float32, dst=None), LiveBytes(), [], {}
+    arch = arch_from_model(model)
+    shapes = hf_shapes(arch)
+    tensors = {}
+    for name in megatron_names(arch):
+        n = sum(torch.Size(shapes[h]).numel() for h in hf_names_of(name))
+        tensors[name] = dict(N=n, S=n if "layernorm" in name else n // tp, pieces=hf_names_of(name))
+    factors = max(4 * (m.lora_A.numel() + m.lora_B.numel()) for m in lora_modules(model))
+    stream, meter, kept, sizes, peaks = export_merged(model, dtype=dtype, dst=dst), LiveBytes(), [], {}, []
+    _settle_collectives()
     while True:
+        meter.peak = 0  # this call's peak: what is live while it allocates
         with meter:
             item = next(stream, None)
             if item is not None and keep_all:
                 kept.append(item[1])
+        peaks.append(meter.peak)
         if item is None:
             break
         sizes[item[0]] = item[1].nbytes
         del item
+    if dst is None or dist.get_rank() == dst:  # per tensor: its pieces' calls, in stream order
+        calls = iter(peaks)
+        for entry in tensors.values():
+            entry["peak"] = max(next(calls) for _ in entry["pieces"])
     layer = sum(n for name, n in sizes.items() if name.startswith("model.layers.0."))
-    return dict(peak=meter.peak, layer=layer, model=sum(sizes.values()), tensors=len(sizes))
+    largest = max(tensors.values(), key=lambda entry: entry["N"])
+    return dict(peak=max(peaks), layer=layer, model=sum(sizes.values()), tensors=len(sizes), N=largest["N"],
+                S=largest["S"], per_tensor=tensors, factors=factors, d=torch.empty(0, dtype=dtype).element_size(),
+                param_dtype=str(next(model.parameters()).dtype))
+
+
+def _settle_collectives(seconds=0.01):
+    """Let gloo's worker thread drop its reference to a finished collective's tensors before the
+    stream goes on: it still holds them for a moment after ``wait()`` returns, so without this
+    pause the meter sees the previous tensor alive a little longer or not, by thread timing."""
+    import time
+
+    for name in ("all_gather", "gather", "broadcast", "send", "recv"):
+        def settled(*args, _original=getattr(dist, name), **kwargs):
+            out = _original(*args, **kwargs)
+            time.sleep(seconds)
+            return out
+
+        setattr(dist, name, settled)
+
+
+# ------------------------------------------------------------------- buckets and a failing consumer
+
+def _tiny_lora_gpt():
+    """The tiny GPT of ``models.py`` at this rank's TP / PP, LoRA r=4 with non-zero B's."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import LoRAConfig, apply_lora
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+
+    config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(),
+                             pp=ps.get_pipeline_model_parallel_world_size())
+    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8))
+    _randomize_lora_b(model)
+    return model
+
+
+def bucket_worker(bucket_bytes):
+    """The plain stream and the bucketed one, on rank 0 (dst=0): [(name, tensor)] and [[...]]."""
+    from megatron_lora.hf.export import export_merged
+
+    model = _tiny_lora_gpt()
+    return dict(plain=list(export_merged(model, dtype=torch.bfloat16)),
+                buckets=list(export_merged(model, dtype=torch.bfloat16, bucket_bytes=bucket_bytes)))
+
+
+def failing_consumer_worker(dst, raising_rank):
+    """``export_merged_to`` with a consumer that raises on its 2nd tensor on ``raising_rank``;
+    then a plain ``export_merged`` run, which only completes if every rank left the first with
+    the collective schedule intact. Returns (names consumed, the error or None, names after)."""
+    from megatron_lora.hf.export import export_merged, export_merged_to
+
+    model, seen = _tiny_lora_gpt(), []
+
+    def consume(name, tensor):
+        seen.append(name)
+        if dist.get_rank() == raising_rank and len(seen) == 2:
+            raise RuntimeError(f"the engine refused {name}")
+
+    error = None
+    try:
+        export_merged_to(consume, model, dtype=torch.bfloat16, dst=dst)
+    except RuntimeError as err:
+        error = str(err)
+    after = [name for name, _ in export_merged(model, dtype=torch.bfloat16, dst=dst)]
+    return seen, error, after
+
+
+def nonfinite_worker(bad_rank):
+    """The message ``export_merged`` raises on this rank when ``bad_rank``'s shard of one B holds
+    a NaN (None if it raises nothing), and the ``*_object`` calls it made."""
+    from megatron_lora import lora_modules
+    from megatron_lora.hf.export import export_merged
+    from tests.distributed.received_bytes import ReceivedBytes
+
+    model = _tiny_lora_gpt()
+    if dist.get_rank() == bad_rank:
+        with torch.no_grad():
+            list(lora_modules(model))[-1].lora_B[0, 0] = float("nan")
+    with ReceivedBytes() as received:
+        try:
+            export_merged(model)
+            error = None
+        except ValueError as err:
+            error = f"{type(err).__name__}: {err}"
+    return error, sum(received.object_calls.values())
 
 
 # ------------------------------------------------------------------------------------ errors
