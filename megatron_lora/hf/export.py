@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import common
 from megatron_lora.core.checkpoint.adapter import (
-    _model_config, check_finite_float, gather_full_adapter,
+    _check_loaded_factors, _model_config, gather_full_adapter,
 )
 from megatron_lora.core.inject import global_module_names, lora_modules, model_chunks
 from megatron_lora.core.layers import LoRALayerMixin, fp32_lora_delta, is_lora_key
@@ -164,7 +164,7 @@ def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch
         raise ConversionError(f"{merged[0]} is merged (merge_lora): its weight already holds the adapter. "
                               "Call unmerge_lora(model) before exporting.")
     first = next(p for chunk in model_chunks(model) for p in chunk.parameters())
-    _check_factors(model, first.device)
+    _check_loaded_factors(model, WHERE)  # each rank its shards, so that every rank raises
     held = _held_tensors(model)
     routes = _Routes(held, megatron_names(arch), dst, first.device)
     stream = _stream(held, routes, arch, dtype or first.dtype, first.device, dst)
@@ -188,35 +188,6 @@ def export_merged_to(consume: Callable, model, hf_config: Optional[dict] = None,
         del item
     if error is not None:
         raise error
-
-
-def _check_factors(model, device) -> None:
-    """Every rank's factor shards are finite floats; the first problem (lowest rank) is raised on
-    every rank. As ``_check_loaded_factors`` but with a tensor all-reduce of one flag, and the
-    message's bytes broadcast only when there is one: no ``*_object`` collective, nothing that
-    grows with the world size."""
-    problem = b""
-    for m in lora_modules(model):
-        for factor in ("lora_A", "lora_B"):
-            try:
-                check_finite_float(f"{m.lora_init_name}.{factor}", getattr(m, factor).detach(), WHERE)
-            except common.CheckpointError as err:
-                problem = problem or str(err).encode()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        first = torch.tensor([common.rank() if problem else world], dtype=torch.int64, device=device)
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        src = int(first.item())
-        if src == world:
-            return
-        size = torch.tensor([len(problem)], dtype=torch.int64, device=device)
-        dist.broadcast(size, src=src)
-        message = (torch.tensor(list(problem), dtype=torch.uint8, device=device) if common.rank() == src
-                   else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
-        dist.broadcast(message, src=src)
-        problem = bytes(message.cpu().tolist())
-    if problem:
-        raise common.CheckpointError(problem.decode())
 
 
 def _buckets(stream, limit: int) -> Iterator[List[Tuple[str, torch.Tensor]]]:

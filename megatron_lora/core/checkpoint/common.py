@@ -37,20 +37,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_ranks(obj) -> list:
-    """``obj`` from every rank, in rank order.
-
-    Small metadata only: it is pickled through the host and every rank receives every rank's
-    object, so its bytes grow with the world size. Tensors never travel this way; the adapter
-    and its names move as tensor messages (``checkpoint/gather.py``, docs/design.md §16).
-    """
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
