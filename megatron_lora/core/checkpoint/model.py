@@ -120,7 +120,8 @@ def megatron_lm_model_args(ckpt_dir: str) -> Optional[dict]:
         return None
     record = {field: getattr(args, _MEGATRON_LM_NAME.get(field, field)) for field in MEGATRON_LM_ARCH_FIELDS
               if hasattr(args, _MEGATRON_LM_NAME.get(field, field))}
-    if record.get("kv_channels") == args.hidden_size // args.num_attention_heads:
+    heads = record.get("num_attention_heads")
+    if heads and record.get("kv_channels") == record.get("hidden_size", 0) // heads:
         record["kv_channels"] = None  # Megatron-LM fills in the default; model_args.json keeps None
     return record
 
