@@ -15,7 +15,10 @@ setup(
     install_requires=["torch>=2.4", "megatron-core>=0.13.0,<0.20", "packaging", "safetensors>=0.4", "psutil",
                       "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "tensorboard"],
+        # Megatron-LM's training code (tests/distributed/test_megatron_lm_real.py) imports these beyond
+        # megatron-core; core_v0.16's initialize.py imports triton (torch's CPU build has none).
+        "test": ["pytest>=7", "pytest-timeout", "tensorboard", "six", "regex", "pyyaml", "pydantic", "psutil",
+                 "triton"],
         "tensorboard": ["tensorboard"],
         "hf": ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],
         "te": ["transformer-engine[pytorch]"],

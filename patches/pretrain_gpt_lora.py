@@ -40,10 +40,12 @@ def main(root=None) -> None:
         sys.path.append(repo)
     import importlib
 
-    training = importlib.import_module("megatron.training")
-    from megatron_lora.training.megatron_lm import lora_pretrain  # the logic lives in the package
+    importlib.import_module("megatron.training")
+    from megatron_lora.training import megatron_lm, megatron_lm_cpu  # the logic lives in the package
 
-    training.pretrain = lora_pretrain(training.pretrain)  # pretrain_gpt.py imports it from here
+    if megatron_lm_cpu.requested():  # MEGATRON_LORA_CPU=1: Megatron-LM on a host without a GPU
+        megatron_lm_cpu.enable_megatron_lm_cpu()
+    megatron_lm.install()
     runpy.run_path(os.path.join(root, SCRIPT), run_name="__main__")
 
 

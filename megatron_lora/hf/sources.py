@@ -111,9 +111,13 @@ def read_base(path: str) -> Tuple[dict, Optional[str]]:
     for candidate in candidates:
         if os.path.exists(candidate):
             return read_json(candidate, ""), None
+    if iteration is not None or os.path.exists(os.path.join(path, ".metadata")):  # saved by Megatron-LM
+        record = model_checkpoint.megatron_lm_model_args(model_checkpoint.resolve(path))
+        if record:
+            return record, None
     if os.path.exists(os.path.join(path, "config.json")):
         return hf_model_args(read_json(os.path.join(path, "config.json"), ""), os.path.abspath(path)), path
-    raise ConversionError(f"--base {path}: no model_args.json (a Megatron-LM checkpoint?) and no config.json; "
+    raise ConversionError(f"--base {path}: no model_args.json, no Megatron-LM args and no config.json; "
                           "pass a checkpoint written by hf-to-megatron / pretrain_gpt_lora.py, its "
                           "model_args.json, or the Hugging Face model directory.")
 
@@ -166,6 +170,16 @@ def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Lo
     full = os.path.join(path, files.FULL_ADAPTER_FILE)
     if iteration is None and os.path.exists(full):
         return _read_adapter(full, model_args, None, log)
+    from megatron_lora.training import megatron_lm
+
+    saved_by_megatron_lm = megatron_lm.megatron_lm_adapter(path, iteration)  # patches/pretrain_gpt_lora.py
+    if saved_by_megatron_lm is not None:
+        ckpt_dir, cfg = saved_by_megatron_lm
+        log(f"reading the Megatron-LM adapter checkpoint {ckpt_dir}")
+        with megatron_session():
+            model = build_stage(model_args, cfg)
+            megatron_lm.load_megatron_lm_adapter(model, ckpt_dir)
+            return adapter_checkpoint.gather_full_adapter(model), cfg
     root, name = path, os.path.basename(os.path.normpath(path))
     if name.startswith("iter_") and files.descriptor_path(path) is not None:
         root, iteration = os.path.dirname(os.path.normpath(path)), int(name[len("iter_"):])

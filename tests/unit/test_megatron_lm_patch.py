@@ -172,8 +172,8 @@ def _fake_training_module(record):
             for param in model.parameters():
                 if param.requires_grad:
                     param.add_(0.25)
-        if args.save is not None:
-            record["saved"] = _save({"model": model.sharded_state_dict()}, args.save, iteration + 1)
+        if args.save is not None:  # Megatron-LM's common.pt holds its args (an argparse.Namespace)
+            record["saved"] = _save({"model": model.sharded_state_dict(), "args": args}, args.save, iteration + 1)
 
     training.get_args = get_args
     training.pretrain = pretrain
@@ -237,11 +237,13 @@ def megatron_lm(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
-    """A base GPT saved the way Megatron-LM saves one: its sharded state dict and pickled RNG state."""
+    """A base GPT saved the way Megatron-LM saves one: its sharded state dict, pickled RNG state and
+    the run's ``args`` (an ``argparse.Namespace``, in ``common.pt``)."""
     root = str(tmp_path_factory.mktemp("base"))
     model = build_tiny_gpt(tiny_gpt_config())
     rng = ShardedObject("rng_state", {"random_rng_state": 7}, (1,), (0,), replica_id=0)
-    _save({"model": model.sharded_state_dict(), "rng_state": rng}, root, 5)
+    args = argparse.Namespace(save=root, params_dtype=torch.float32, tensor_model_parallel_size=1)
+    _save({"model": model.sharded_state_dict(), "rng_state": rng, "args": args}, root, 5)
     return root, _tensors(model)
 
 

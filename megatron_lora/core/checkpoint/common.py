@@ -215,15 +215,29 @@ def check_no_pickled_code(ckpt_dir: str, requested: Optional[set] = None) -> Non
     check_common_state(ckpt_dir)
 
 
-def check_common_state(ckpt_dir: str) -> None:
+def allow_megatron_lm_args() -> None:
+    """Let ``torch.load(weights_only=True)`` read the ``args`` Megatron-LM keeps in ``common.pt``.
+
+    ``argparse.Namespace`` is plain data; megatron-core registers it (and the enums Megatron-LM's
+    args hold) at import with ``add_safe_globals``, which is idempotent, so doing the same here
+    changes nothing once megatron.core is imported. Never ``with safe_globals([...])``: on exit
+    that context manager unregisters the names it lists, including ones registered before it, and
+    every later weights-only load of a Megatron-LM checkpoint (ours, Megatron-LM's own resume)
+    then fails with "Unsupported global: GLOBAL argparse.Namespace".
+    """
     import argparse
 
+    torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def check_common_state(ckpt_dir: str) -> None:
+    """Refuse a ``common.pt`` that ``torch.load(weights_only=True)`` cannot read (it could run code)."""
     path = os.path.join(ckpt_dir, "common.pt")
     if not os.path.exists(path):
         return
-    try:  # Megatron-LM stores its argparse.Namespace there: plain data, allowed by name
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            torch.load(path, map_location="cpu", weights_only=True)
+    allow_megatron_lm_args()
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"{path} holds objects beyond tensors and plain data ({str(err).splitlines()[-1][:160]}); "

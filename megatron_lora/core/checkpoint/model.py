@@ -65,12 +65,65 @@ def resolve(path: str) -> str:
 
 
 def read_model_args(path: str) -> Optional[dict]:
-    """The architecture flags saved with a checkpoint, or None when it has none (e.g. Megatron-LM)."""
-    file = os.path.join(resolve(path), MODEL_ARGS_FILE)
+    """The architecture flags saved with a checkpoint (``model_args.json``; for a checkpoint that
+    Megatron-LM wrote, the same fields of the ``args`` in its ``common.pt``), or None when it has neither."""
+    ckpt_dir = resolve(path)
+    file = os.path.join(ckpt_dir, MODEL_ARGS_FILE)
     if not os.path.exists(file):
-        return None
+        return megatron_lm_model_args(ckpt_dir)
     with open(file, encoding="utf-8") as f:
         return json.load(f)
+
+
+# The architecture fields of model_args.json (training.pretrain_args.MODEL_ARG_NAMES; core does not
+# import training) that Megatron-LM's args hold too, under the same names but one. Not
+# tokenizer_type: Megatron-LM's tokenizers are not the training script's; the vocabulary size is.
+MEGATRON_LM_ARCH_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "swiglu", "normalization", "norm_epsilon", "position_embedding_type",
+    "rotary_base", "max_position_embeddings", "untie_embeddings_and_output_weights",
+    "add_bias_linear", "add_qkv_bias", "padded_vocab_size",
+)
+_MEGATRON_LM_NAME = {"norm_epsilon": "layernorm_epsilon"}
+
+
+def megatron_lm_common_state(ckpt_dir: str) -> Optional[dict]:
+    """The non-tensor state Megatron-LM's ``save_checkpoint`` wrote with a ``torch_dist`` checkpoint
+    (``args``, ``iteration``, ...), read weights-only; None when there is none.
+
+    megatron-core up to 0.18 keeps it in ``common.pt``; 0.19 in the checkpoint itself, as the
+    object ``common_state``, which ``load_common_state_dict`` reads as bytes and then weights-only.
+    """
+    import torch
+    from megatron.core import dist_checkpointing
+
+    if os.path.exists(os.path.join(ckpt_dir, "common.pt")):
+        common.check_common_state(ckpt_dir)  # weights-only: plain data only
+        return torch.load(os.path.join(ckpt_dir, "common.pt"), map_location="cpu", weights_only=True)
+    common.check_no_pickled_code(ckpt_dir, requested=set())  # screens .metadata before reading it
+    if not any(key.startswith("common_state") for key in _metadata_keys(ckpt_dir)):
+        return None
+    common.allow_megatron_lm_args()
+    return dist_checkpointing.load_common_state_dict(ckpt_dir)
+
+
+def _metadata_keys(ckpt_dir: str) -> list:
+    with open(os.path.join(ckpt_dir, ".metadata"), "rb") as f:
+        return list(common._MetadataUnpickler(f).load().state_dict_metadata)
+
+
+def megatron_lm_model_args(ckpt_dir: str) -> Optional[dict]:
+    """The architecture record of a checkpoint Megatron-LM wrote, from the ``args`` its
+    ``save_checkpoint`` keeps with it; None when there are none."""
+    args = (megatron_lm_common_state(ckpt_dir) or {}).get("args")
+    if args is None:
+        return None
+    record = {field: getattr(args, _MEGATRON_LM_NAME.get(field, field)) for field in MEGATRON_LM_ARCH_FIELDS
+              if hasattr(args, _MEGATRON_LM_NAME.get(field, field))}
+    heads = record.get("num_attention_heads")
+    if heads and record.get("kv_channels") == record.get("hidden_size", 0) // heads:
+        record["kv_channels"] = None  # Megatron-LM fills in the default; model_args.json keeps None
+    return record
 
 
 def save_model(model, root: str, iteration: int, model_args: dict, optimizer=None,
