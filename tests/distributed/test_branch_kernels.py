@@ -98,7 +98,8 @@ def worker_strided_and_far_rows():
     u = ref.down(x, a)
     pairs = [(triton_kernels.down(x, a, plan(64, 1)), u)]
     pairs += list(zip(triton_kernels.dy(dy, b, u, 2.0, plan(64, 1, 256, 1)), ref.dy(dy, b, u, 2.0)))
-    far_x, far_dy = kernels._far_rows(torch.randn(3, 40, generator=g)), kernels._far_rows(torch.randn(3, 24, generator=g))
+    far_x = kernels._far_rows(torch.randn(3, 40, generator=g))
+    far_dy = kernels._far_rows(torch.randn(3, 24, generator=g))
     assert far_x.stride(0) * 2 >= 2 ** 31 > far_x.stride(0)  # a stride that fits int32, an offset that does not
     a, b = torch.randn(9, 40, generator=g), torch.randn(24, 9, generator=g)
     u = ref.down(far_x, a)
