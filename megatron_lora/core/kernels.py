@@ -335,8 +335,9 @@ def _check_cases(dtype: torch.dtype, device: str, block: int):
 
 
 def _far_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` as a view with row stride ``LARGE_STRIDE`` (only the pages it touches are committed)."""
-    storage = torch.empty((rows.shape[0] - 1) * LARGE_STRIDE + rows.shape[1], dtype=rows.dtype)
+    """``rows`` as a view with row stride ``LARGE_STRIDE`` (in host memory only the pages it touches
+    are committed; on a GPU the whole 2^31 elements are allocated, which only tests do)."""
+    storage = torch.empty((rows.shape[0] - 1) * LARGE_STRIDE + rows.shape[1], dtype=rows.dtype, device=rows.device)
     view = storage.as_strided(rows.shape, (LARGE_STRIDE, 1))
     view.copy_(rows)
     return view
