@@ -28,7 +28,7 @@ dtype / rank block / group every rank runs the kernels' self-check (``triton_agr
 all-reduce (MIN) of two 0/1 flags decides for all. One rank failing its check puts every rank on
 plain torch (one warning), so a replicated factor's gradient stays bitwise equal across TP ranks
 (§3). Every Triton kernel is deterministic: no atomics, fixed spans, partials summed by torch in
-index order; accumulation is fp32, one cast at the end. Their fp32 partials are bounded by
+a fixed order; accumulation is fp32, one cast at the end. Their fp32 partials are bounded by
 ``plan_down`` / ``plan_dy`` / ``plan_up`` to 1/8 of the activation they read; where no split fits
 that bound the product runs in plain torch.
 """

@@ -10,8 +10,8 @@ T * R, so a [T, N] activation with T * N >= 2^31 elements (Llama-70B's fc1 at TP
 tokens) is addressed correctly.
 
 Deterministic by construction: no atomics, no program reads what another program writes, the
-spans depend on the shapes only (``kernels.plan_*``), and torch adds the fp32 partials in index
-order.
+spans depend on the shapes only (``kernels.plan_*``), and torch adds the fp32 partials in one
+fixed order (its sum over the span axis).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def partials(*shape: int, device) -> torch.Tensor:
 
 
 def ordered_sum(parts: torch.Tensor) -> torch.Tensor:
-    """The partials added by torch in index order (no new buffer for a single one)."""
+    """The partials added by torch over the span axis, a fixed order (no new buffer for a single one)."""
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 

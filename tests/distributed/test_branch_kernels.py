@@ -2,7 +2,7 @@
 
 1. Each kernel against a float64 reference and against the plain-torch path, on random odd
    shapes, ranks 1..128, fp32 and bf16; rows at offsets past 2^31 elements (64-bit offsets).
-2. Determinism by construction (no atomics, fixed spans, partials added in index order), a test
+2. Determinism by construction (no atomics, fixed spans, partials added in a fixed order), a test
    that fails when any of the three is broken (see its docstring for why the old one could not).
 3. Bounded partials: the plans' fp32 transients for ranks 1..256 at representative shapes, and
    what the launchers really allocate.
@@ -36,7 +36,7 @@ needs_triton = pytest.mark.skipif(MISSING is not None, reason=f"needs triton: {M
 
 # (tokens, in, out, rank): odd sizes, a partial block everywhere, ranks 1..128; the last one
 # splits the reductions into spans by the plans (down: 2 spans of K, dY: 2 token spans and a
-# column span of two blocks, up: 2 token spans).
+# column span of two blocks, up: 3 token spans).
 SHAPES = [(37, 53, 29, 1), (64, 64, 64, 16), (5, 130, 70, 128), (100, 33, 47, 3), (129, 96, 65, 64),
           (1100, 600, 300, 8)]
 # One bf16 rounding of the output (2^-8) plus fp32-accumulation order; fp32: summation order.
@@ -183,9 +183,9 @@ def test_partials_are_fixed_spans_added_in_index_order(monkeypatch):
     """Part two of determinism by construction. The old test ran the dY kernel twice in the
     interpreter and compared bits; programs run one at a time there, so no scheduling order can
     differ and it could not fail. This one fails if a partial is not its span's product (spans that
-    depend on anything but the shape), or if the result is not the partials added by torch in index
-    order: the reversed order gives other bits on this data (asserted), so an order that depends on
-    scheduling would show."""
+    depend on anything but the shape), or if the result is not torch's sum of the partials over
+    the span axis (one fixed order): the reversed order gives other bits on this data (asserted),
+    so a combination whose order depended on scheduling would show."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     [(parts, out, t)] = run_distributed(worker_partials_in_index_order, 1, fresh=True)
     down_parts, g_parts, db_parts, up_parts = parts
@@ -201,7 +201,7 @@ def test_partials_are_fixed_spans_added_in_index_order(monkeypatch):
     assert torch.equal(g_parts[0], out["g"])  # one column span: its partial is g itself
     reordered_differs = False
     for name, p in (("u", down_parts), ("d_b", db_parts), ("d_a", up_parts)):
-        assert torch.equal(out[name], p.sum(0)), name  # the launcher's order: index order
+        assert torch.equal(out[name], p.sum(0)), name  # the launcher's fixed order
         reordered_differs |= not torch.equal(out[name], p.flip(0).sum(0))
     assert reordered_differs, "the data does not tell summation orders apart: the test would not bite"
 
@@ -241,17 +241,35 @@ def test_partials_stay_within_an_eighth_of_the_activation_at_every_rank_up_to_25
     assert old_dy_partials == 2 * dy_bytes and 8 * kernels.plan_dy(32768, 57344, 64, 2).transient_bytes <= dy_bytes
 
 
+def worker_default_plan_allocations(t, k, n, r):
+    """The shapes of the partial buffers each launcher allocates with its default plan."""
+    from megatron_lora.core import triton_branch
+
+    triton_kernels, allocated = _interpreted_kernels(), {}
+    real = triton_branch.partials
+    g = torch.Generator().manual_seed(9)
+    x, a, dy, b = (torch.randn(*s, generator=g) for s in ((t, k), (r, k), (t, n), (n, r)))
+    for product, call in (("down", lambda: triton_kernels.down(x, a)),
+                          ("dy", lambda: triton_kernels.dy(dy, b, torch.randn(t, r, generator=g), 0.5)),
+                          ("up", lambda: triton_kernels.up(torch.randn(t, r, generator=g), x, 0.5, a))):
+        shapes = allocated[product] = []
+        triton_branch.partials = lambda *shape, device: shapes.append(shape) or real(*shape, device=device)
+        call()
+    return allocated
+
+
 @needs_triton
 def test_launchers_allocate_what_the_plans_count(monkeypatch):
+    """fp32 partial buffers (plus one more of the same size for torch's sum when a reduction has
+    several spans) are exactly the plan's ``transient_bytes``, within the bound."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    [(parts, _, _)] = run_distributed(worker_partials_in_index_order, 1, fresh=True)
-    plans = (kernels.Plan(64, 4), kernels.Plan(64, 5, 256, 1), kernels.Plan(64, 5))
-    assert [p.shape[0] for p in parts] == [4, 1, 5, 5]  # one buffer per span, as planned
-    # And the default plans of a shape with several spans, through the recording launcher:
-    plan = kernels.plan_dy(1100, 300, 8, 4)
-    assert (plan.splits, plan.col_splits) == (2, 1)
-    assert plan.transient_bytes == (2 + 1) * 300 * 8 * 4 + 1100 * 8 * 4 <= 1100 * 300 * 4 / 8
-    assert plans[0].splits == 4
+    t, k, n, r = 1100, 600, 300, 8
+    [allocated] = run_distributed(worker_default_plan_allocations, 1, t, k, n, r, fresh=True)
+    plans = dict(down=kernels.plan_down(t, k, r, 4), dy=kernels.plan_dy(t, n, r, 4), up=kernels.plan_up(t, k, r, 4))
+    assert allocated == dict(down=[(2, t, r)], dy=[(1, t, r), (2, n, r)], up=[(3, r, k)])  # several spans
+    for product, shapes in allocated.items():
+        counted = sum(4 * (s[0] + (s[0] > 1)) * s[1] * s[2] for s in shapes)
+        assert counted == plans[product].transient_bytes <= t * (n if product == "dy" else k) * 4 / 8, product
 
 
 def worker_self_check():
