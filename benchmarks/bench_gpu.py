@@ -1,6 +1,7 @@
 """LoRA training throughput and activation memory against a pristine frozen Megatron GPT, one GPU.
 
     python benchmarks/bench_gpu.py --json bench_gpu.jsonl      # from the repo root, 1 GPU, TP=1
+    python benchmarks/bench_gpu.py --kernel-table              # the branch kernels, torch vs Triton
     python benchmarks/bench_gpu.py --device cpu --dtype fp32 --hidden 64 --heads 4 --groups 2 \\
         --ffn 128 --layers 2 --vocab 128 --seq 32 --reps 1 --iters 1    # CPU smoke run (gloo)
 
@@ -16,8 +17,11 @@ they are kept on the CPU and loaded into every later one, built one after the ot
     frozen              Megatron's GPTModel, no megatron_lora code in it, every parameter frozen;
                         backward to the inputs only, no optimizer step
     lora                ``megatron_lora.apply_lora`` with the default ``LoRAConfig`` (branch
-                        kernels "auto": Triton on CUDA); AdamW on ``lora_parameters``
-    lora_torch_kernels  the same with ``branch_kernels="torch"``
+                        kernels "auto": plain torch until ``kernels.MEASURED`` has rows for this
+                        GPU); AdamW on ``lora_parameters``
+    lora_triton_kernels the same with ``branch_kernels="triton"`` (left out, with the reason in
+                        the JSON's ``skipped``, where the kernels cannot run: no triton, or a CPU
+                        without ``TRITON_INTERPRET=1``)
     lora_recompute      the same with ``recompute_branch_input=True``
     separate_branch     LoRA as most libraries build it: y = base(x) + s * B(A(x)) with A, B plain
                         ``torch.nn.Linear`` modules beside each untouched Megatron linear; AdamW on A, B
@@ -44,6 +48,13 @@ All models stay on the GPU (8 layers of 7B width in bf16 are ~3.4 GB each). On C
 allocator statistics: the peak is null there.
 
 Output: a markdown table on stdout and ONE JSON line per run (also appended to ``--json PATH``).
+
+``--kernel-table``: no model; each product of the branch (``down`` and ``up`` at every target's
+input width, ``dy`` at every output width, micro-batch x seq tokens, ``--rank``, ``--dtype``) is
+checked against plain torch and timed both ways (``--reps`` rounds of ``--iters`` calls after
+``--warmup``, median). Prints one ``kernels.Measurement(...)`` line per product, the rows ``auto``
+consults: paste the lines of a GPU run into ``kernels.MEASURED`` (docs/design.md §15). A CPU run
+(``TRITON_INTERPRET=1``) exercises the path only; its rows name the CPU and ``auto`` never uses them.
 """
 
 import argparse
@@ -64,7 +75,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-VARIANTS = ("frozen", "lora", "lora_torch_kernels", "lora_recompute", "separate_branch")
+VARIANTS = ("frozen", "lora", "lora_triton_kernels", "lora_recompute", "separate_branch")
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 GIB = 2.0 ** 30
 FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -175,7 +186,7 @@ def build(variant, a, spec, weights, device):
                 parent, leaf = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent), leaf, SeparateBranch(module, a.rank, 2 * a.rank))
     elif variant != "frozen":
-        extra = {"lora_torch_kernels": dict(branch_kernels="torch"),
+        extra = {"lora_triton_kernels": dict(branch_kernels="triton"),
                  "lora_recompute": dict(recompute_branch_input=True)}.get(variant, {})
         megatron_lora.apply_lora(model, megatron_lora.LoRAConfig(
             rank=a.rank, alpha=2 * a.rank, target_modules=TARGETS, **extra))
@@ -240,7 +251,12 @@ def run(a):
         raise SystemExit("error: --attention te needs Transformer Engine on a GPU; it does not import here.")
     spec = layer_spec(te or SDPAttention)
     runs, weights = {}, None
-    for name in VARIANTS:  # sequentially, all from the frozen model's weights (kept on the CPU)
+    skipped = {}
+    reason = triton_unavailable(cuda)
+    if reason:
+        skipped["lora_triton_kernels"] = reason
+    variants = [name for name in VARIANTS if name not in skipped]
+    for name in variants:  # sequentially, all from the frozen model's weights (kept on the CPU)
         runs[name] = build(name, a, spec, weights, a.device)
         if weights is None:
             weights = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in runs[name][0].state_dict().items()}
@@ -259,15 +275,15 @@ def run(a):
     for model, opt in runs.values():
         for _ in range(a.warmup):
             step(model, opt, batch)
-    seconds, peaks = {n: [] for n in VARIANTS}, {n: [] for n in VARIANTS}
+    seconds, peaks = {n: [] for n in variants}, {n: [] for n in variants}
     for _ in range(a.reps):
-        for name in VARIANTS:
+        for name in variants:
             sec, peak = timed_round(*runs[name], batch, a.iters, cuda)
             seconds[name].append(sec)
             peaks[name].append(peak)
     tokens = a.iters * a.micro_batch * a.seq
     rows = {}
-    for name in VARIANTS:
+    for name in variants:
         tps = tokens / statistics.median(seconds[name])
         peak = max(peaks[name]) / GIB if cuda else None
         rows[name] = dict(tokens_per_s=tps, activation_peak_gib=peak, initial_loss=losses[name][0],
@@ -285,7 +301,81 @@ def run(a):
     return dict(bench="bench_gpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
                 torch=torch.__version__, megatron_core=megatron.core.__version__, triton=triton_version,
-                core_attention="te" if te else "sdpa", tp=1, config=config, variants=rows)
+                core_attention="te" if te else "sdpa", tp=1, config=config, variants=rows, skipped=skipped)
+
+
+def triton_unavailable(cuda: bool):
+    """Why the Triton kernels cannot run here (None when they can)."""
+    from megatron_lora.core import kernels
+
+    reason = kernels.triton_missing_reason()
+    if reason is None and not cuda and not kernels.interpreting():
+        reason = "CPU without TRITON_INTERPRET=1"
+    return reason
+
+
+def product_inputs(product, tokens, width, rank, dtype, device):
+    """Random inputs of one branch product at (tokens, width) and the call that runs it on ``impl``."""
+    g = torch.Generator(device=device).manual_seed(width + rank)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    if product == "down":
+        x, a = rnd(tokens, width), rnd(rank, width)
+        return lambda impl: impl.down(x, a)
+    if product == "dy":
+        dy, b, u = rnd(tokens, width), rnd(width, rank), rnd(tokens, rank)
+        return lambda impl: impl.dy(dy, b, u, 0.5)
+    g_in, x, like = rnd(tokens, rank), rnd(tokens, width), rnd(rank, width)
+    return lambda impl: impl.up(g_in, x, 0.5, like)
+
+
+def time_us(fn, a, cuda) -> float:
+    """Median over ``a.reps`` rounds of the mean microseconds per call of ``a.iters`` calls."""
+    for _ in range(a.warmup):
+        fn()
+    rounds = []
+    for _ in range(a.reps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(a.iters):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / a.iters * 1e6)
+    return statistics.median(rounds)
+
+
+def kernel_table(a):
+    """``kernels.Measurement`` rows: every branch product of the four targets' widths (TP=1)."""
+    from megatron_lora.core import kernels
+
+    cuda = a.device == "cuda"
+    reason = triton_unavailable(cuda)
+    if reason:
+        raise SystemExit(f"error: --kernel-table needs the Triton kernels to run here: {reason}.")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    head = a.hidden // a.heads
+    shapes = [(a.hidden, (a.heads + 2 * a.groups) * head), (a.hidden, a.hidden), (a.hidden, 2 * a.ffn),
+              (a.ffn, a.hidden)]  # (in, out) of linear_qkv, linear_proj, linear_fc1 (gated), linear_fc2
+    products = sorted({(p, k) for k, _ in shapes for p in ("down", "up")} | {("dy", n) for _, n in shapes})
+    tokens, date = a.micro_batch * a.seq, datetime.date.today().isoformat()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    triton_kernels = kernels.select("triton", torch.empty(1, device=a.device, dtype=dtype), a.rank)
+    if triton_kernels is kernels.TorchKernels:
+        raise SystemExit("error: the Triton kernels failed their self-check here (see the warning above).")
+    rows = []
+    for product, width in products:
+        call = product_inputs(product, tokens, width, a.rank, dtype, a.device)
+        for got, ref in zip(*(torch.utils._pytree.tree_leaves(call(impl)) for impl in (triton_kernels,
+                                                                                       kernels.TorchKernels))):
+            error = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            if not error <= (1e-4 if dtype == torch.float32 else 2e-2):
+                raise SystemExit(f"error: {product} at width {width}: Triton is {error:.2e} from plain torch.")
+        rows.append(kernels.Measurement(
+            device=device, date=date, product=product, dtype=str(dtype).replace("torch.", ""), rank=a.rank,
+            width=width, tokens=tokens, torch_us=round(time_us(lambda: call(kernels.TorchKernels), a, cuda), 1),
+            triton_us=round(time_us(lambda: call(triton_kernels), a, cuda), 1)))
+    return rows
 
 
 def format_table(r) -> str:
@@ -316,12 +406,28 @@ def main(argv=None):
     ap.add_argument("--attention", choices=("auto", "sdpa", "te"), default="auto",
                     help="core attention of every variant; auto: TE's when it imports, else SDPA")
     ap.add_argument("--json", metavar="PATH", help="append the run's JSON line to this file")
+    ap.add_argument("--kernel-table", action="store_true",
+                    help="time the branch kernels (torch vs Triton) and print kernels.Measurement rows")
     a = ap.parse_args(argv)
     if min(a.reps, a.iters, a.layers) < 1 or a.warmup < 0:
         ap.error("--reps, --iters and --layers must be >= 1, --warmup >= 0")
     if a.device == "cuda" and not torch.cuda.is_available():  # before Megatron's import and its warnings
         print(NO_CUDA, file=sys.stderr)
         return 2
+    if a.kernel_table:
+        try:
+            rows = kernel_table(a)
+        except SystemExit as error:
+            print(error, file=sys.stderr)
+            return 2
+        for row in rows:
+            print(f"    {row!r},")
+        line = json.dumps(dict(bench="bench_gpu_kernels", rows=[vars(row) for row in rows]))
+        print(line)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(line + "\n")
+        return 0
     setup(a.device)
     result = run(a)
     print(format_table(result))

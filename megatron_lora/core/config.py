@@ -44,8 +44,9 @@ class LoRAConfig:
     )
     branch_kernels: str = field(
         default="auto",
-        metadata={"help": "Kernels of the rank-r branch: 'auto' (Triton on a CUDA tensor when "
-                          "triton imports, else plain torch), 'torch' or 'triton'."},
+        metadata={"help": "Kernels of the rank-r branch: 'auto' (plain torch unless a GPU benchmark "
+                          "row in kernels.MEASURED shows Triton faster at the shape; none exists), "
+                          "'torch' or 'triton' (opt-in, unmeasured)."},
     )
     recompute_branch_input: bool = field(
         default=False,

@@ -1,8 +1,8 @@
-"""The rank-r products of the LoRA branch: Triton kernels on a GPU, plain torch as the reference.
+"""The rank-r products of the LoRA branch: plain torch by default, Triton kernels on request.
 
 The branch's work is three skinny products per layer, each of which a GEMM library runs far
-from memory bandwidth (an N = r output is a poor tile shape), plus the dY pass that today reads
-the output gradient twice:
+from memory bandwidth (an N = r output is a poor tile shape), plus the dY pass that plain torch
+makes twice:
 
     down    u   = X A^T                 [T, K] x [r, K]^T -> [T, r]   (forward; a row layer too)
     dy      g   = dY B,  dB = s dY^T u  ONE pass over dY [T, N]       (backward)
@@ -10,19 +10,27 @@ the output gradient twice:
 
 The scaling ``s`` is folded into the product that needs it (the GEMM's alpha, or the kernel's
 epilogue), never a separate pass. Rank-r updates of an activation-sized tensor
-(``Y += s u B^T``, ``dX += s g A``) stay with the GEMM library: they are bandwidth-bound
-reads-and-writes of Y / dX that no kernel of ours would do faster.
+(``Y += s u B^T``, ``dX += s g A``) stay with the GEMM library.
 
-``select(mode, tensor, rank)`` picks the implementation per call: ``"auto"`` takes Triton for a
-CUDA tensor when triton imports and, on its first use per dtype / device / rank block, the kernels
-compile and agree with plain torch on a random problem (else plain torch, with one warning: a
-Triton or driver problem costs speed, never a run); plain torch otherwise (the CPU path).
-``"triton"`` insists (on a CPU tensor it needs Triton's interpreter, ``TRITON_INTERPRET=1``,
-which is how CI tests the kernels).
+``select(mode, tensor, rank, group)`` picks the implementation (docs/design.md §15):
 
-Every Triton kernel is deterministic: no atomics, each output element is summed in a fixed order
-(the dB partial sums per token block are added by torch in a fixed order), so a replicated factor's
-gradient stays bitwise identical on every TP rank. Accumulation is fp32, one cast at the end.
+- ``"torch"``: plain torch, the reference and the CPU path.
+- ``"auto"`` (the default): plain torch, unless ``MEASURED`` holds a GPU benchmark row for this
+  GPU, dtype, rank and width near this call's token count in which Triton was faster. A kernel
+  that compiles is not a kernel that is faster, and no measurement exists yet: ``MEASURED`` is
+  empty, so ``auto`` is plain torch on every device. ``benchmarks/bench_gpu.py --kernel-table``
+  produces the rows.
+- ``"triton"``: the Triton kernels, an explicit opt-in (on a CPU tensor it needs Triton's
+  interpreter, ``TRITON_INTERPRET=1``, which is how CI tests them).
+
+Whenever Triton is chosen, the layer's model-parallel group agrees first: at the first call per
+dtype / rank block / group every rank runs the kernels' self-check (``triton_agrees``) and one
+all-reduce (MIN) of two 0/1 flags decides for all. One rank failing its check puts every rank on
+plain torch (one warning), so a replicated factor's gradient stays bitwise equal across TP ranks
+(§3). Every Triton kernel is deterministic: no atomics, fixed spans, partials summed by torch in
+a fixed order; accumulation is fp32, one cast at the end. Their fp32 partials are bounded by
+``plan_down`` / ``plan_dy`` / ``plan_up`` to 1/8 of the activation they read; where no split fits
+that bound the product runs in plain torch.
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +65,7 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scaling: float, like: torch.Te
 
 
 class TorchKernels:
-    """The reference implementation (CPU, and any tensor Triton does not take)."""
+    """The reference implementation (CPU, ``auto`` without a measurement, any Triton fallback)."""
 
     name = "torch"
 
@@ -71,6 +82,81 @@ class TorchKernels:
         return scaled_mm(flat(g).t(), flat(x), scaling, like)
 
 
+# --- What `auto` knows: measured shapes ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Measurement:
+    """One product timed both ways on one GPU by ``benchmarks/bench_gpu.py --kernel-table``.
+
+    ``width`` is the activation's last dim the product reads (K for down / up, N for dy) on one
+    rank; ``tokens`` its rows; times are medians in microseconds.
+    """
+
+    device: str  # torch.cuda.get_device_name()
+    date: str
+    product: str  # "down", "dy" or "up"
+    dtype: str  # "bfloat16", "float16", "float32"
+    rank: int
+    width: int
+    tokens: int
+    torch_us: float
+    triton_us: float
+
+    @property
+    def winner(self) -> str:
+        return "triton" if self.triton_us < self.torch_us else "torch"
+
+
+# Rows pasted from `bench_gpu.py --kernel-table` runs on real GPUs (docs/design.md §15). None has
+# been measured, so `auto` is plain torch everywhere.
+MEASURED: Tuple[Measurement, ...] = ()
+
+
+def measured_winner(product: str, device: str, dtype: torch.dtype, rank: int, width: int, tokens: int,
+                    table: Tuple[Measurement, ...] = None) -> str:
+    """"triton" when the row of the same GPU, product, dtype, rank and width with the nearest token
+    count (within a factor of 2) measured Triton faster; "torch" otherwise (no such row)."""
+    name = str(dtype).replace("torch.", "")
+    rows = [m for m in (MEASURED if table is None else table)
+            if (m.device, m.product, m.dtype, m.rank, m.width) == (device, product, name, rank, width)
+            and m.tokens / 2 <= tokens <= m.tokens * 2]
+    if not rows:
+        return "torch"
+    return min(rows, key=lambda m: (abs(math.log(tokens / m.tokens)), m.tokens)).winner
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+class ByMeasurement:
+    """``auto`` where ``MEASURED`` has rows for this GPU: each product takes the kernel its nearest
+    measured shape found faster (Triton only after the group agreed, see ``_agreed``)."""
+
+    name = "auto"
+
+    def __init__(self, group):
+        self.group = group
+
+    def _pick(self, product: str, t: torch.Tensor, rank: int):
+        width = t.shape[-1]
+        if measured_winner(product, device_name(t.device), t.dtype, rank, width, t.numel() // width) == "triton":
+            return _agreed(t, rank, self.group, insist=False)
+        return TorchKernels
+
+    def down(self, x, a):
+        return self._pick("down", x, a.shape[0]).down(x, a)
+
+    def dy(self, dy, b, u, scaling):
+        return self._pick("dy", dy, b.shape[1]).dy(dy, b, u, scaling)
+
+    def up(self, g, x, scaling, like):
+        return self._pick("up", x, g.shape[-1]).up(g, x, scaling, like)
+
+
+# --- Choosing ------------------------------------------------------------------------------------
+
 @functools.lru_cache(maxsize=None)
 def triton_missing_reason():
     """None when Triton imports, else why not."""
@@ -85,21 +171,69 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select(mode: str, tensor: torch.Tensor, rank: int):
-    """The kernels for ``mode`` (``LoRAConfig.branch_kernels``), this call's tensors and LoRA rank."""
-    if mode == "torch" or (mode == "auto" and (not tensor.is_cuda or triton_missing_reason())):
-        return TorchKernels
-    if mode == "auto":
-        return _triton_kernels() if triton_agrees(tensor.dtype, str(tensor.device), rank_block(rank)) else TorchKernels
+def select(mode: str, tensor: torch.Tensor, rank: int, group=None):
+    """The kernels for ``mode`` (``LoRAConfig.branch_kernels``), this call's tensors, LoRA rank and
+    the layer's model-parallel group (the ranks that must make the same choice)."""
     if mode not in MODES:
         raise ValueError(f"branch kernels must be one of {MODES}, got {mode!r}.")
+    if mode == "torch":
+        return TorchKernels
+    if mode == "auto":
+        if not tensor.is_cuda or triton_missing_reason() or not _has_rows(device_name(tensor.device)):
+            return TorchKernels
+        return ByMeasurement(group)
+    return _agreed(tensor, rank, group, insist=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_rows(device: str) -> bool:
+    return any(m.device == device for m in MEASURED)
+
+
+def _unavailable_reason(tensor: torch.Tensor) -> Optional[str]:
     reason = triton_missing_reason()
     if reason is None and not tensor.is_cuda and not interpreting():
         reason = "the tensors are on the CPU; set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
-    if reason is not None:
-        raise RuntimeError(f"LoRAConfig.branch_kernels='triton' (--lora-branch-kernels triton), but {reason}. "
-                           "Use 'auto' to fall back to plain torch.")
-    return _triton_kernels()
+    return reason
+
+
+def agree(flags: Tuple[bool, ...], group, device: torch.device) -> Tuple[bool, ...]:
+    """Each flag AND-ed over ``group``: one all-reduce (MIN) of a few int32s, on ``device``.
+
+    The only collective of this module, issued once per ``_agreed`` key (the first call, which
+    every rank of the group reaches at the same layer), never per step."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tuple(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return tuple(bool(v) for v in t.tolist())
+
+
+_AGREED: dict = {}  # (dtype, device type, rank block, group, interpreting) -> (available, passed, reason)
+
+
+def _agreed(tensor: torch.Tensor, rank: int, group, insist: bool):
+    """Triton if every rank of ``group`` can run it and passed its self-check, else plain torch
+    (``insist``, i.e. an explicit "triton": a rank that cannot run Triton at all is an error)."""
+    block = rank_block(rank)
+    key = (tensor.dtype, tensor.device.type, block, group, interpreting())
+    if key not in _AGREED:
+        reason = _unavailable_reason(tensor)
+        passed = reason is None and triton_agrees(tensor.dtype, str(tensor.device), block)
+        available, all_passed = agree((reason is None, passed), group, tensor.device)
+        if available and passed and not all_passed:
+            logger.warning("LoRA branch kernels: another rank of the model-parallel group failed the Triton "
+                           "self-check (%s, rank block %d); every rank uses plain torch.", tensor.dtype, block)
+        _AGREED[key] = (available, all_passed, reason)
+    available, all_passed, reason = _AGREED[key]
+    if not available:
+        if insist:
+            raise RuntimeError(
+                "LoRAConfig.branch_kernels='triton' (--lora-branch-kernels triton), but "
+                f"{reason or 'another rank of the layer model-parallel group cannot run Triton'}. "
+                "Use 'torch' (or 'auto').")
+        return TorchKernels
+    return _triton_kernels() if all_passed else TorchKernels
 
 
 def rank_block(rank: int) -> int:
@@ -107,21 +241,122 @@ def rank_block(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
+# --- The Triton kernels' launch plans (plain arithmetic: tested where triton is missing too) ----
+
+TOKENS, COLS = 64, 64  # tile of X / dY rows and columns (down, up)
+SPAN = 512  # default reduction length per program: K for down, T for up
+DY_SPAN = 1024  # default tokens per program of the dY pass
+PARTIAL_FRACTION = 8  # a kernel's fp32 partials (and their sum) are at most 1/8 of the activation it reads
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a kernel cuts its reductions; ``transient_bytes``: its fp32 partials plus their sum."""
+
+    span: int  # reduction length per program (down: K, up: T, dy: tokens)
+    splits: int  # programs along that reduction = partial buffers
+    col_span: int = 0  # dy only: columns per program (a multiple of ``dy_cols``)
+    col_splits: int = 0  # dy only: partial buffers of g
+    transient_bytes: int = 0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dy_cols(rank: int) -> int:
+    """Columns per block of the dY kernel: its dB accumulator (cols x rank block) stays in registers."""
+    return min(256, max(32, 4096 // rank_block(rank)))
+
+
+def _split(length: int, tile: int, default: int, per_split: int, budget: int) -> Optional[Tuple[int, int, int]]:
+    """(span, splits, bytes): as many spans of ``default`` (a multiple of ``tile``) as the budget
+    allows, each split costing ``per_split`` fp32 bytes plus one more for their sum when > 1; None
+    when even one does not fit."""
+    if per_split > budget:
+        return None
+    most = 1 if budget < 3 * per_split else budget // per_split - 1
+    splits = min(most, cdiv(length, default))
+    span = cdiv(cdiv(length, splits), tile) * tile
+    splits = cdiv(length, span)
+    return span, splits, (splits + (splits > 1)) * per_split
+
+
+def plan_down(tokens: int, k: int, rank: int, itemsize: int, span: int = SPAN) -> Optional[Plan]:
+    """Spans of K; partials [splits, T, r] fp32, at most X's bytes / 8."""
+    cut = _split(k, COLS, span, tokens * rank * FP32, tokens * k * itemsize // PARTIAL_FRACTION)
+    return None if cut is None else Plan(cut[0], cut[1], transient_bytes=cut[2])
+
+
+def plan_up(tokens: int, k: int, rank: int, itemsize: int, span: int = SPAN) -> Optional[Plan]:
+    """Spans of T; partials [splits, r, K] fp32, at most X's bytes / 8."""
+    cut = _split(tokens, TOKENS, span, rank * k * FP32, tokens * k * itemsize // PARTIAL_FRACTION)
+    return None if cut is None else Plan(cut[0], cut[1], transient_bytes=cut[2])
+
+
+def plan_dy(tokens: int, n: int, rank: int, itemsize: int, span: int = DY_SPAN,
+            col_span: Optional[int] = None) -> Optional[Plan]:
+    """Spans of T (dB partials [splits, N, r]) and of N (g partials [col_splits, T, r]), each at
+    most half of dY's bytes / 8. Before this bound the g partials were one per 32-256 columns:
+    2r/cols of dY's bytes, 2x dY at r = 64."""
+    half = tokens * n * itemsize // PARTIAL_FRACTION // 2
+    cols = dy_cols(rank)
+    rows = _split(tokens, TOKENS, span, n * rank * FP32, half)
+    columns = _split(n, cols, col_span or cols, tokens * rank * FP32, half)
+    if rows is None or columns is None:
+        return None
+    return Plan(rows[0], rows[1], columns[0], columns[1], rows[2] + columns[2])
+
+
+# --- The self-check ------------------------------------------------------------------------------
+
+CHECK_SPAN = 64  # the self-check's spans: several per reduction on its small shapes
+LARGE_STRIDE = 2 ** 30 + 64  # row 2 of such a view sits past 2^31 elements: int32 offsets would wrap
+
+
+def _check_cases(dtype: torch.dtype, device: str, block: int):
+    """(name, tensors, plans) the self-check runs: several spans with a partial last one (and dY's
+    column spans of two blocks), a rank below the block, and, where the tensors are in host memory
+    (the interpreter), rows at offsets past 2^31 elements through a view whose untouched pages
+    cost nothing."""
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
+    rank = block // 2 + 1
+    cols = dy_cols(rank)
+    t, k, n = 2 * CHECK_SPAN + 3, 2 * CHECK_SPAN + 22, 2 * cols + 37
+    spans = dict(down=Plan(CHECK_SPAN, cdiv(k, CHECK_SPAN)), up=Plan(CHECK_SPAN, cdiv(t, CHECK_SPAN)),
+                 dy=Plan(CHECK_SPAN, cdiv(t, CHECK_SPAN), 2 * cols, cdiv(n, 2 * cols)))
+    yield "multi-span", (rnd(t, k), rnd(rank, k), rnd(t, n), rnd(n, rank), rnd(t, rank)), spans
+    if device == "cpu":  # one span each: these tiny shapes are below the partials' bound
+        one = dict(down=Plan(CHECK_SPAN, 1), up=Plan(CHECK_SPAN, 1), dy=Plan(CHECK_SPAN, 1, cols, 1))
+        yield "large offsets", (_far_rows(rnd(3, 40)), rnd(rank, 40), _far_rows(rnd(3, 24)), rnd(24, rank),
+                                rnd(3, rank)), one
+
+
+def _far_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` as a view with row stride ``LARGE_STRIDE`` (in host memory only the pages it touches
+    are committed; on a GPU the whole 2^31 elements are allocated, which only tests do)."""
+    storage = torch.empty((rows.shape[0] - 1) * LARGE_STRIDE + rows.shape[1], dtype=rows.dtype, device=rows.device)
+    view = storage.as_strided(rows.shape, (LARGE_STRIDE, 1))
+    view.copy_(rows)
+    return view
+
+
 @functools.lru_cache(maxsize=None)
 def triton_agrees(dtype: torch.dtype, device: str, block: int) -> bool:
-    """Do the Triton kernels compile and match plain torch here (``auto``'s one-time check)?"""
+    """Do the Triton kernels compile and match plain torch here (this rank's one-time check)?"""
     try:
         kernels = _triton_kernels()
-        g = torch.Generator(device=device).manual_seed(0)
-        rnd = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
-        x, a, dy, b, u = rnd(130, 96), rnd(block, 96), rnd(130, 80), rnd(80, block), rnd(130, block)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-        for impl_out, ref_out in ((kernels.down(x, a), TorchKernels.down(x, a)),
-                                  *zip(kernels.dy(dy, b, u, 0.5), TorchKernels.dy(dy, b, u, 0.5)),
-                                  (kernels.up(u, x, 0.5, a), TorchKernels.up(u, x, 0.5, a))):
-            error = (impl_out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()
-            if not error <= tolerance:
-                raise ArithmeticError(f"relative error {float(error):.2e} against plain torch")
+        for case, (x, a, dy, b, u), plans in _check_cases(dtype, device, block):
+            got = (kernels.down(x, a, plans.get("down")), *kernels.dy(dy, b, u, 0.5, plans.get("dy")),
+                   kernels.up(u, x, 0.5, a, plans.get("up")))
+            ref = (TorchKernels.down(x, a), *TorchKernels.dy(dy, b, u, 0.5), TorchKernels.up(u, x, 0.5, a))
+            for name, impl_out, ref_out in zip(("down", "dy: g", "dy: dB", "up"), got, ref):
+                error = (impl_out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()
+                if not error <= tolerance:
+                    raise ArithmeticError(f"{case}, {name}: relative error {float(error):.2e} against plain torch")
     except Exception as error:  # noqa: BLE001 (any failure means: use plain torch)
         logger.warning("LoRA branch kernels: Triton on %s (%s, rank block %d) failed its check (%s); "
                        "using plain torch. --lora-branch-kernels torch silences this.", device, dtype, block, error)

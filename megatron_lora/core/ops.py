@@ -45,7 +45,8 @@ class Branch:
     """The non-tensor settings of one LoRA layer call.
 
     ``mode``: ``collectives.comm_mode``; ``fuse``: ``config.gradient_accumulation_fusion``;
-    ``kernels``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call).
+    ``kernels``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call, the same on
+    every rank of ``group``).
     """
 
     scaling: float
@@ -158,7 +159,7 @@ class ColumnEntry(torch.autograd.Function):
             return collectives.reduce(dx_total.contiguous(), b.group, b.mode), None, None, None
         dx, g_sum = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
         x_in = _dropped(rider.branch_input, rider.mask, b.dropout)
-        d_a = kernels.select(b.kernels, x_in, g_sum.shape[-1]).up(g_sum, x_in, b.scaling, ctx.lora_a)
+        d_a = kernels.select(b.kernels, x_in, g_sum.shape[-1], b.group).up(g_sum, x_in, b.scaling, ctx.lora_a)
         [d_a] = deliver_factor_grads(ctx.fused, [d_a])
         rider.g = rider.branch_input = rider.mask = None
         return dx, d_a, None, None
@@ -180,7 +181,8 @@ class ColumnJoin(torch.autograd.Function):
     def forward(ctx, x_in, out, weight, bias, lora_a, lora_b, mask, chunk, rider: Rider, branch: Branch,
                 recipe: Optional[Recipe] = None):
         b = branch
-        u = kernels.select(b.kernels, x_in, lora_a.shape[0]).down(_dropped(x_in, mask, b.dropout), lora_a)  # [s, b, r]
+        # [s, b, r]
+        u = kernels.select(b.kernels, x_in, lora_a.shape[0], b.group).down(_dropped(x_in, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x_in, weight, out), weight is not None, u, lora_b, b.scaling)
         if bias is not None:
             y += bias
@@ -197,7 +199,8 @@ class ColumnJoin(torch.autograd.Function):
     def backward(ctx, dy):
         x_in, weight, lora_a, lora_b, u, mask, chunk, *sources = ctx.saved_tensors
         b, rider = ctx.branch, ctx.rider
-        g, d_b = kernels.select(b.kernels, dy, u.shape[-1]).dy(dy, lora_b, u, b.scaling)  # g: this rank's term of dY B
+        # g: this rank's term of dY B
+        g, d_b = kernels.select(b.kernels, dy, u.shape[-1], b.group).dy(dy, lora_b, u, b.scaling)
         d_in = None
         if weight is not None or ctx.needs_input_grad[0]:
             d_base = torch.matmul(dy, weight) if weight is not None else None
@@ -240,7 +243,7 @@ class RowJoin(torch.autograd.Function):
         if not ctx.active:
             return collectives.reduce(out.contiguous(), b.group, b.mode) if b.mode != "none" else out.view_as(out)
         # [s, b, r]: rank i's term
-        h = kernels.select(b.kernels, x, lora_a.shape[0]).down(_dropped(x, mask, b.dropout), lora_a)
+        h = kernels.select(b.kernels, x, lora_a.shape[0], b.group).down(_dropped(x, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x, weight, out), weight is not None, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
@@ -260,7 +263,7 @@ class RowJoin(torch.autograd.Function):
         x, weight, lora_a, lora_b, h_sum, mask, *sources = ctx.saved_tensors
         if ctx.recipe is not None:
             x = Recipe.run(ctx.recipe, *sources)
-        s, k = b.scaling, kernels.select(b.kernels, dy, lora_a.shape[0])
+        s, k = b.scaling, kernels.select(b.kernels, dy, lora_a.shape[0], b.group)
         if b.mode == "reduce_scatter":  # dB from this rank's chunk, g from the whole sequence
             d_b = kernels.scaled_mm(flat(dy).t(), flat(h_sum), s, lora_b)
             g = torch.matmul(dy_total, lora_b)

@@ -12,20 +12,23 @@ import sys
 
 import torch
 
+from megatron_lora.core import kernels
 from tests import REPO_ROOT
 from tests.distributed.launcher import run_distributed
 
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_gpu.py")
 TINY = ["--hidden", "64", "--heads", "4", "--groups", "2", "--ffn", "128", "--layers", "2", "--vocab", "128",
         "--seq", "32", "--micro-batch", "2", "--rank", "4", "--reps", "1", "--iters", "1", "--warmup", "1"]
-VARIANTS = {"frozen", "lora", "lora_torch_kernels", "lora_recompute", "separate_branch"}
+VARIANTS = {"frozen", "lora", "lora_triton_kernels", "lora_recompute", "separate_branch"}
 
 
 def test_cpu_smoke_run_appends_one_json_line(tmp_path):
     out_file = tmp_path / "bench.jsonl"
     out_file.write_text('{"earlier": "run"}\n')  # appended to, never overwritten
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the Triton variant cannot run
     run = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--dtype", "fp32", *TINY,
-                          "--json", str(out_file)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                          "--json", str(out_file)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = out_file.read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0]) == {"earlier": "run"}
@@ -35,7 +38,9 @@ def test_cpu_smoke_run_appends_one_json_line(tmp_path):
     assert {"bench", "date", "device", "torch", "megatron_core", "core_attention", "config",
             "variants"} <= set(result)
     assert result["core_attention"] == "sdpa" and result["config"]["hidden"] == 64
-    assert set(result["variants"]) == VARIANTS
+    assert set(result["variants"]) == VARIANTS - {"lora_triton_kernels"}
+    assert result["skipped"] == {"lora_triton_kernels": kernels.triton_missing_reason()
+                                 or "CPU without TRITON_INTERPRET=1"}
     for row in result["variants"].values():
         assert row["tokens_per_s"] > 0 and row["activation_peak_gib"] is None  # no allocator stats on CPU
         assert {"tokens_per_s_vs_frozen", "activation_peak_vs_frozen", "initial_loss"} <= set(row)
@@ -49,6 +54,30 @@ def test_cuda_without_a_gpu_is_one_error_line():
     assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
     assert run.stdout == "" and len(run.stderr.splitlines()) == 1, run.stderr
     assert run.stderr.startswith("error: bench_gpu.py --device cuda needs a CUDA GPU")
+
+
+def test_kernel_table_prints_measurement_rows_auto_can_read():
+    """``--kernel-table`` on the CPU (Triton's interpreter where triton imports; else one error line):
+    each printed row is a ``kernels.Measurement`` for one product at one of the targets' widths."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    tiny = ["--hidden", "64", "--heads", "4", "--groups", "2", "--ffn", "96", "--seq", "40", "--rank", "4",
+            "--reps", "1", "--iters", "1", "--warmup", "0"]
+    run = subprocess.run([sys.executable, SCRIPT, "--kernel-table", "--device", "cpu", "--dtype", "fp32", *tiny],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    missing = kernels.triton_missing_reason()
+    if missing:
+        assert run.returncode == 2 and run.stdout == "", (run.returncode, run.stdout, run.stderr)
+        assert run.stderr.strip() == f"error: --kernel-table needs the Triton kernels to run here: {missing}."
+        return
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    rows = [kernels.Measurement(**row) for row in json.loads(lines[-1])["rows"]]
+    assert lines[:-1] == [f"    {row!r}," for row in rows]  # lines to paste into kernels.MEASURED
+    # widths: qkv / proj / fc1 in 64, fc2 in 96; outputs 128 (qkv: 4 + 2 * 2 heads of 16), 64, 192 (gated)
+    assert sorted((r.product, r.width) for r in rows) == [("down", 64), ("down", 96), ("dy", 64), ("dy", 128),
+                                                         ("dy", 192), ("up", 64), ("up", 96)]
+    assert all((r.device, r.dtype, r.rank, r.tokens) == ("cpu", "float32", 4, 40) for r in rows)
+    assert all(r.torch_us > 0 and r.triton_us > 0 for r in rows)
 
 
 def _sdpa_vs_megatron(heads, groups):
