@@ -18,7 +18,7 @@ setup(
         # Megatron-LM's training code (tests/distributed/test_megatron_lm_real.py) imports these beyond
         # megatron-core; core_v0.16's initialize.py imports triton (torch's CPU build has none).
         "test": ["pytest>=7", "pytest-timeout", "tensorboard", "six", "regex", "pyyaml", "pydantic", "psutil",
-                 "triton"],
+                 "triton==3.7.1"],  # torch 2.13.0's own triton (the CUDA build pins it)
         "tensorboard": ["tensorboard"],
         "hf": ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],
         "te": ["transformer-engine[pytorch]"],
