@@ -1,7 +1,7 @@
 """The user documentation's links resolve, and the README stays a first screen (issue 24 item 5).
 
-Every relative markdown link in README.md, docs/*.md, tests/README.md and benchmarks/README.md
-must name a file or folder that exists; a ``#anchor`` must name a heading of the target page,
+Every relative markdown link in README.md, docs/*.md, tests/README.md, benchmarks/README.md and
+patches/README.md must name a file or folder that exists; a ``#anchor`` must name a heading of the target page,
 slugged as GitHub slugs them (lower case, punctuation dropped, spaces to hyphens, ``-N`` for
 repeats). Links and headings inside fenced code blocks do not count. The README is at most
 220 lines: reference material lives in docs/, the test inventory here, results in benchmarks/.
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = sorted([ROOT / "README.md", ROOT / "tests" / "README.md", ROOT / "benchmarks" / "README.md",
-                *(ROOT / "docs").glob("*.md")])
+                ROOT / "patches" / "README.md", *(ROOT / "docs").glob("*.md")])
 README_MAX_LINES = 220
 
 _LINK = re.compile(r"\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^()\s]+)\)")
