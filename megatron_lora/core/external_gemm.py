@@ -25,7 +25,7 @@ import torch
 from megatron_lora.core import collectives as C
 from megatron_lora.core.layers import LoRALayerMixin
 from megatron_lora.core.layout import AdapterLayout
-from megatron_lora.core.ops import ColumnEntry, ColumnJoin, Rider, RowJoin
+from megatron_lora.core.ops import Call, Rider, column_entry, column_join, row_join
 
 
 class ExternalGEMMLoRA(LoRALayerMixin):
@@ -80,14 +80,14 @@ class ExternalGEMMLoRA(LoRALayerMixin):
                 width = self.input_size // C.group_size(branch.group)
                 mask = self._lora_dropout_mask(list(x.shape[:-1]) + [self.input_size],
                                                (C.group_rank(branch.group) * width, width))
-            y = RowJoin.apply(x, out, None, lora_a, lora_b, mask, branch)
+            y = row_join(x, lora_a, lora_b, Call(branch, lora_on=active, owns_gemm=False), out=out, mask=mask)
             if self.lora_skip_bias_add or bias is None:
                 return y, bias
             return y + bias, None
         if self.lora_fused_norm:
             self._check_trainable_norm()
-        rider = Rider() if active else None
-        x_total = ColumnEntry.apply(x, lora_a, rider, branch)
+        call = Call(branch, lora_on=active, owns_gemm=False, rider=Rider() if active else None)
+        x_total = column_entry(x, lora_a, call)
         out, bias, norm_out = self._local_gemm(x_total)
         if active:
             x_in = norm_out if self.lora_fused_norm else x_total
@@ -96,7 +96,7 @@ class ExternalGEMMLoRA(LoRALayerMixin):
             if branch.mode == "reduce_scatter":  # dA needs only this rank's chunk of the branch input
                 chunk = x if x_in is x_total else \
                     x_in.detach().narrow(0, C.group_rank(branch.group) * x.shape[0], x.shape[0]).clone()
-            out = ColumnJoin.apply(x_in, out, None, None, lora_a, lora_b, mask, chunk, rider, branch)
+            out = column_join(x_in, lora_a, lora_b, call, out=out, mask=mask, chunk=chunk)
         if bias is not None and not self.lora_skip_bias_add:
             return out + bias, None
         return out, bias

@@ -51,7 +51,7 @@ from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.dropout import dropout_mask
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
-from megatron_lora.core.ops import Branch, ColumnEntry, ColumnJoin, Rider, RowJoin
+from megatron_lora.core.ops import Branch, Call, Rider, column_entry, column_join, row_join
 
 LORA_FACTORS = ("lora_A", "lora_B")
 
@@ -309,12 +309,12 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
             full_shape[0] *= C.group_size(self.tp_group)  # the mask covers the gathered sequence
         mask = self._lora_dropout_mask(full_shape)
         bias = self.bias if not self.skip_bias_add else None
-        rider = Rider()
-        x_total = ColumnEntry.apply(input_, self.lora_A, rider, branch)
+        call = Call(branch, rider=Rider(), recipe=recipe)
+        x_total = column_entry(input_, self.lora_A, call)
         # Under SP dA needs only this rank's chunk of the branch input: the layer's own input.
         chunk = input_ if branch.mode == "reduce_scatter" else None
-        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_dense_b(), mask, chunk, rider,
-                                  branch, recipe)
+        output = column_join(x_total, self.lora_A, self.lora_dense_b(), call, weight=weight, bias=bias, mask=mask,
+                             chunk=chunk)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
@@ -356,7 +356,8 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
         width = self.input_size_per_partition
         mask = self._lora_dropout_mask(list(x.shape[:-1]) + [self.input_size],
                                        (C.group_rank(self.tp_group) * width, width))
-        output = RowJoin.apply(x, None, self.weight, self.lora_A, self.lora_B, mask, self._lora_branch(), recipe)
+        output = row_join(x, self.lora_A, self.lora_B, Call(self._lora_branch(), recipe=recipe), weight=self.weight,
+                          mask=mask)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None
