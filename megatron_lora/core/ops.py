@@ -23,9 +23,8 @@ layer family reaches them through one orchestration (``layer_forward.py``).
 The base GEMM: a layer that owns its weight (``layers.py``) passes ``weight`` and the Join runs
 the GEMM itself, so dX is one buffer the branch term is added to in place and the frozen weight
 gets no gradient GEMM; a layer on a GEMM we do not own (``external_gemm.py``, Transformer
-Engine) runs it between Entry and Join and passes its output ``out``. ColumnEntry's backward
-runs only after every consumer of ``X_total`` has run, so the Rider holds ColumnJoin's rank-r
-term when the collective goes.
+Engine) runs it between Entry and Join and passes its output ``out``. How ColumnJoin's rank-r
+term reaches ColumnEntry's collective: ``Rider`` (the one place that hand-off is described).
 
 Shapes use Megatron's ``[s, b, h]``; ``t`` = TP size, ``r`` = LoRA rank, ``s`` = scaling.
 Dropout: ``mask`` is a bool tensor shaped like the branch input this rank multiplies (the whole
