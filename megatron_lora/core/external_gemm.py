@@ -12,8 +12,8 @@ the local layers use, with the foreign GEMM between ColumnEntry and ColumnJoin (
 
 ``ExternalGEMMLoRA`` runs the one forward of every LoRA layer (``layer_forward.py``) with its
 foreign GEMM; a subclass supplies only ``_local_gemm``. The CPU tests drive it with a plain-torch
-GEMM at TP = 1, 2 (SP on and off), and run the TE layers themselves on a CPU double of TE (tests/te_double.py), so the TP > 1 math of
-the TE layers is covered without a GPU.
+GEMM at TP = 1, 2 (SP on and off), and run the TE layers themselves on a CPU double of TE
+(tests/te_double.py), so the TP > 1 math of the TE layers is covered without a GPU.
 """
 
 from __future__ import annotations
