@@ -10,10 +10,10 @@ the local layers use, with the foreign GEMM between ColumnEntry and ColumnJoin (
                                              └─ branch input: norm output or X_total ─┘
     row:     X_i ─► [TE: GEMM_i] ─► out_i ─► RowJoin ─► Y
 
-``ExternalGEMMLoRA`` is the layer logic on top of these operators; a subclass supplies only
-``_local_gemm``. The CPU tests drive it with a plain-torch GEMM at TP = 1, 2 (SP on and off), and
-run the TE layers themselves on a CPU double of TE (tests/te_double.py), so the TP > 1 math of
-the TE layers is covered without a GPU.
+``ExternalGEMMLoRA`` runs the one forward of every LoRA layer (``layer_forward.py``) with its
+foreign GEMM; a subclass supplies only ``_local_gemm``. The CPU tests drive it with a plain-torch
+GEMM at TP = 1, 2 (SP on and off), and run the TE layers themselves on a CPU double of TE
+(tests/te_double.py), so the TP > 1 math of the TE layers is covered without a GPU.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_lora.core import collectives as C
+from megatron_lora.core import layer_forward
 from megatron_lora.core.layers import LoRALayerMixin
 from megatron_lora.core.layout import AdapterLayout
-from megatron_lora.core.ops import ColumnEntry, ColumnJoin, Rider, RowJoin
 
 
 class ExternalGEMMLoRA(LoRALayerMixin):
@@ -71,32 +71,14 @@ class ExternalGEMMLoRA(LoRALayerMixin):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         active = self._lora_active()
-        branch = self._lora_branch()
-        lora_a, lora_b = (self.lora_A, self.lora_dense_b()) if active else (None, None)
         if self.lora_parallel_mode == "row":
-            out, bias, _ = self._local_gemm(x)
-            mask = None
-            if active:
-                width = self.input_size // C.group_size(branch.group)
-                mask = self._lora_dropout_mask(list(x.shape[:-1]) + [self.input_size],
-                                               (C.group_rank(branch.group) * width, width))
-            y = RowJoin.apply(x, out, None, lora_a, lora_b, mask, branch)
+            y, bias = layer_forward.row_forward(self, x, active, local_gemm=self._local_gemm)
             if self.lora_skip_bias_add or bias is None:
                 return y, bias
             return y + bias, None
         if self.lora_fused_norm:
             self._check_trainable_norm()
-        rider = Rider() if active else None
-        x_total = ColumnEntry.apply(x, lora_a, rider, branch)
-        out, bias, norm_out = self._local_gemm(x_total)
-        if active:
-            x_in = norm_out if self.lora_fused_norm else x_total
-            mask = self._lora_dropout_mask(list(x_in.shape))  # the logical mask, same on all ranks
-            chunk = None
-            if branch.mode == "reduce_scatter":  # dA needs only this rank's chunk of the branch input
-                chunk = x if x_in is x_total else \
-                    x_in.detach().narrow(0, C.group_rank(branch.group) * x.shape[0], x.shape[0]).clone()
-            out = ColumnJoin.apply(x_in, out, None, None, lora_a, lora_b, mask, chunk, rider, branch)
+        out, bias = layer_forward.column_forward(self, x, active, local_gemm=self._local_gemm)
         if bias is not None and not self.lora_skip_bias_add:
             return out + bias, None
         return out, bias

@@ -46,14 +46,15 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core import compat, projections
+from megatron_lora.core import layer_forward, projections, shard_merge
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.dropout import dropout_mask
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
-from megatron_lora.core.ops import Branch, ColumnEntry, ColumnJoin, Rider, RowJoin
-
-LORA_FACTORS = ("lora_A", "lora_B")
+from megatron_lora.core.ops import Branch
+# fp32_lora_delta is re-exported: hf/export.py imports it from here.
+from megatron_lora.core.shard_merge import fp32_lora_delta  # noqa: F401
+from megatron_lora.core.sharded_state import LORA_FACTORS, lora_sharded_state_dict
 
 
 def is_lora_key(key: str) -> bool:
@@ -74,16 +75,14 @@ def is_qkv(name: Optional[str]) -> bool:
     return name in ("linear_qkv", "qkv")
 
 
-@torch.no_grad()
-def fp32_lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``s * B @ A`` in fp32: the one formula of every merge (``merge``, the ``merge`` conversion,
-    the in-memory export ``hf/export.py``), so their results agree bit for bit. Scaled in place:
-    one product-sized buffer, not two."""
-    return (lora_B.float() @ lora_A.float()).mul_(scaling)
-
-
 class LoRALayerMixin:
-    """State and helpers shared by every LoRA layer; the subclasses define layout and forward."""
+    """The adapter's parameters and switches, shared by every LoRA layer family.
+
+    What lives elsewhere, beside the code it serves: the forward (``layer_forward.py``, one for
+    every family; the subclasses only add their base layer's conventions), merge with its CPU copy
+    (``shard_merge.py``), the distributed-checkpoint view (``sharded_state.py``) and the recompute
+    sources (``recompute.py``). The public methods here delegate to them.
+    """
 
     # A ``recompute`` source (set by apply_lora with recompute_branch_input): recomputes the
     # branch input in backward from what the base keeps anyway. None: the input is saved.
@@ -179,14 +178,6 @@ class LoRALayerMixin:
         return Branch(self.lora_scaling, self.lora_config.dropout, self.lora_group, self._comm_mode(),
                       self.config.gradient_accumulation_fusion, self.lora_config.branch_kernels)
 
-    def _take_recipe(self, branch_input: torch.Tensor):
-        """How to recompute ``branch_input`` in backward (``recompute.Recipe``), or None to keep it.
-
-        Called on every forward, active or not, so a source never holds a tensor past its forward.
-        """
-        source = self.lora_input_source
-        return source.take(branch_input) if source is not None else None
-
     def _lora_dropout_mask(self, logical_shape, columns=None) -> Optional[torch.Tensor]:
         """Keep-mask of the logical branch input (``core/dropout.py``); None when inactive.
         ``columns``: ``(start, length)`` of the last dim, a row layer's slice: only it is drawn."""
@@ -195,53 +186,23 @@ class LoRALayerMixin:
             return None
         return dropout_mask(logical_shape, p, self.lora_A.device, columns)
 
-    @torch.no_grad()
     def lora_delta(self) -> torch.Tensor:
         """``s * B @ A`` for this rank's base shard (local by construction, docs/design.md §1)."""
-        return fp32_lora_delta(self.lora_A, self.lora_dense_b(), self.lora_scaling).to(self.weight.dtype)
+        return shard_merge.lora_delta(self)
 
-    @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the local base shard; forward then runs the plain base path.
+        """Fold the adapter into the local base shard; forward then runs the plain base path
+        (``shard_merge.merge``: the unmerged shard is kept on the CPU until ``unmerge``)."""
+        shard_merge.merge(self)
 
-        The unmerged shard is kept on the CPU until ``unmerge``: subtracting the delta again
-        would round twice, and in bf16 change the bits of several percent of the base weights per
-        merge / unmerge cycle, a drift that accumulates in loops that merge to sync an
-        inference engine and unmerge to train on.
-        """
-        if not self.lora_merged:
-            self._lora_unmerged_weight = self.weight.detach().to("cpu", copy=True)
-            self.weight.add_(self.lora_delta())
-            self.lora_merged = True
-
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo ``merge``: the base shard gets back exactly the bits it had."""
-        if self.lora_merged:
-            self.weight.copy_(self._lora_unmerged_weight)
-            self._lora_unmerged_weight = None
-            self.lora_merged = False
+        shard_merge.unmerge(self)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Base tensors as Megatron shards them, LoRA factors by their declared layout.
-
-        The inherited version would save the sharded factor as if it were replicated (one TP
-        shard kept: docs/design.md §10, trap 3). A gated ``linear_fc1`` gets Megatron's [gate; up]
-        factory for ``lora_B``, exactly as its MLP does for the base weight, so TP can change
-        (trap 5).
-        """
-        axes = dict(self._base_tp_axes)
-        for factor in LORA_FACTORS:
-            dim = self.lora_layout.partition_dim(factor)
-            if dim is not None:
-                axes[factor] = dim
-        state = self.state_dict(prefix="", keep_vars=True)
-        sharded = compat.make_sharded_tensors_for_checkpoint(
-            state, prefix, axes, sharded_offsets, self.lora_group, metadata)
-        if self.lora_layout.gated:
-            key = f"{prefix}lora_B"
-            sharded[key] = compat.apply_swiglu_sharded_factory(sharded[key], sharded_offsets, metadata)
-        return sharded
+        """Base tensors as Megatron shards them, LoRA factors by their declared layout
+        (``sharded_state.lora_sharded_state_dict``)."""
+        return lora_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     @classmethod
     def from_base(cls, base, lora_config: LoRAConfig, gated: bool = False, lora_init_name=None, qkv: bool = False):
@@ -257,12 +218,11 @@ class LoRALayerMixin:
     def _become_lora(self, lora_config: LoRAConfig, gated: bool, lora_init_name, qkv: bool = False):
         self._setup_lora(lora_config, gated, lora_init_name, qkv)
 
+    def _lora_base_repr(self) -> str:
+        return super().__repr__()
+
     def __repr__(self):
-        c = self.lora_config
-        fused = self.lora_row_projections is not None
-        per_projection = f", per_projection={self.lora_layout.projections}" if fused else ""
-        return (f"{super().__repr__()[:-1]}, lora_rank={c.rank}, lora_alpha={c.alpha}{per_projection}, "
-                f"lora_dropout={c.dropout}, merged={self.lora_merged}, enabled={self.lora_enabled})")
+        return layer_forward.lora_repr(self, self._lora_base_repr())
 
 
 class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
@@ -292,7 +252,7 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
-        recipe = self._take_recipe(input_)
+        recipe = layer_forward.take_recipe(self, input_)
         if not self._lora_active():
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
         if weight is None:
@@ -303,18 +263,8 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
         elif weight.shape != (self.output_size_per_partition, self.input_size):
             raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
                                f"{(self.output_size_per_partition, self.input_size)} as expected")
-        branch = self._lora_branch()
-        full_shape = list(input_.shape)
-        if branch.mode == "reduce_scatter":
-            full_shape[0] *= C.group_size(self.tp_group)  # the mask covers the gathered sequence
-        mask = self._lora_dropout_mask(full_shape)
         bias = self.bias if not self.skip_bias_add else None
-        rider = Rider()
-        x_total = ColumnEntry.apply(input_, self.lora_A, rider, branch)
-        # Under SP dA needs only this rank's chunk of the branch input: the layer's own input.
-        chunk = input_ if branch.mode == "reduce_scatter" else None
-        output = ColumnJoin.apply(x_total, None, weight, bias, self.lora_A, self.lora_dense_b(), mask, chunk, rider,
-                                  branch, recipe)
+        output, _ = layer_forward.column_forward(self, input_, True, weight=weight, bias=bias, recipe=recipe)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
@@ -346,17 +296,14 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
 
     def forward(self, input_: torch.Tensor):
         if not self._lora_active():
-            self._take_recipe(input_)
+            layer_forward.take_recipe(self, input_)
             return super().forward(input_)
         if self.input_is_parallel:
             x = input_
         else:
             x = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        recipe = self._take_recipe(x)
-        width = self.input_size_per_partition
-        mask = self._lora_dropout_mask(list(x.shape[:-1]) + [self.input_size],
-                                       (C.group_rank(self.tp_group) * width, width))
-        output = RowJoin.apply(x, None, self.weight, self.lora_A, self.lora_B, mask, self._lora_branch(), recipe)
+        recipe = layer_forward.take_recipe(self, x)
+        output, _ = layer_forward.row_forward(self, x, True, weight=self.weight, recipe=recipe)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None

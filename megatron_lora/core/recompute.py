@@ -24,25 +24,13 @@ Anything else (no matching producer, TE layers whose norm runs inside the layer)
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 
+from megatron_lora.core.ops import Recipe  # noqa: F401  (re-exported: the operators' half of a recipe)
+
 logger = logging.getLogger(__name__)
-
-
-class Recipe:
-    """What a LoRA operator saves instead of its branch input: ``fn(*tensors)`` recomputes it."""
-
-    __slots__ = ("fn", "tensors")
-
-    def __init__(self, fn: Callable[..., torch.Tensor], tensors: Tuple[Optional[torch.Tensor], ...]):
-        self.fn, self.tensors = fn, tensors
-
-    @staticmethod
-    def run(fn, *tensors) -> torch.Tensor:
-        with torch.no_grad():
-            return fn(*tensors)
 
 
 class _Source:

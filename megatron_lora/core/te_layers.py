@@ -141,11 +141,10 @@ class _TELoRA(ExternalGEMMLoRA):
         elif tp_group is not None and tp_group is not lora_group:
             raise RuntimeError(f"{type(self).__name__}: the TP group cannot change after LoRA setup.")
 
-    def __repr__(self):
-        c = self.lora_config
+    def _lora_base_repr(self) -> str:
+        """TE's own repr lists its internals; the adapter's settings follow (``LoRALayerMixin.__repr__``)."""
         return (f"{type(self).__name__}(in={self.input_size}, out={self.output_size}, "
-                f"TP={C.group_size(self.lora_group)}, bias={self.use_bias}, lora_rank={c.rank}, "
-                f"lora_alpha={c.alpha}, merged={self.lora_merged}, enabled={self.lora_enabled})")
+                f"TP={C.group_size(self.lora_group)}, bias={self.use_bias})")
 
 
 class LoRATELayerNormColumnParallelLinear(_TELoRA, TELayerNormColumnParallelLinear):

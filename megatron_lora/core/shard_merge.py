@@ -1,0 +1,46 @@
+"""Merge a LoRA layer's adapter into its local base shard and undo it exactly (``merge`` / ``unmerge``).
+
+Every merge in the package, this in-place one, the ``merge`` conversion and the in-memory export
+(``hf/export.py``), multiplies with ``fp32_lora_delta``, so their results agree bit for bit. The
+delta of a rank's shard is local by construction (docs/design.md §1): no communication.
+
+The unmerged shard is kept on the CPU until ``unmerge``: subtracting the delta again would round
+twice, and in bf16 change the bits of several percent of the base weights per merge / unmerge
+cycle, a drift that accumulates in loops that merge to sync an inference engine and unmerge to
+train on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def fp32_lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s * B @ A`` in fp32: the one formula of every merge. Scaled in place: one product-sized
+    buffer, not two."""
+    return (lora_B.float() @ lora_A.float()).mul_(scaling)
+
+
+@torch.no_grad()
+def lora_delta(layer) -> torch.Tensor:
+    """``s * B @ A`` for ``layer``'s base shard, in the base weight's dtype."""
+    return fp32_lora_delta(layer.lora_A, layer.lora_dense_b(), layer.lora_scaling).to(layer.weight.dtype)
+
+
+@torch.no_grad()
+def merge(layer) -> None:
+    """Fold the adapter into the local base shard, keeping the unmerged shard on the CPU."""
+    if not layer.lora_merged:
+        layer._lora_unmerged_weight = layer.weight.detach().to("cpu", copy=True)
+        layer.weight.add_(lora_delta(layer))
+        layer.lora_merged = True
+
+
+@torch.no_grad()
+def unmerge(layer) -> None:
+    """Undo ``merge``: the base shard gets back exactly the bits it had."""
+    if layer.lora_merged:
+        layer.weight.copy_(layer._lora_unmerged_weight)
+        layer._lora_unmerged_weight = None
+        layer.lora_merged = False
