@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_lora.core.checkpoint.common import CheckpointError, atomic_write_text
+from megatron_lora.training.checkpoint_dirs import describe_mismatch
 from megatron_lora.training.pretrain_args import (
     UsageError,
-    describe_mismatch,
     model_args,
     model_dtype,
     transformer_config_from_args,

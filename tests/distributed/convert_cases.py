@@ -101,7 +101,8 @@ def parity_worker(paths):
     from megatron_lora.training.arguments import lora_flags
     from megatron_lora.hf.mapping import split_qkv
     from megatron_lora.core.checkpoint.model import load_model, read_model_args
-    from megatron_lora.training.pretrain_args import describe_mismatch, model_args
+    from megatron_lora.training.checkpoint_dirs import describe_mismatch
+    from megatron_lora.training.pretrain_args import model_args
     from megatron_lora.training.loop import gpt_stage_from_args
 
     out = {}
