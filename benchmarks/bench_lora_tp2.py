@@ -52,7 +52,7 @@ def build(variant, sp, shape, base_params):
     """The GPT of one variant on this rank; base weights copied from ``base_params`` if given."""
     from benchmarks.naive_lora import apply_naive_lora
     from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.training.gpt import build_gpt_stage
     from tests.distributed.models import tiny_gpt_config
 
     config = tiny_gpt_config(tp=2, sp=sp, num_layers=shape["layers"], hidden_size=shape["hidden"],

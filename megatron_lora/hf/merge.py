@@ -38,7 +38,7 @@ def merge(base: str, adapter: Optional[str], output: str, to: str = "megatron", 
     tensors, cfg = read_adapter(adapter, model_args, iteration, log) if adapter else (None, None)
     from megatron_lora import merge_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model, save_model
+    from megatron_lora.training.model_checkpoint import load_model, save_model
     from megatron_lora.training.pretrain_args import MODEL_ARG_NAMES
 
     with megatron_session():

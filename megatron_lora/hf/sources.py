@@ -17,7 +17,7 @@ import torch
 from megatron_lora.core.checkpoint import adapter as adapter_checkpoint
 from megatron_lora.core.checkpoint import files
 from megatron_lora.core.checkpoint import common
-from megatron_lora.core.checkpoint import model as model_checkpoint
+from megatron_lora.training import model_checkpoint
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.hf.mapping import Arch, ConversionError, arch_from_model_args, check_hf_config, megatron_flags
 from megatron_lora.hf.peft_adapters import check_peft_config, megatron_from_peft

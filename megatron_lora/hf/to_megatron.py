@@ -13,7 +13,7 @@ import shlex
 import torch
 
 from megatron_lora.core.checkpoint import common
-from megatron_lora.core.checkpoint.model import save_model
+from megatron_lora.training.model_checkpoint import save_model
 from megatron_lora.hf.mapping import (
     ConversionError, arch_from_hf_config, check_hf_config, check_hf_tensors, check_parallel_layout, megatron_flags,
     megatron_from_hf,

@@ -149,7 +149,7 @@ def lora_model(model):
     from megatron_lora import apply_lora
     from megatron_lora.training.arguments import lora_config_from_args
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
 
     margs = get_args()
     cfg = lora_config_from_args(margs)
@@ -238,7 +238,8 @@ def megatron_lm_adapter(path: str, iteration=None):
     """
     import os
 
-    from megatron_lora.core.checkpoint import common, model as model_checkpoint
+    from megatron_lora.core.checkpoint import common
+    from megatron_lora.training import model_checkpoint
     from megatron_lora.core.checkpoint.files import MODEL_TRACKER
     from megatron_lora.training.arguments import lora_config_from_args
 

@@ -66,7 +66,7 @@ def peft_train_worker(paths):
     from megatron_lora.core.checkpoint.adapter import (
         load_full_adapter, read_full_adapter, save_adapter, save_full_adapter,
     )
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
     from megatron_lora.hf.export import export_peft
     from megatron_lora.training.arguments import lora_flags
     from megatron_lora.training.loop import gpt_stage_from_args

@@ -46,7 +46,7 @@ def exchange_worker(base_state, root):
 
     from megatron_lora import lora_modules, merge_lora, unmerge_lora
     from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_adapter, load_full_adapter, save_adapter
-    from megatron_lora.core.checkpoint.model import load_model, save_model
+    from megatron_lora.training.model_checkpoint import load_model, save_model
 
     inputs = G.batches(1)[0][0]
     gap = lambda a, b: (a - b).abs().max().item()  # noqa: E731

@@ -8,7 +8,7 @@ Layout, Megatron-LM's: ``root/iter_XXXXXXX/`` is a ``torch_dist`` checkpoint of 
   loads the checkpoint with other sizes fails with the flag that differs, not a shape error;
 * optionally the optimizer and RNG state (as tensors) for resuming pretraining.
 
-LoRA tensors are never part of a base checkpoint (see ``adapter.py`` for adapters); entries
+LoRA tensors are never part of a base checkpoint (see ``core/checkpoint/adapter.py`` for adapters); entries
 Megatron stores as pickled objects (``_extra_state``) are left out, so loading never unpickles.
 """
 
