@@ -19,7 +19,7 @@ def _grad_probe(module, inputs, output):
 def collective_counts_worker(base_state, sp):
     """Calls per collective in one forward and one backward: frozen base TE model (TE's own
     communication) vs the LoRA TE model (ours), gradients flowing through every layer in both."""
-    from megatron_lora.core import collectives as C
+    from tests.collective_count import count_collectives
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 
     config = tiny_gpt_config(tp=tp_rank()[0], sp=sp, **G.MODEL)
@@ -31,9 +31,9 @@ def collective_counts_worker(base_state, sp):
     counts = {}
     for name, model in (("base", base), ("lora", lora)):
         model.embedding.register_forward_hook(_grad_probe)
-        with C.count_collectives() as forward:
+        with count_collectives() as forward:
             loss = G._loss(model, inputs, labels)
-        with C.count_collectives() as backward:
+        with count_collectives() as backward:
             loss.backward()
         counts[name] = (forward.calls, backward.calls)
     return counts
