@@ -15,8 +15,8 @@ import os
 import tempfile
 from typing import Callable, Optional
 
-from megatron_lora.core.checkpoint import common, files
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint import atomic_save, files
+from megatron_lora.core.checkpoint.errors import CheckpointError
 
 _WHAT = {"adapter": "LoRA adapter checkpoints", "model": "full-model checkpoints",
          "both": "both adapter and full-model checkpoints"}
@@ -65,12 +65,12 @@ def _check_same_run(root: str, kind: str, args, model_args: dict, flag: str, fai
     """The checkpoints under ``root`` are of this LoRA config / this architecture."""
     tracker = files.ADAPTER_TRACKER if kind == "adapter" else files.MODEL_TRACKER
     try:
-        latest = common.latest_iteration(root, tracker)
+        latest = atomic_save.latest_iteration(root, tracker)
     except CheckpointError as err:
         fail(str(err))
     if latest is None:
         return
-    ckpt_dir = common.iteration_dir(root, latest)
+    ckpt_dir = atomic_save.iteration_dir(root, latest)
     if kind == "adapter":
         saved, current = files.read_descriptor(ckpt_dir)["lora_config"], args.lora.to_dict()
         fields = files.CONFIG_FIELDS_THAT_MUST_MATCH

@@ -28,7 +28,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_lora.core.checkpoint.common import CheckpointError, atomic_write_text
+from megatron_lora.core.checkpoint.atomic_save import atomic_write_text
+from megatron_lora.core.checkpoint.errors import CheckpointError
 from megatron_lora.training.checkpoint_dirs import describe_mismatch
 from megatron_lora.training.pretrain_args import (
     UsageError,
@@ -302,7 +303,7 @@ def resume(args, model, optimizer, log: Log):
     """
     from megatron_lora.core.checkpoint import adapter as checkpoint
     from megatron_lora.training import model_checkpoint
-    from megatron_lora.core.checkpoint.common import iteration_dir
+    from megatron_lora.core.checkpoint.atomic_save import iteration_dir
     from megatron_lora.core.checkpoint.files import read_descriptor
 
     if not args.load:

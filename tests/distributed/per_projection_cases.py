@@ -27,7 +27,7 @@ def save_worker(full_state, root):
 def load_worker(full_state, root):
     """Load the per-projection checkpoint at this layout; every mismatched load's message."""
     from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter
-    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.core.checkpoint.errors import CheckpointError
 
     model = G.build_lora_gpt(full_state, cfg=PER_PROJECTION)
     load_adapter(model, os.path.join(root, "per_projection"))
