@@ -22,6 +22,9 @@ _ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
 
 
 class MetadataUnpickler(pickle.Unpickler):
+    """Reads a dist checkpoint's ``.metadata``: plain data classes of torch DCP / Megatron, dtypes
+    and a few containers only; any other global is a ``CheckpointError``."""
+
     def find_class(self, module, name):
         if module in _DCP_MODULES or module.startswith("megatron.core.dist_checkpointing."):
             # Plain data classes of torch DCP / Megatron (e.g. MCoreSavePlan): types, no functions.
