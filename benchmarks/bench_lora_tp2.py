@@ -20,7 +20,7 @@ backward down to layer 0. Variants are interleaved (rep by rep) because the host
 time is the slower rank's, after a barrier, and the table shows the median over reps.
 
 One extra, untimed step per variant measures: the TP collectives of forward + backward (calls and
-payload bytes a rank sends, ``megatron_lora.core.collectives.count_collectives``); the activation memory
+payload bytes a rank sends, ``tests/collective_count.py``); the activation memory
 saved for backward (tensors packed by autograd, deduplicated by storage, parameters excluded: CPU
 has no peak-allocator statistics); and the bytes of trainable parameters + grads + AdamW state.
 All memory figures are per rank.
@@ -52,7 +52,7 @@ def build(variant, sp, shape, base_params):
     """The GPT of one variant on this rank; base weights copied from ``base_params`` if given."""
     from benchmarks.naive_lora import apply_naive_lora
     from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.training.gpt import build_gpt_stage
     from tests.distributed.models import tiny_gpt_config
 
     config = tiny_gpt_config(tp=2, sp=sp, num_layers=shape["layers"], hidden_size=shape["hidden"],
@@ -92,7 +92,7 @@ def step(model, opt, x_full, labels, sp):
 
 def saved_bytes_and_collectives(model, opt, x_full, labels, sp):
     """(activation bytes saved for backward, collective log) of one untimed step."""
-    from megatron_lora.core.collectives import count_collectives
+    from tests.collective_count import count_collectives
 
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}

@@ -13,7 +13,7 @@ Rows (fp32, one call each):
     column   ``LoRAColumnParallelLinear`` vs Megatron's ``ColumnParallelLinear`` (in -> out, no bias)
     row      ``LoRARowParallelLinear`` vs Megatron's ``RowParallelLinear`` (in -> out, input parallel)
     layer    the one ``TransformerLayer`` of a small GPT (RMSNorm, SwiGLU, GQA, RoPE, no biases) from
-             ``megatron_lora.core.gpt.build_gpt_stage``: frozen base vs ``apply_lora`` on
+             ``megatron_lora.training.gpt.build_gpt_stage``: frozen base vs ``apply_lora`` on
              linear_qkv / linear_proj / linear_fc1 / linear_fc2
 
 each at TP=1 and at TP=2 (two real gloo ranks through ``tests.distributed.launcher``), the latter
@@ -274,7 +274,7 @@ def _gpt_layer(lora_cfg, tp, sp, shape):
     """The one TransformerLayer of a small GPT stage (LoRA on all four targets if ``lora_cfg``),
     and the rotary embedding its forward needs."""
     from megatron_lora import apply_lora
-    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.training.gpt import build_gpt_stage
     from tests.distributed.models import tiny_gpt_config
 
     config = tiny_gpt_config(tp=tp, sp=sp, num_layers=1, hidden_size=shape["hidden"],

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     from megatron_lora.training.quiet import quiet_known_messages
 
     quiet_known_messages()
-    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.core.checkpoint.errors import CheckpointError
     from megatron_lora.hf.mapping import ConversionError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)

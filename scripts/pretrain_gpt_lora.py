@@ -23,7 +23,7 @@ def main(argv=None) -> int:
 
     quiet_known_messages()
     from megatron_lora.training import launch
-    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.core.checkpoint.errors import CheckpointError
     from megatron_lora.training.data import DataError
     from megatron_lora.training.pretrain_args import UsageError, parse_args, validate_args
 

@@ -13,13 +13,13 @@ That is exactly the base layer's count: the rank-r term the replicated factor's 
 rides in the base layer's own message (docs/design.md §3). The one exception is a layer whose base issues
 no TP collective although TP > 1 (expert layers with explicit expert communication,
 ``disable_grad_reduce``): there the dispatcher (or the caller) reduces the base output, so the
-rank-r term gets its own small all-reduce (mode ``"rider_only"``).
+rank-r term gets its own small all-reduce (mode ``"rider_only"``). The tests count what a layer
+issues with ``tests/collective_count.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -137,78 +137,3 @@ def scatter_from_group_source(out: torch.Tensor, chunks: Optional[list], group) 
         out.copy_(chunks[0])
         return
     dist.scatter(out, [c.contiguous() for c in chunks] if chunks else None, group=group, group_src=0)
-
-
-# --------------------------------------------------------------------------- counting (debug tool)
-
-_COUNTED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
-            "reduce_scatter", "broadcast", "scatter", "_all_gather_base", "_reduce_scatter_base",
-            "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_to_all_single")
-
-
-class CollectiveLog:
-    """Calls and payload bytes of each collective seen inside ``count_collectives()``."""
-
-    def __init__(self):
-        self.calls: Dict[str, int] = {}
-        self.bytes: Dict[str, int] = {}
-
-    def record(self, name: str, tensor) -> None:
-        self.calls[name] = self.calls.get(name, 0) + 1
-        nbytes = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
-        self.bytes[name] = self.bytes.get(name, 0) + nbytes
-
-    @property
-    def total_calls(self) -> int:
-        return sum(self.calls.values())
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes.values())
-
-
-@contextlib.contextmanager
-def count_collectives():
-    """Count every ``torch.distributed`` collective issued inside the block.
-
-    Megatron-Core binds ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to module globals at
-    import time (``dist_all_gather_func`` ...), so those aliases are wrapped as well: a count that
-    misses the base layer's own gathers would make any comparison meaningless.
-    Bytes are those of the tensor argument of each call (the payload a rank contributes).
-    """
-    log = CollectiveLog()
-    saved = []
-
-    def wrap(owner, attr, name):
-        original = getattr(owner, attr)
-
-        def counted(*args, **kwargs):
-            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            if name in ("all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
-                        "_reduce_scatter_base") and len(args) > 1:
-                tensor = args[1]  # (output, input): the input is what a rank sends
-            log.record(name, tensor)
-            return original(*args, **kwargs)
-
-        saved.append((owner, attr, original))
-        setattr(owner, attr, counted)
-
-    for name in _COUNTED:
-        if hasattr(dist, name):
-            wrap(dist, name, name)
-    try:
-        from megatron.core.tensor_parallel import layers as mc_layers
-        from megatron.core.tensor_parallel import mappings as mc_mappings
-
-        for module in (mc_mappings, mc_layers):
-            for alias, name in (("dist_all_gather_func", "all_gather_into_tensor"),
-                                ("dist_reduce_scatter_func", "reduce_scatter_tensor")):
-                if hasattr(module, alias):
-                    wrap(module, alias, name)
-    except ImportError:  # counting plain torch code needs no Megatron
-        pass
-    try:
-        yield log
-    finally:
-        for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)

@@ -102,7 +102,7 @@ def keep_checkpoint_writer_in_process() -> None:
     spawned manager process: spawn re-imports ``__main__``, so a user script without an
     ``if __name__ == "__main__":`` guard re-runs itself there and blocks forever in
     ``init_process_group``, and the server outlives a killed rank. A *fork* manager serves the same
-    queue without re-importing anything; started inside ``checkpoint.common.save_without_orphans``
+    queue without re-importing anything; started inside ``checkpoint.orphans.save_without_orphans``
     it dies with the rank. (A plain multiprocessing queue would not do: its ``put`` is flushed by a
     feeder thread, and Megatron reads it back at once with ``get_nowait``.)
     """

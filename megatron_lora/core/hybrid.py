@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 
 from megatron_lora.core import compat
 from megatron_lora.core.config import LoRAConfig
-from megatron_lora.core.gpt import torch_norm, with_torch_norms
+from megatron_lora.core.norms import torch_norm, with_torch_norms
 from megatron_lora.core.inject import lora_layer_spec, megatron_gpt_layer_spec
 
 BUILDABLE_SYMBOLS = "*-"  # attention, MLP: the layer kinds this module builds

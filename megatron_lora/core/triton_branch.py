@@ -1,8 +1,8 @@
 """The LoRA branch's rank-r products as Triton kernels (see ``kernels.py`` for what and why).
 
-Imported only by ``kernels`` when Triton is chosen (``branch_kernels="triton"``, or ``auto`` with a
-measurement that favours it). ``TRITON_INTERPRET=1`` at import runs them on the CPU in Triton's
-interpreter (the CI tests do that).
+Imported only by ``kernels``, on first use, when Triton is chosen (``branch_kernels="triton"``,
+or ``auto`` with a measurement that favours it). ``TRITON_INTERPRET=1`` at import runs them on
+the CPU in Triton's interpreter (the CI tests do that).
 
 Offsets are 64-bit: every program id and every row / column index (``tl.arange``, which is
 int32, also when added to a loop variable) is widened to int64 before it meets a stride, a span or
@@ -10,7 +10,7 @@ T * R, so a [T, N] activation with T * N >= 2^31 elements (Llama-70B's fc1 at TP
 tokens) is addressed correctly.
 
 Deterministic by construction: no atomics, no program reads what another program writes, the
-spans depend on the shapes only (``kernels.plan_*``), and torch adds the fp32 partials in one
+spans depend on the shapes only (``kernel_plans.plan_*``), and torch adds the fp32 partials in one
 fixed order (its sum over the span axis).
 """
 
@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_lora.core import kernels
-from megatron_lora.core.kernels import COLS, TOKENS, TorchKernels, dy_cols, flat, interpreting, rank_block
+from megatron_lora.core import kernel_plans
+from megatron_lora.core.kernel_plans import COLS, TOKENS, dy_cols, interpreting, rank_block
+from megatron_lora.core.torch_kernels import TorchKernels, flat
 
 # Decided once, like triton.jit itself decides at import whether to interpret.
 INTERPRETED = interpreting()
@@ -113,7 +114,7 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 
 def _spans_whole_tiles(span: int, tile: int) -> None:
     if span % tile:
-        raise ValueError(f"a kernel's span must be a multiple of its tile {tile}, got {span} (see kernels.plan_*).")
+        raise ValueError(f"a kernel's span must be a multiple of its tile {tile}, got {span} (see kernel_plans.plan_*).")
 
 
 def partials(*shape: int, device) -> torch.Tensor:
@@ -127,9 +128,9 @@ def ordered_sum(parts: torch.Tensor) -> torch.Tensor:
 
 
 class TritonKernels:
-    """``kernels.TorchKernels``' interface on the Triton kernels.
+    """``torch_kernels.TorchKernels``' interface on the Triton kernels.
 
-    Each kernel splits its reductions into the spans of ``kernels.plan_*`` (``plan`` overrides
+    Each kernel splits its reductions into the spans of ``kernel_plans.plan_*`` (``plan`` overrides
     them; the self-check does); where no plan keeps the fp32 partials within the bound, that
     product runs in plain torch. Tile sizes are untuned defaults; nothing here has been timed.
     """
@@ -140,7 +141,7 @@ class TritonKernels:
     def down(x, a, plan=None):
         x2, a = rows(x), a.contiguous()
         (t, k), r = x2.shape, a.shape[0]
-        plan = plan or kernels.plan_down(t, k, r, x.element_size())
+        plan = plan or kernel_plans.plan_down(t, k, r, x.element_size())
         if plan is None:
             return TorchKernels.down(x, a)
         _spans_whole_tiles(plan.span, COLS)
@@ -154,7 +155,7 @@ class TritonKernels:
     def dy(dy, b, u, scaling, plan=None):
         d2, b, u2 = rows(dy), b.contiguous(), flat(u).contiguous()
         (t, n), r = d2.shape, b.shape[1]
-        plan = plan or kernels.plan_dy(t, n, r, dy.element_size())
+        plan = plan or kernel_plans.plan_dy(t, n, r, dy.element_size())
         if plan is None:
             return TorchKernels.dy(dy, b, u, scaling)
         _spans_whole_tiles(plan.span, TOKENS)
@@ -171,7 +172,7 @@ class TritonKernels:
     def up(g, x, scaling, like, plan=None):
         x2, g2 = rows(x), flat(g).contiguous()
         (t, k), r = x2.shape, g2.shape[1]
-        plan = plan or kernels.plan_up(t, k, r, x.element_size())
+        plan = plan or kernel_plans.plan_up(t, k, r, x.element_size())
         if plan is None:
             return TorchKernels.up(g, x, scaling, like)
         _spans_whole_tiles(plan.span, TOKENS)

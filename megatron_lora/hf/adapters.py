@@ -11,7 +11,7 @@ import os
 import shlex
 from typing import Optional
 
-from megatron_lora.core.checkpoint import common
+from megatron_lora.core.checkpoint import atomic_save
 from megatron_lora.core.checkpoint.adapter import write_full_adapter
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.hf.mapping import ConversionError, arch_from_model_args
@@ -56,7 +56,7 @@ def megatron_to_peft(adapter: str, output: str, base: str, iteration: Optional[i
     peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path or hf_dir, adapter)
     os.makedirs(output, exist_ok=True)
     save_file(peft_tensors, os.path.join(output, PEFT_WEIGHTS), metadata={"format": "pt"})
-    common.atomic_write_text(os.path.join(output, PEFT_CONFIG), json.dumps(config, indent=2))
+    atomic_save.atomic_write_text(os.path.join(output, PEFT_CONFIG), json.dumps(config, indent=2))
     log(f"wrote the PEFT adapter {output}: r={config['r']}, lora_alpha={config['lora_alpha']} on "
         f"{', '.join(config['target_modules'])}")
     return config

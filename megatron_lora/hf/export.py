@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core.checkpoint import common
+from megatron_lora.core.checkpoint import dist_ranks
 from megatron_lora.core.checkpoint.adapter import (
     _check_loaded_factors, _model_config, gather_full_adapter,
 )
@@ -98,7 +98,7 @@ def _check_dst(dst: Optional[int]) -> None:
 
 
 def _receives(dst: Optional[int]) -> bool:
-    return dst is None or dst == common.rank()
+    return dst is None or dst == dist_ranks.rank()
 
 
 # -------------------------------------------------------------------------------------- PEFT
@@ -256,7 +256,7 @@ class _Routes:
 
 
 def _stream(held, routes: _Routes, arch: Arch, dtype, device, dst) -> Iterator[Tuple[str, torch.Tensor]]:
-    shapes, rank = hf_shapes(arch), common.rank()
+    shapes, rank = hf_shapes(arch), dist_ranks.rank()
     multi_stage = len(routes.pp_ranks) > 1
     for name in megatron_names(arch):
         src = routes.source(name)
@@ -325,8 +325,8 @@ def _gather_pieces(shard: torch.Tensor, dim: Optional[int], group, to: Optional[
     shard at a time (a buffer of one shard's size) and copies it in, so nothing of the
     projection's size exists twice."""
     if dim is None:
-        return shard if to is None or to == common.rank() else None
-    t, receives = dist.get_world_size(group), to is None or to == common.rank()
+        return shard if to is None or to == dist_ranks.rank() else None
+    t, receives = dist.get_world_size(group), to is None or to == dist_ranks.rank()
     out = torch.empty(shape, dtype=shard.dtype, device=shard.device) if receives else None
     if dim == 0:
         _gather(shard, list(out.split(shard.shape[0])) if receives else None, group, to)

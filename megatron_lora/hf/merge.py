@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_lora.core.checkpoint import common
+from megatron_lora.core.checkpoint import atomic_save
 from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_model_args, check_hf_config_matches, hf_config_for, hf_from_megatron,
 )
@@ -38,7 +38,7 @@ def merge(base: str, adapter: Optional[str], output: str, to: str = "megatron", 
     tensors, cfg = read_adapter(adapter, model_args, iteration, log) if adapter else (None, None)
     from megatron_lora import merge_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model, save_model
+    from megatron_lora.training.model_checkpoint import load_model, save_model
     from megatron_lora.training.pretrain_args import MODEL_ARG_NAMES
 
     with megatron_session():
@@ -84,7 +84,7 @@ def write_hf(tensors: Dict[str, torch.Tensor], arch: Arch, model_args: dict, out
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
                  "weight_map": {n: f for f, s in zip(names, shards) for n in s}}
-        common.atomic_write_text(os.path.join(output, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        atomic_save.atomic_write_text(os.path.join(output, "model.safetensors.index.json"), json.dumps(index, indent=2))
     if hf_config_dir is None:
         config = hf_config_for(arch, model_args, dtype)
     else:
@@ -97,4 +97,4 @@ def write_hf(tensors: Dict[str, torch.Tensor], arch: Arch, model_args: dict, out
             if os.path.isfile(src) and file != "config.json" and not file.endswith(
                     (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")):
                 shutil.copy(src, os.path.join(output, file))
-    common.atomic_write_text(os.path.join(output, "config.json"), json.dumps(config, indent=2))
+    atomic_save.atomic_write_text(os.path.join(output, "config.json"), json.dumps(config, indent=2))

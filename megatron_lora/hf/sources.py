@@ -16,8 +16,8 @@ import torch
 
 from megatron_lora.core.checkpoint import adapter as adapter_checkpoint
 from megatron_lora.core.checkpoint import files
-from megatron_lora.core.checkpoint import common
-from megatron_lora.core.checkpoint import model as model_checkpoint
+from megatron_lora.core.checkpoint import atomic_save
+from megatron_lora.training import model_checkpoint
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.hf.mapping import Arch, ConversionError, arch_from_model_args, check_hf_config, megatron_flags
 from megatron_lora.hf.peft_adapters import check_peft_config, megatron_from_peft
@@ -107,7 +107,7 @@ def read_base(path: str) -> Tuple[dict, Optional[str]]:
     candidates = [os.path.join(path, files.MODEL_ARGS_FILE)]
     iteration = model_checkpoint.latest_iteration(path)
     if iteration is not None:
-        candidates.append(os.path.join(common.iteration_dir(path, iteration), files.MODEL_ARGS_FILE))
+        candidates.append(os.path.join(atomic_save.iteration_dir(path, iteration), files.MODEL_ARGS_FILE))
     for candidate in candidates:
         if os.path.exists(candidate):
             return read_json(candidate, ""), None
@@ -188,7 +188,7 @@ def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Lo
         raise ConversionError(f"--adapter {path}: no {files.FULL_ADAPTER_FILE}, no "
                               f"{files.ADAPTER_TRACKER} and no PEFT {PEFT_CONFIG}; pass a full adapter "
                               "file, a LoRA --save directory or a PEFT directory.")
-    ckpt_dir = common.iteration_dir(root, iteration)
+    ckpt_dir = atomic_save.iteration_dir(root, iteration)
     cfg = LoRAConfig.from_dict(files.read_descriptor(ckpt_dir)["lora_config"])
     log(f"reading the adapter dist checkpoint {ckpt_dir}")
     with megatron_session():

@@ -12,8 +12,8 @@ import shlex
 
 import torch
 
-from megatron_lora.core.checkpoint import common
-from megatron_lora.core.checkpoint.model import save_model
+from megatron_lora.core.checkpoint import atomic_save
+from megatron_lora.training.model_checkpoint import save_model
 from megatron_lora.hf.mapping import (
     ConversionError, arch_from_hf_config, check_hf_config, check_hf_tensors, check_parallel_layout, megatron_flags,
     megatron_from_hf,
@@ -62,7 +62,7 @@ def hf_to_megatron(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dtype: st
             save_model(model, output, 0, model_args)
     finally:
         ckpt.close()
-    common.atomic_write_text(os.path.join(output, FLAGS_FILE), shlex.join(flags) + "\n")
+    atomic_save.atomic_write_text(os.path.join(output, FLAGS_FILE), shlex.join(flags) + "\n")
     log(f"done; it loads at TP={tp} PP={pp} (or any layout that divides the sizes). Model flags for "
         f"pretrain_gpt_lora.py (also in {os.path.join(output, FLAGS_FILE)}):\n  {shlex.join(flags)}")
     return dict(model_args=model_args, flags=flags)

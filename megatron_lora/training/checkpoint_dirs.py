@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
-from megatron_lora.core.checkpoint import common, files
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint import atomic_save, files
+from megatron_lora.core.checkpoint.errors import CheckpointError
 
 _WHAT = {"adapter": "LoRA adapter checkpoints", "model": "full-model checkpoints",
          "both": "both adapter and full-model checkpoints"}
@@ -47,6 +47,14 @@ def check_checkpoint_dirs(args, model_args: dict, fail: Callable[[str], None]) -
             fail(f"--load {args.load} holds {_WHAT[found]}; this run resumes {_WHAT[kind]}{_hint(kind)}.")
 
 
+def describe_mismatch(saved: dict, current: dict) -> Optional[str]:
+    """``--flag saved vs current`` for each differing architecture flag, or None (the loop and
+    the converters call it too, for the architecture a checkpoint records)."""
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {current[k]!r}"
+             for k in current if k in saved and saved[k] != current[k]]
+    return "; ".join(diffs) or None
+
+
 def _hint(kind: str) -> str:
     if kind == "model":
         return " (resuming a LoRA run? give it the same --lora-* flags)"
@@ -55,16 +63,14 @@ def _hint(kind: str) -> str:
 
 def _check_same_run(root: str, kind: str, args, model_args: dict, flag: str, fail) -> None:
     """The checkpoints under ``root`` are of this LoRA config / this architecture."""
-    from megatron_lora.training.pretrain_args import describe_mismatch  # it imports this module
-
     tracker = files.ADAPTER_TRACKER if kind == "adapter" else files.MODEL_TRACKER
     try:
-        latest = common.latest_iteration(root, tracker)
+        latest = atomic_save.latest_iteration(root, tracker)
     except CheckpointError as err:
         fail(str(err))
     if latest is None:
         return
-    ckpt_dir = common.iteration_dir(root, latest)
+    ckpt_dir = atomic_save.iteration_dir(root, latest)
     if kind == "adapter":
         saved, current = files.read_descriptor(ckpt_dir)["lora_config"], args.lora.to_dict()
         fields = files.CONFIG_FIELDS_THAT_MUST_MATCH

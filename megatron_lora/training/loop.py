@@ -28,10 +28,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_lora.core.checkpoint.common import CheckpointError, atomic_write_text
+from megatron_lora.core.checkpoint.atomic_save import atomic_write_text
+from megatron_lora.core.checkpoint.errors import CheckpointError
+from megatron_lora.training.checkpoint_dirs import describe_mismatch
 from megatron_lora.training.pretrain_args import (
     UsageError,
-    describe_mismatch,
     model_args,
     model_dtype,
     transformer_config_from_args,
@@ -106,7 +107,7 @@ def gpt_stage_from_args(args, lora_config=None, initialize: bool = True):
     """This rank's ``GPTModel`` stage for the flags (LoRA layers optional): the one builder of
     the script, the conversions and the tests. ``initialize=False`` leaves the weights
     uninitialised, for a model whose weights are loaded next."""
-    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.training.gpt import build_gpt_stage
 
     config = transformer_config_from_args(args)
     config.perform_initialization = initialize
@@ -122,7 +123,7 @@ def build_model(args, log: Log):
     """This rank's model stage: base loaded (frozen under LoRA), LoRA applied; unwrapped."""
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model, read_model_args
+    from megatron_lora.training.model_checkpoint import load_model, read_model_args
 
     model = gpt_stage_from_args(args, args.lora)
     config = model.config
@@ -226,7 +227,7 @@ def evaluate(args, model, ddp, valid) -> float:
 def save(args, model, optimizer, iteration: int, consumed_samples: int, final: bool) -> None:
     from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
     from megatron_lora.core.checkpoint.files import FULL_ADAPTER_FILE
-    from megatron_lora.core.checkpoint.model import save_model
+    from megatron_lora.training.model_checkpoint import save_model
 
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -266,7 +267,7 @@ def base_identity(pretrained_checkpoint):
     base checkpoint's ``.metadata`` (None: a randomly initialised base)."""
     import hashlib
 
-    from megatron_lora.core.checkpoint.model import resolve
+    from megatron_lora.training.model_checkpoint import resolve
 
     if pretrained_checkpoint is None:
         return None
@@ -301,8 +302,8 @@ def resume(args, model, optimizer, log: Log):
     with ``--no-load-rng``). A checkpoint saved without optimizer or RNG state resumes without.
     """
     from megatron_lora.core.checkpoint import adapter as checkpoint
-    from megatron_lora.core.checkpoint import model as model_checkpoint
-    from megatron_lora.core.checkpoint.common import iteration_dir
+    from megatron_lora.training import model_checkpoint
+    from megatron_lora.core.checkpoint.atomic_save import iteration_dir
     from megatron_lora.core.checkpoint.files import read_descriptor
 
     if not args.load:
@@ -362,7 +363,7 @@ def _resumable_state(args, record: dict, log: Log):
 def save_merged(args, model, log: Log) -> None:
     """Fold the adapter into the base and write a plain (no-LoRA) model checkpoint."""
     from megatron_lora import merge_lora, unmerge_lora
-    from megatron_lora.core.checkpoint.model import save_model
+    from megatron_lora.training.model_checkpoint import save_model
 
     merge_lora(model)
     try:

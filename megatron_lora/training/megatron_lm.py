@@ -149,7 +149,7 @@ def lora_model(model):
     from megatron_lora import apply_lora
     from megatron_lora.training.arguments import lora_config_from_args
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
 
     margs = get_args()
     cfg = lora_config_from_args(margs)
@@ -238,12 +238,13 @@ def megatron_lm_adapter(path: str, iteration=None):
     """
     import os
 
-    from megatron_lora.core.checkpoint import common, model as model_checkpoint
+    from megatron_lora.core.checkpoint import atomic_save
+    from megatron_lora.training import model_checkpoint
     from megatron_lora.core.checkpoint.files import MODEL_TRACKER
     from megatron_lora.training.arguments import lora_config_from_args
 
     if iteration is not None:
-        ckpt_dir = common.iteration_dir(path, iteration)
+        ckpt_dir = atomic_save.iteration_dir(path, iteration)
     elif os.path.exists(os.path.join(path, ".metadata")) or os.path.exists(os.path.join(path, MODEL_TRACKER)):
         ckpt_dir = model_checkpoint.resolve(path)
     else:
@@ -260,9 +261,9 @@ def load_megatron_lm_adapter(model, ckpt_dir: str) -> None:
     any TP / PP layout): the tensors only, requested with the checkpoint's content metadata."""
     from megatron.core import dist_checkpointing
 
-    from megatron_lora.core.checkpoint import common
+    from megatron_lora.core.checkpoint import dist_state, pickle_screen
     from megatron_lora.core.checkpoint.adapter import lora_sharded_state_dict
 
-    common.check_common_state(ckpt_dir)
+    pickle_screen.check_common_state(ckpt_dir)
     sharded = lora_sharded_state_dict(model, metadata=dist_checkpointing.load_content_metadata(ckpt_dir))
-    common.copy_loaded(sharded, common.load_dist({"model": sharded}, ckpt_dir)["model"])
+    dist_state.copy_loaded(sharded, dist_state.load_dist({"model": sharded}, ckpt_dir)["model"])

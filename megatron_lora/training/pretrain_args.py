@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 
@@ -359,10 +358,3 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     """
     multiple = args.make_vocab_size_divisible_by
     return -(-vocab_size // multiple) * multiple
-
-
-def describe_mismatch(saved: dict, current: dict) -> Optional[str]:
-    """``--flag saved vs current`` for each differing architecture flag, or None."""
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {current[k]!r}"
-             for k in current if k in saved and saved[k] != current[k]]
-    return "; ".join(diffs) or None

@@ -100,8 +100,9 @@ def parity_worker(paths):
     from megatron_lora.core.config import LoRAConfig
     from megatron_lora.training.arguments import lora_flags
     from megatron_lora.hf.mapping import split_qkv
-    from megatron_lora.core.checkpoint.model import load_model, read_model_args
-    from megatron_lora.training.pretrain_args import describe_mismatch, model_args
+    from megatron_lora.training.model_checkpoint import load_model, read_model_args
+    from megatron_lora.training.checkpoint_dirs import describe_mismatch
+    from megatron_lora.training.pretrain_args import model_args
     from megatron_lora.training.loop import gpt_stage_from_args
 
     out = {}
@@ -149,7 +150,7 @@ def train_worker(paths):
     """LoRA trained at TP=2 on the converted base; saved as the script saves (dist + full file)."""
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
     from megatron_lora.training.loop import gpt_stage_from_args
 
     args = _script_args(paths, "mg_llama", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7"])

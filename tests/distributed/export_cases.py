@@ -64,7 +64,7 @@ def export_worker(paths, layout):
 
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import save_adapter, save_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
     from megatron_lora.hf.export import export_merged, export_peft
     from megatron_lora.training.loop import gpt_stage_from_args
     from tests.distributed.received_bytes import ReceivedBytes
@@ -123,7 +123,7 @@ def vpp_worker(paths):
 
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import save_full_adapter
-    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.training.gpt import build_gpt_stage
     from megatron_lora.hf.export import export_merged
     from megatron_lora.training.pretrain_args import transformer_config_from_args
 
@@ -157,14 +157,14 @@ def _load_chunks(chunks, path):
     the first's; here each chunk's keys get their own prefix (Megatron-LM's "model0", "model1")."""
     from megatron.core import dist_checkpointing
 
-    from megatron_lora.core.checkpoint import common
-    from megatron_lora.core.checkpoint.model import base_sharded_state_dict, resolve
+    from megatron_lora.core.checkpoint import dist_state
+    from megatron_lora.training.model_checkpoint import base_sharded_state_dict, resolve
 
     ckpt_dir = resolve(path)
     metadata = dist_checkpointing.load_content_metadata(ckpt_dir)
     sharded = {f"model{i}.{key}": entry for i, chunk in enumerate(chunks)
                for key, entry in base_sharded_state_dict(chunk, metadata=metadata).items()}
-    common.copy_loaded(sharded, common.load_dist(sharded, ckpt_dir))
+    dist_state.copy_loaded(sharded, dist_state.load_dist(sharded, ckpt_dir))
 
 
 def vpp_offline_worker(paths):

@@ -16,6 +16,7 @@ import torch
 
 from megatron_lora.core import collectives as C
 from megatron_lora.core.external_gemm import ExternalGEMMLoRA
+from tests.collective_count import count_collectives
 from tests.distributed import layer_cases as L
 from tests.distributed.models import tp_rank
 from tests.distributed.shapes import EPS, H_IN, H_OUT
@@ -78,11 +79,11 @@ def worker(kind, fused_norm, sp, t, lora_config, seed=7, count=False, active=Tru
 def forward_backward(layer, x, dy):
     """Forward (a returned bias added, as a skip_bias_add caller does) and backward of ``dy``;
     the output and the collective calls of each."""
-    with C.count_collectives() as forward:
+    with count_collectives() as forward:
         y, bias = layer(x)
         if bias is not None:
             y = y + bias
-    with C.count_collectives() as backward:
+    with count_collectives() as backward:
         y.backward(dy)
     return y.detach(), (forward.total_calls, backward.total_calls)
 

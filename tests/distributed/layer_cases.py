@@ -203,7 +203,7 @@ def worker_count_collectives(cases):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from megatron_lora import LoRAConfig
-    from megatron_lora.core.collectives import count_collectives
+    from tests.collective_count import count_collectives
 
     tp, _ = tp_rank()
     out = []

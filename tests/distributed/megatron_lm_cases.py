@@ -20,7 +20,7 @@ def convert_worker(paths):
 def logits_worker(paths):
     """Gathered logits of the fixed batch: the Megatron-LM base, then with the adapter loaded, at this TP."""
     from megatron_lora import apply_lora
-    from megatron_lora.core.checkpoint.model import load_model, read_model_args
+    from megatron_lora.training.model_checkpoint import load_model, read_model_args
     from megatron_lora.hf.session import build_stage
     from megatron_lora.training.megatron_lm import load_megatron_lm_adapter, megatron_lm_adapter
 

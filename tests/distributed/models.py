@@ -7,7 +7,7 @@ or Transformer Engine, so all fusions are off; ``use_cpu_initialization=False`` 
 weights are created with ``device=torch.cuda.current_device()`` and ``megatron_lora.cpu`` has to
 rewrite it.
 
-Norms: the package's SP-capable ``megatron_lora.core.gpt.RMSNorm`` (Megatron's ``WrappedTorchNorm``
+Norms: the package's SP-capable ``megatron_lora.core.norms.RMSNorm`` (Megatron's ``WrappedTorchNorm``
 refuses ``sequence_parallel=True`` without Apex).
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megatron_lora.core.gpt import build_gpt_stage
+from megatron_lora.training.gpt import build_gpt_stage
 from tests.distributed.shapes import SEQ_LEN, TINY_GPT, VOCAB_SIZE
 
 
@@ -63,7 +63,7 @@ def tiny_gpt_config(tp=1, pp=1, sp=False, **overrides):
 
 
 def build_tiny_gpt(config, layer_spec=None, pre_process=None, post_process=None, **kwargs):
-    """The tiny GPTModel stage of this rank (``megatron_lora.core.gpt.build_gpt_stage``).
+    """The tiny GPTModel stage of this rank (``megatron_lora.training.gpt.build_gpt_stage``).
 
     ``layer_spec`` (a TransformerLayer ``ModuleSpec``) swaps in e.g. a LoRA spec; its norms become
     the SP-capable torch norms. ``pre_process`` / ``post_process`` default to this rank's pipeline

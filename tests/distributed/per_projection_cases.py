@@ -27,7 +27,7 @@ def save_worker(full_state, root):
 def load_worker(full_state, root):
     """Load the per-projection checkpoint at this layout; every mismatched load's message."""
     from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter
-    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.core.checkpoint.errors import CheckpointError
 
     model = G.build_lora_gpt(full_state, cfg=PER_PROJECTION)
     load_adapter(model, os.path.join(root, "per_projection"))
@@ -66,7 +66,7 @@ def peft_train_worker(paths):
     from megatron_lora.core.checkpoint.adapter import (
         load_full_adapter, read_full_adapter, save_adapter, save_full_adapter,
     )
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
     from megatron_lora.hf.export import export_peft
     from megatron_lora.training.arguments import lora_flags
     from megatron_lora.training.loop import gpt_stage_from_args

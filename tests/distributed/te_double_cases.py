@@ -19,7 +19,7 @@ def _grad_probe(module, inputs, output):
 def collective_counts_worker(base_state, sp):
     """Calls per collective in one forward and one backward: frozen base TE model (TE's own
     communication) vs the LoRA TE model (ours), gradients flowing through every layer in both."""
-    from megatron_lora.core import collectives as C
+    from tests.collective_count import count_collectives
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 
     config = tiny_gpt_config(tp=tp_rank()[0], sp=sp, **G.MODEL)
@@ -31,9 +31,9 @@ def collective_counts_worker(base_state, sp):
     counts = {}
     for name, model in (("base", base), ("lora", lora)):
         model.embedding.register_forward_hook(_grad_probe)
-        with C.count_collectives() as forward:
+        with count_collectives() as forward:
             loss = G._loss(model, inputs, labels)
-        with C.count_collectives() as backward:
+        with count_collectives() as backward:
             loss.backward()
         counts[name] = (forward.calls, backward.calls)
     return counts
@@ -46,7 +46,7 @@ def exchange_worker(base_state, root):
 
     from megatron_lora import lora_modules, merge_lora, unmerge_lora
     from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_adapter, load_full_adapter, save_adapter
-    from megatron_lora.core.checkpoint.model import load_model, save_model
+    from megatron_lora.training.model_checkpoint import load_model, save_model
 
     inputs = G.batches(1)[0][0]
     gap = lambda a, b: (a - b).abs().max().item()  # noqa: E731

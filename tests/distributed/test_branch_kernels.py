@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from megatron_lora import LoRAConfig
-from megatron_lora.core import kernels
+from megatron_lora.core import kernel_plans, kernels
 from tests.distributed import layer_cases as L
 from tests.distributed.launcher import run_distributed
 from tests.distributed.shapes import RANK
@@ -220,11 +220,11 @@ def test_partials_stay_within_an_eighth_of_the_activation_at_every_rank_up_to_25
     for itemsize in (2, 4):
         for tokens in SCALE_TOKENS:
             for width in SCALE_WIDTHS:
-                bound = tokens * width * itemsize / kernels.PARTIAL_FRACTION
+                bound = tokens * width * itemsize / kernel_plans.PARTIAL_FRACTION
                 for rank in range(1, 257):
-                    for plan in (kernels.plan_down(tokens, width, rank, itemsize),
-                                 kernels.plan_up(tokens, width, rank, itemsize),
-                                 kernels.plan_dy(tokens, width, rank, itemsize)):
+                    for plan in (kernel_plans.plan_down(tokens, width, rank, itemsize),
+                                 kernel_plans.plan_up(tokens, width, rank, itemsize),
+                                 kernel_plans.plan_dy(tokens, width, rank, itemsize)):
                         checked += 1
                         if plan is not None:  # None: that product runs in plain torch
                             used += 1
@@ -234,11 +234,13 @@ def test_partials_stay_within_an_eighth_of_the_activation_at_every_rank_up_to_25
     # >= 4096 (a narrow dY, e.g. 896 columns at r = 32, leaves no room for a fp32 [T, r] g: torch).
     for width in SCALE_WIDTHS[3:]:
         for rank in (8, 16, 32, 64):
-            plans = [f(4096, width, rank, 2) for f in (kernels.plan_down, kernels.plan_up, kernels.plan_dy)]
+            plans = [f(4096, width, rank, 2)
+                     for f in (kernel_plans.plan_down, kernel_plans.plan_up, kernel_plans.plan_dy)]
             assert None not in plans, (width, rank, plans)
     dy_bytes = 32768 * 57344 * 2  # Llama-70B's gated fc1 output gradient at TP=1, 32k tokens, bf16
     old_dy_partials = 32768 * (-(-57344 // kernels.dy_cols(64))) * 64 * 4  # one [T, r] per 256 columns
-    assert old_dy_partials == 2 * dy_bytes and 8 * kernels.plan_dy(32768, 57344, 64, 2).transient_bytes <= dy_bytes
+    assert old_dy_partials == 2 * dy_bytes
+    assert 8 * kernel_plans.plan_dy(32768, 57344, 64, 2).transient_bytes <= dy_bytes
 
 
 def worker_default_plan_allocations(t, k, n, r):
@@ -265,7 +267,8 @@ def test_launchers_allocate_what_the_plans_count(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     t, k, n, r = 1100, 600, 300, 8
     [allocated] = run_distributed(worker_default_plan_allocations, 1, t, k, n, r, fresh=True)
-    plans = dict(down=kernels.plan_down(t, k, r, 4), dy=kernels.plan_dy(t, n, r, 4), up=kernels.plan_up(t, k, r, 4))
+    plans = dict(down=kernel_plans.plan_down(t, k, r, 4), dy=kernel_plans.plan_dy(t, n, r, 4),
+                 up=kernel_plans.plan_up(t, k, r, 4))
     assert allocated == dict(down=[(2, t, r)], dy=[(1, t, r), (2, n, r)], up=[(3, r, k)])  # several spans
     for product, shapes in allocated.items():
         counted = sum(4 * (s[0] + (s[0] > 1)) * s[1] * s[2] for s in shapes)
@@ -297,7 +300,7 @@ def tiny_layers_run_the_kernels():
     eighth of their activations, so every product would run in plain torch; here the partials may be
     as large as the activation, so that the layers really run the kernels (the bound itself is
     tested above, at the shapes it is for)."""
-    kernels.PARTIAL_FRACTION = 1
+    kernel_plans.PARTIAL_FRACTION = 1
     yield
 
 

@@ -131,7 +131,7 @@ def test_adapter_only_checkpoint_is_the_size_of_the_adapter(tmp_path):
 def bad_input_worker(full_state, root):
     from megatron_lora import lora_modules
     from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter, read_full_adapter, save_adapter
-    from megatron_lora.core.checkpoint.common import CheckpointError
+    from megatron_lora.core.checkpoint.errors import CheckpointError
 
     model = G.build_lora_gpt(full_state)
     good, _ = read_full_adapter(os.path.join(root, "full.safetensors"))

@@ -178,7 +178,7 @@ def test_precision_change_on_resume_says_what_differs(workdir, data, base, tp1):
 def _merged_worker(flags, base, save, merged):
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
     from megatron_lora.training.pretrain_args import parse_args, validate_args
     from megatron_lora.training.loop import gpt_stage_from_args
 

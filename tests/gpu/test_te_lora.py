@@ -62,7 +62,7 @@ def config(dtype=torch.float32, **overrides):
 
 def build(impl, dtype=torch.float32, lora=True, **overrides):
     from megatron_lora import LoRAConfig, apply_lora
-    from megatron_lora.core.gpt import build_gpt_stage
+    from megatron_lora.training.gpt import build_gpt_stage
 
     cfg = LoRAConfig(rank=8, alpha=16.0, target_modules=TARGETS)
     model = build_gpt_stage(config(dtype, **overrides), VOCAB, SEQ, lora_config=cfg if lora else None,
@@ -73,7 +73,7 @@ def build(impl, dtype=torch.float32, lora=True, **overrides):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """One base checkpoint, saved from the local spec; both specs load it."""
-    from megatron_lora.core.checkpoint.model import save_model
+    from megatron_lora.training.model_checkpoint import save_model
 
     root = str(tmp_path_factory.mktemp("base"))
     save_model(build("local", lora=False), root, iteration=1, model_args={})
@@ -92,7 +92,7 @@ def adapter():
 
 def loaded(impl, base_dir, adapter, dtype=torch.float32, **overrides):
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
-    from megatron_lora.core.checkpoint.model import load_model
+    from megatron_lora.training.model_checkpoint import load_model
 
     model = build(impl, dtype, **overrides)
     load_model(model, base_dir)

@@ -7,7 +7,7 @@ import pytest
 from megatron_lora.core.checkpoint.files import (
     DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, LEGACY_DESCRIPTOR_FILE, descriptor_path, read_descriptor,
 )
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint.errors import CheckpointError
 
 OURS = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_config": {"rank": 4}, "tensors": {}}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megatron_lora.core.checkpoint.adapter import read_full_adapter
-from megatron_lora.core.checkpoint.common import CheckpointError
-from megatron_lora.core.checkpoint.common import check_no_pickled_code as _check_no_pickled_code
+from megatron_lora.core.checkpoint.errors import CheckpointError
+from megatron_lora.core.checkpoint.pickle_screen import check_no_pickled_code as _check_no_pickled_code
 
 
 class _Exploit:
@@ -55,7 +55,7 @@ def test_common_state_that_is_not_plain_data_is_refused(tmp_path):
     """megatron-core 0.13 reads common.pt with weights_only=False: screen it first."""
     import argparse
 
-    from megatron_lora.core.checkpoint.common import check_common_state
+    from megatron_lora.core.checkpoint.pickle_screen import check_common_state
 
     torch.save({"args": argparse.Namespace(lr=1.0), "iteration": 3}, tmp_path / "common.pt")
     check_common_state(str(tmp_path))  # Megatron-LM's pickled Namespace is plain data: fine

@@ -11,7 +11,7 @@ import argparse
 import torch
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_lora.core.checkpoint.common import check_common_state
+from megatron_lora.core.checkpoint.pickle_screen import check_common_state
 
 
 def megatron_lm_common_state():

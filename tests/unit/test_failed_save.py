@@ -7,7 +7,7 @@ import pytest
 
 from megatron_lora import LoRAConfig
 from megatron_lora.core.checkpoint import adapter
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint.errors import CheckpointError
 from megatron_lora.training import loop
 
 

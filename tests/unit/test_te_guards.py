@@ -31,7 +31,7 @@ parallel_state.initialize_model_parallel(1, 1)
 model_parallel_cuda_manual_seed(0)
 from megatron.core.transformer import TransformerConfig
 from megatron_lora import LoRAConfig, apply_lora, lora_parameters
-from megatron_lora.core.gpt import build_gpt_stage
+from megatron_lora.training.gpt import build_gpt_stage
 config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
                            normalization="RMSNorm", bias_dropout_fusion=False, masked_softmax_fusion=False,
                            persist_layer_norm=False, apply_rope_fusion=False)

@@ -1,1 +1,2 @@
-"""Adapter and base-model checkpoints (Megatron dist checkpoints and safetensors)."""
+"""Adapter checkpoints and the checkpoint I/O they share with the application's full-model
+checkpoints (``megatron_lora.training.model_checkpoint``): atomic saves, safe loads, RNG state."""

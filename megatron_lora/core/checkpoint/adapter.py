@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core.checkpoint import common, gather
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint import atomic_save, dist_ranks, dist_state, gather, orphans
+from megatron_lora.core.checkpoint.errors import CheckpointError
 from megatron_lora.core.checkpoint.files import (
     ADAPTER_TRACKER, CONFIG_FIELDS_THAT_MUST_MATCH, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE,
     read_descriptor, saved_config_value,
@@ -111,21 +111,21 @@ def save_adapter(model, root: str, iteration: int = 0, optimizer=None, save_rng:
     from megatron.core import dist_checkpointing
 
     cfg = _model_config(model)
-    tmp = common.begin_save(root, iteration)
-    with common.save_without_orphans():
-        dist_checkpointing.save(common.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
-    shapes, run = _logical_shapes(model), common.run_record(next(m.lora_A.dtype for m in lora_modules(model)))
-    if common.rank() == 0:
+    tmp = atomic_save.begin_save(root, iteration)
+    with orphans.save_without_orphans():
+        dist_checkpointing.save(dist_state.training_state(lora_sharded_state_dict(model), optimizer, save_rng), tmp)
+    shapes, run = _logical_shapes(model), dist_state.run_record(next(m.lora_A.dtype for m in lora_modules(model)))
+    if dist_ranks.rank() == 0:
         descriptor = dict(format=FORMAT, format_version=FORMAT_VERSION, lora_config=cfg.to_dict(),
                           tensors=shapes, has_optimizer=optimizer is not None, has_rng=save_rng,
                           iteration=iteration, **run, **(record or {}))
-        common.atomic_write_text(os.path.join(tmp, DESCRIPTOR_FILE), json.dumps(descriptor, indent=2))
-    return common.commit_save(root, iteration, ADAPTER_TRACKER)
+        atomic_save.atomic_write_text(os.path.join(tmp, DESCRIPTOR_FILE), json.dumps(descriptor, indent=2))
+    return atomic_save.commit_save(root, iteration, ADAPTER_TRACKER)
 
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE adapter checkpoint under ``root``, or None."""
-    return common.latest_iteration(root, ADAPTER_TRACKER)
+    return atomic_save.latest_iteration(root, ADAPTER_TRACKER)
 
 
 def _check_tensors(expected: Dict[str, List[int]], found: Dict[str, List[int]], where: str) -> None:
@@ -157,16 +157,16 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
         if iteration is None:
             raise CheckpointError(
                 f"no complete adapter checkpoint under {root} ({ADAPTER_TRACKER} is missing).")
-    ckpt_dir = common.iteration_dir(root, iteration)
-    common.check_iteration_exists(root, iteration, ADAPTER_TRACKER)
+    ckpt_dir = atomic_save.iteration_dir(root, iteration)
+    atomic_save.check_iteration_exists(root, iteration, ADAPTER_TRACKER)
     descriptor = read_descriptor(ckpt_dir)
     _check_config(descriptor["lora_config"], _model_config(model), ckpt_dir)
     _check_tensors(_logical_shapes(model), descriptor["tensors"], ckpt_dir)
-    common.check_saved_state(descriptor, ckpt_dir, optimizer, load_rng)
+    dist_state.check_saved_state(descriptor, ckpt_dir, optimizer, load_rng)
     sharded = lora_sharded_state_dict(model)
-    loaded = common.load_dist(common.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
+    loaded = dist_state.load_dist(dist_state.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
                           "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
-    common.restore_training_state(sharded, loaded, optimizer, load_rng)
+    dist_state.restore_training_state(sharded, loaded, optimizer, load_rng)
     _check_loaded_factors(model, ckpt_dir)
     return iteration
 
@@ -221,9 +221,9 @@ def save_full_adapter(model, path: str, writer: int = 0) -> None:
     """Write the logical adapter as one safetensors file (global rank ``writer`` gathers and
     writes it; collective)."""
     tensors = gather_full_adapter(model, dst=writer)
-    if common.rank() == writer:
+    if dist_ranks.rank() == writer:
         write_full_adapter(tensors, _model_config(model), path)
-    common.barrier()
+    dist_ranks.barrier()
 
 
 def read_full_adapter(path: str):

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Optional
 
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint.errors import CheckpointError
 
 FORMAT = "megatron_lora.adapter"
 FORMAT_VERSION = 1

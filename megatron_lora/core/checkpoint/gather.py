@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lora.core import collectives as C
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint.errors import CheckpointError
 
 # The dtypes a header can name, by index; LoRA factors are floating point (check_finite_float).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

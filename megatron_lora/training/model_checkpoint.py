@@ -8,7 +8,7 @@ Layout, Megatron-LM's: ``root/iter_XXXXXXX/`` is a ``torch_dist`` checkpoint of 
   loads the checkpoint with other sizes fails with the flag that differs, not a shape error;
 * optionally the optimizer and RNG state (as tensors) for resuming pretraining.
 
-LoRA tensors are never part of a base checkpoint (see ``adapter.py`` for adapters); entries
+LoRA tensors are never part of a base checkpoint (see ``core/checkpoint/adapter.py`` for adapters); entries
 Megatron stores as pickled objects (``_extra_state``) are left out, so loading never unpickles.
 """
 
@@ -18,8 +18,8 @@ import json
 import os
 from typing import Optional
 
-from megatron_lora.core.checkpoint import common
-from megatron_lora.core.checkpoint.common import CheckpointError
+from megatron_lora.core.checkpoint import atomic_save, dist_ranks, dist_state, orphans, pickle_screen
+from megatron_lora.core.checkpoint.errors import CheckpointError
 from megatron_lora.core.checkpoint.files import MODEL_ARGS_FILE, MODEL_TRACKER
 from megatron_lora.core.inject import model_chunks
 from megatron_lora.core.layers import is_lora_key
@@ -46,7 +46,7 @@ def base_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE model checkpoint under ``root``, or None."""
-    return common.latest_iteration(root, MODEL_TRACKER)
+    return atomic_save.latest_iteration(root, MODEL_TRACKER)
 
 
 def resolve(path: str) -> str:
@@ -60,8 +60,8 @@ def resolve(path: str) -> str:
     if iteration is None:
         raise CheckpointError(f"{path}: no checkpoint ({MODEL_TRACKER} and .metadata are both missing); "
                               "pass a directory written by --save.")
-    common.check_iteration_exists(path, iteration, MODEL_TRACKER)
-    return common.iteration_dir(path, iteration)
+    atomic_save.check_iteration_exists(path, iteration, MODEL_TRACKER)
+    return atomic_save.iteration_dir(path, iteration)
 
 
 def read_model_args(path: str) -> Optional[dict]:
@@ -98,18 +98,18 @@ def megatron_lm_common_state(ckpt_dir: str) -> Optional[dict]:
     from megatron.core import dist_checkpointing
 
     if os.path.exists(os.path.join(ckpt_dir, "common.pt")):
-        common.check_common_state(ckpt_dir)  # weights-only: plain data only
+        pickle_screen.check_common_state(ckpt_dir)  # weights-only: plain data only
         return torch.load(os.path.join(ckpt_dir, "common.pt"), map_location="cpu", weights_only=True)
-    common.check_no_pickled_code(ckpt_dir, requested=set())  # screens .metadata before reading it
+    pickle_screen.check_no_pickled_code(ckpt_dir, requested=set())  # screens .metadata before reading it
     if not any(key.startswith("common_state") for key in _metadata_keys(ckpt_dir)):
         return None
-    common.allow_megatron_lm_args()
+    pickle_screen.allow_megatron_lm_args()
     return dist_checkpointing.load_common_state_dict(ckpt_dir)
 
 
 def _metadata_keys(ckpt_dir: str) -> list:
     with open(os.path.join(ckpt_dir, ".metadata"), "rb") as f:
-        return list(common._MetadataUnpickler(f).load().state_dict_metadata)
+        return list(pickle_screen.MetadataUnpickler(f).load().state_dict_metadata)
 
 
 def megatron_lm_model_args(ckpt_dir: str) -> Optional[dict]:
@@ -132,15 +132,15 @@ def save_model(model, root: str, iteration: int, model_args: dict, optimizer=Non
     ``record``: further JSON fields kept in ``model_args.json`` for the caller."""
     from megatron.core import dist_checkpointing
 
-    tmp = common.begin_save(root, iteration)
-    with common.save_without_orphans():
-        dist_checkpointing.save(common.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
-    run_record = common.run_record(next(p for chunk in model_chunks(model) for p in chunk.parameters()).dtype)
-    if common.rank() == 0:
+    tmp = atomic_save.begin_save(root, iteration)
+    with orphans.save_without_orphans():
+        dist_checkpointing.save(dist_state.training_state(base_sharded_state_dict(model), optimizer, save_rng), tmp)
+    run_record = dist_state.run_record(next(p for chunk in model_chunks(model) for p in chunk.parameters()).dtype)
+    if dist_ranks.rank() == 0:
         record = dict(model_args, iteration=iteration, has_optimizer=optimizer is not None,
                       has_rng=save_rng, **run_record, **(record or {}))
-        common.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
-    return common.commit_save(root, iteration, MODEL_TRACKER)
+        atomic_save.atomic_write_text(os.path.join(tmp, MODEL_ARGS_FILE), json.dumps(record, indent=2))
+    return atomic_save.commit_save(root, iteration, MODEL_TRACKER)
 
 
 def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
@@ -153,11 +153,11 @@ def load_model(model, path: str, optimizer=None, load_rng: bool = False) -> int:
     """
     ckpt_dir = resolve(path)
     saved = read_model_args(ckpt_dir) or {}
-    common.check_saved_state(saved, ckpt_dir, optimizer, load_rng)
+    dist_state.check_saved_state(saved, ckpt_dir, optimizer, load_rng)
     from megatron.core import dist_checkpointing
 
-    common.check_common_state(ckpt_dir)  # content metadata lives in common.pt: screen it first
+    pickle_screen.check_common_state(ckpt_dir)  # content metadata lives in common.pt: screen it first
     sharded = base_sharded_state_dict(model, metadata=dist_checkpointing.load_content_metadata(ckpt_dir))
-    loaded = common.load_dist(common.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir)
-    common.restore_training_state(sharded, loaded, optimizer, load_rng)
+    loaded = dist_state.load_dist(dist_state.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir)
+    dist_state.restore_training_state(sharded, loaded, optimizer, load_rng)
     return int(saved.get("iteration", 0))

@@ -1,67 +1,23 @@
 """Building a Megatron-Core ``GPTModel`` stage, with or without LoRA layers, on CPU or GPU.
 
-One builder for the training script, the tests and the Megatron-LM wrapper, so every one of them
-gets the same module tree (and so the same checkpoint keys):
+One builder for the training script, the converters, the tests and the Megatron-LM wrapper, so
+every one of them gets the same module tree (and so the same checkpoint keys):
 
 * Megatron's local GPT layer spec (``get_gpt_layer_local_spec``), rewritten by
   ``lora_layer_spec`` when a ``LoRAConfig`` is given;
-* :class:`RMSNorm` / :class:`LayerNorm` for the two per-layer norms and the final norm. Without
-  Apex, Megatron's local spec falls back to ``WrappedTorchNorm``, which refuses
-  ``sequence_parallel=True``; these are the same torch modules with their weights marked the way
-  Megatron's ``FusedLayerNorm`` marks them, so sequence parallelism works on CPU too. The
-  parameter names (``weight``, ``bias``) and so the checkpoint keys are Megatron's;
+* the SP-capable torch norms of ``core/norms.py`` for the two per-layer norms and the final norm;
 * or, with ``transformer_impl="transformer_engine"`` (CUDA), Megatron's TE spec with the LoRA TE
-  layers of ``te_layers.py``.
+  layers of ``core/te_layers.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_lora.core.config import LoRAConfig
-
-
-class _MegatronNormArguments:
-    """Megatron's norm constructor arguments on a torch norm, with SP-marked weights.
-
-    Under SP each TP rank normalises its own sequence chunk, so the weight gradient is a partial
-    sum; marking the weights ``sequence_parallel`` makes ``finalize_model_grads`` all-reduce it
-    over TP (Megatron marks its ``FusedLayerNorm`` the same way).
-    """
-
-    def __init__(self, config, hidden_size, eps=1e-5, **unused_megatron_kwargs):
-        super().__init__(hidden_size, eps=eps, device=torch.cuda.current_device())
-        for param in self.parameters():
-            param.sequence_parallel = config.sequence_parallel
-
-
-class RMSNorm(_MegatronNormArguments, torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` built from Megatron's norm arguments, sequence-parallel capable."""
-
-
-class LayerNorm(_MegatronNormArguments, torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` built from Megatron's norm arguments, sequence-parallel capable."""
-
-
-TORCH_NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
-
-
-def torch_norm(normalization: str) -> type:
-    """The SP-capable torch norm class for ``config.normalization``."""
-    if normalization not in TORCH_NORMS:
-        raise ValueError(f"normalization must be one of {sorted(TORCH_NORMS)}, got {normalization!r}.")
-    return TORCH_NORMS[normalization]
-
-
-def with_torch_norms(layer_spec, normalization: str):
-    """A copy of a GPT layer spec whose two norms are SP-capable torch norms."""
-    norm = torch_norm(normalization)
-    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-        layer_spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm))
+from megatron_lora.core.norms import torch_norm, with_torch_norms
 
 
 def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRAConfig] = None,
