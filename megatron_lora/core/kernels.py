@@ -49,8 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lora.core.kernel_plans import Plan, cdiv, dy_cols, interpreting, rank_block
-# ops.py calls flat and scaled_mm through this module, beside select.
-from megatron_lora.core.torch_kernels import TorchKernels, flat, scaled_mm  # noqa: F401
+from megatron_lora.core.torch_kernels import TorchKernels
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import torch
 
 from megatron_lora.core import collectives, kernels
-from megatron_lora.core.kernels import flat
+from megatron_lora.core.torch_kernels import flat, scaled_mm
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,7 @@ class RowJoin(torch.autograd.Function):
             x = Recipe.run(call.recipe.fn, *saved.sources)
         s, k = b.scaling, kernels.select(b.kernels, dy, saved.lora_a.shape[0], b.group)
         if b.mode == "reduce_scatter":  # dB from this rank's chunk, g from the whole sequence
-            d_b = kernels.scaled_mm(flat(dy).t(), flat(saved.h_sum), s, saved.lora_b)
+            d_b = scaled_mm(flat(dy).t(), flat(saved.h_sum), s, saved.lora_b)
             g = torch.matmul(dy_total, saved.lora_b)
         else:
             g, d_b = k.dy(dy, saved.lora_b, saved.h_sum, s)  # g: [s, b, r], identical on every rank

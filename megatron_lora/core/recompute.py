@@ -3,7 +3,8 @@
 A frozen base linear keeps nothing for backward (dX = dY W needs no X), but the branch's
 ``dA = s g^T X`` needs its input X: the norm output feeding ``linear_qkv`` / ``linear_fc1``, the
 SwiGLU output feeding ``linear_fc2``. Those are extra activations the frozen model never holds
-(about +23% of its activation memory on a 7B-wide model). The base DOES keep what they are made
+(+23% of its activation memory on a 7B-wide model, measured on one H200 before this option
+existed: benchmarks/README.md). The base DOES keep what they are made
 from, for its own backward: the norm keeps its input, the activation keeps the fc1 output. So the
 branch saves a reference to that tensor (the same storage: no bytes) and runs the producer again
 in backward, under ``no_grad``: one norm / activation pass per layer, bitwise the same input.
