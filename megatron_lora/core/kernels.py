@@ -48,12 +48,11 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_lora.core.config import BRANCH_KERNEL_CHOICES
 from megatron_lora.core.kernel_plans import Plan, cdiv, dy_cols, interpreting, rank_block
 from megatron_lora.core.torch_kernels import TorchKernels
 
 logger = logging.getLogger(__name__)
-
-MODES = ("auto", "torch", "triton")
 
 
 # --- What `auto` knows: measured shapes ---------------------------------------------------------
@@ -144,8 +143,8 @@ def triton_missing_reason():
 def select(mode: str, tensor: torch.Tensor, rank: int, group=None):
     """The kernels for ``mode`` (``LoRAConfig.branch_kernels``), this call's tensors, LoRA rank and
     the layer's model-parallel group (the ranks that must make the same choice)."""
-    if mode not in MODES:
-        raise ValueError(f"branch kernels must be one of {MODES}, got {mode!r}.")
+    if mode not in BRANCH_KERNEL_CHOICES:
+        raise ValueError(f"branch kernels must be one of {BRANCH_KERNEL_CHOICES}, got {mode!r}.")
     if mode == "torch":
         return TorchKernels
     if mode == "auto":
