@@ -106,10 +106,10 @@ class LoRALayerMixin:
         self.lora_config = lora_config
         self.lora_scaling = lora_config.scaling
         # Per-projection LoRA (core/projections.py): which projection each logical row feeds.
-        rows = projections.logical_row_projections(self.config, self.output_size, qkv, gated) \
+        row_projection = projections.logical_row_projections(self.config, self.output_size, qkv, gated) \
             if lora_config.per_projection else None
-        self.lora_row_projections = rows
-        self.lora_layout = self._lora_layout(gated, 1 if rows is None else int(rows.max()) + 1)
+        self.lora_row_projections = row_projection
+        self.lora_layout = self._lora_layout(gated, 1 if row_projection is None else int(row_projection.max()) + 1)
         self.lora_enabled = True
         self.lora_merged = False
         self.lora_init_name = None  # set by init_lora_factors
@@ -140,8 +140,8 @@ class LoRALayerMixin:
                 param.sequence_parallel = self._comm_mode() == "reduce_scatter"
             param.allreduce = base_allreduce
             setattr(self, factor, param)
-        if rows is not None:  # this rank's rows of B_dense, sharded like lora_B
-            local = self.lora_layout.shard("lora_B", rows, C.group_rank(self.lora_group), world)
+        if row_projection is not None:  # this rank's rows of B_dense, sharded like lora_B
+            local = self.lora_layout.shard("lora_B", row_projection, C.group_rank(self.lora_group), world)
             self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)

@@ -48,9 +48,10 @@ def logical_row_projections(config, output_size: int, qkv: bool, gated: bool) ->
     return None
 
 
-def column_index(rows: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[rows, r]`` int64: the columns of ``B_dense`` that row j's r entries go to."""
-    return rows.unsqueeze(1) * rank + torch.arange(rank, device=rows.device)
+def column_index(row_projection: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[rows, r]`` int64: the columns of ``B_dense`` that row j's r entries go to (``row_projection[j]``
+    is the projection row j feeds)."""
+    return row_projection.unsqueeze(1) * rank + torch.arange(rank, device=row_projection.device)
 
 
 def dense_b(lora_b: torch.Tensor, columns: torch.Tensor, projections: int) -> torch.Tensor:

@@ -331,8 +331,8 @@ def _gather_pieces(shard: torch.Tensor, dim: Optional[int], group, to: Optional[
     if dim == 0:
         _gather(shard, list(out.split(shard.shape[0])) if receives else None, group, to)
         return out
-    rows, cols = shard.shape
-    bounds = [rows * i // t for i in range(t + 1)]
+    n_rows, cols = shard.shape
+    bounds = [n_rows * i // t for i in range(t + 1)]
     for r0, r1 in zip(bounds, bounds[1:]):
         if r0 == r1:
             continue
