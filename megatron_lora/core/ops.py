@@ -48,8 +48,8 @@ class Branch:
     """The non-tensor settings of one LoRA layer call.
 
     ``mode``: ``collectives.comm_mode``; ``fuse``: ``config.gradient_accumulation_fusion``;
-    ``kernels``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call, the same on
-    every rank of ``group``).
+    ``kernel_choice``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call, the
+    same on every rank of ``group``).
     """
 
     scaling: float
@@ -57,7 +57,7 @@ class Branch:
     group: Any
     mode: str
     fuse: bool = False
-    kernels: str = "auto"
+    kernel_choice: str = "auto"
 
 
 class Rider:
@@ -247,7 +247,7 @@ class ColumnEntry(torch.autograd.Function):
             return collectives.reduce(dx_total.contiguous(), b.group, b.mode), None, None
         dx, g_sum = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
         x_in = _dropped(rider.branch_input, rider.mask, b.dropout)
-        d_a = kernels.select(b.kernels, x_in, g_sum.shape[-1], b.group).up(g_sum, x_in, b.scaling, ctx.lora_a)
+        d_a = kernels.select(b.kernel_choice, x_in, g_sum.shape[-1], b.group).up(g_sum, x_in, b.scaling, ctx.lora_a)
         [d_a] = deliver_factor_grads(ctx.fused, [d_a])
         rider.g = rider.branch_input = rider.mask = None
         return dx, d_a, None
@@ -271,7 +271,8 @@ class ColumnJoin(torch.autograd.Function):
     def forward(ctx, x_in, out, weight, bias, lora_a, lora_b, mask, chunk, call: Call):
         b = call.branch
         # [s, b, r]
-        u = kernels.select(b.kernels, x_in, lora_a.shape[0], b.group).down(_dropped(x_in, mask, b.dropout), lora_a)
+        k = kernels.select(b.kernel_choice, x_in, lora_a.shape[0], b.group)
+        u = k.down(_dropped(x_in, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x_in, weight, out), call.owns_gemm, u, lora_b, b.scaling)
         if bias is not None:
             y += bias
@@ -291,7 +292,8 @@ class ColumnJoin(torch.autograd.Function):
         saved = _ColumnSaved(x_in, weight, lora_a, lora_b, u, mask, chunk, tuple(sources))
         b, rider = ctx.call.branch, ctx.call.rider
         # g: this rank's term of dY B
-        g, d_b = kernels.select(b.kernels, dy, saved.u.shape[-1], b.group).dy(dy, saved.lora_b, saved.u, b.scaling)
+        k = kernels.select(b.kernel_choice, dy, saved.u.shape[-1], b.group)
+        g, d_b = k.dy(dy, saved.lora_b, saved.u, b.scaling)
         d_in = None
         if ctx.call.owns_gemm or ctx.needs_input_grad[0]:
             d_base = torch.matmul(dy, saved.weight) if ctx.call.owns_gemm else None
@@ -337,7 +339,7 @@ class RowJoin(torch.autograd.Function):
         if not call.lora_on:
             return collectives.reduce(out.contiguous(), b.group, b.mode) if b.mode != "none" else out.view_as(out)
         # [s, b, r]: rank i's term
-        h = kernels.select(b.kernels, x, lora_a.shape[0], b.group).down(_dropped(x, mask, b.dropout), lora_a)
+        h = kernels.select(b.kernel_choice, x, lora_a.shape[0], b.group).down(_dropped(x, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x, weight, out), call.owns_gemm, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
@@ -360,7 +362,7 @@ class RowJoin(torch.autograd.Function):
         saved = _RowSaved(x, weight, lora_a, lora_b, h_sum, mask, tuple(sources))
         if ctx.kept == KEEP_RECIPE:
             x = Recipe.run(call.recipe.fn, *saved.sources)
-        s, k = b.scaling, kernels.select(b.kernels, dy, saved.lora_a.shape[0], b.group)
+        s, k = b.scaling, kernels.select(b.kernel_choice, dy, saved.lora_a.shape[0], b.group)
         if b.mode == "reduce_scatter":  # dB from this rank's chunk, g from the whole sequence
             d_b = scaled_mm(flat(dy).t(), flat(saved.h_sum), s, saved.lora_b)
             g = torch.matmul(dy_total, saved.lora_b)
