@@ -77,11 +77,11 @@ def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-MODES = ("all_reduce", "reduce_scatter", "rider_only", "none")
+COMM_MODES = ("all_reduce", "reduce_scatter", "rider_only", "none")
 
 
 def comm_mode(tp_size: int, sequence_parallel: bool, base_reduces: bool = True) -> str:
-    """How a LoRA layer's one collective runs, read off what its base layer does (one of MODES).
+    """How a LoRA layer's one collective runs, read off what its base layer does (one of COMM_MODES).
 
     ``sequence_parallel``: the base gathers its input / reduce-scatters its output along the
     sequence. ``base_reduces``: the base layer issues its TP reduction itself; False for expert
@@ -122,7 +122,7 @@ def reduce(x: torch.Tensor, group, mode: str) -> torch.Tensor:
         return reduce_scatter_first_dim(x, group)
     if mode == "all_reduce":
         return all_reduce(x, group)
-    raise ValueError(f"unknown communication mode {mode!r}; expected one of {MODES}")
+    raise ValueError(f"unknown communication mode {mode!r}; expected one of {COMM_MODES}")
 
 
 def broadcast_from_group_source(x: torch.Tensor, group) -> None:

@@ -13,7 +13,7 @@ from typing import Iterable, Tuple
 
 DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 INIT_METHODS = ("kaiming", "gaussian")
-BRANCH_KERNELS = ("auto", "torch", "triton")
+BRANCH_KERNEL_CHOICES = ("auto", "torch", "triton")  # LoRAConfig.branch_kernels; kernels.select reads it too
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.dropout must satisfy 0 <= dropout < 1, got {self.dropout!r}.")
         if self.init not in INIT_METHODS:
             raise ValueError(f"LoRAConfig.init must be one of {INIT_METHODS}, got {self.init!r}.")
-        if self.branch_kernels not in BRANCH_KERNELS:
+        if self.branch_kernels not in BRANCH_KERNEL_CHOICES:
             raise ValueError(
-                f"LoRAConfig.branch_kernels must be one of {BRANCH_KERNELS}, got {self.branch_kernels!r}.")
+                f"LoRAConfig.branch_kernels must be one of {BRANCH_KERNEL_CHOICES}, got {self.branch_kernels!r}.")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(
                 "LoRAConfig.target_modules must be a non-empty list of module names such as "

@@ -32,8 +32,8 @@ def logical_lora_a(shape, init: str, seed: int, name: str, rank: Optional[int] =
     """The full ``[r, in]`` A in fp32 on CPU: identical on every machine and device. ``rank``: the
     LoRA rank when A stacks several (per-projection LoRA: ``[P*r, in]``), else ``shape[0]``."""
     gen = torch.Generator().manual_seed(name_seed(seed, name))
-    rows, fan_in = shape
-    rank = rank or rows
+    n_rows, fan_in = shape
+    rank = rank or n_rows
     if init == "kaiming":
         # kaiming_uniform_(a=sqrt(5)) as nn.Linear / PEFT do: bound = 1 / sqrt(fan_in).
         bound = 1.0 / math.sqrt(fan_in)

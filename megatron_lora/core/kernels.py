@@ -48,12 +48,11 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_lora.core.config import BRANCH_KERNEL_CHOICES
 from megatron_lora.core.kernel_plans import Plan, cdiv, dy_cols, interpreting, rank_block
 from megatron_lora.core.torch_kernels import TorchKernels
 
 logger = logging.getLogger(__name__)
-
-MODES = ("auto", "torch", "triton")
 
 
 # --- What `auto` knows: measured shapes ---------------------------------------------------------
@@ -91,12 +90,12 @@ def measured_winner(product: str, device: str, dtype: torch.dtype, rank: int, wi
     """"triton" when the row of the same GPU, product, dtype, rank and width with the nearest token
     count (within a factor of 2) measured Triton faster; "torch" otherwise (no such row)."""
     name = str(dtype).replace("torch.", "")
-    rows = [m for m in (MEASURED if table is None else table)
+    candidates = [m for m in (MEASURED if table is None else table)
             if (m.device, m.product, m.dtype, m.rank, m.width) == (device, product, name, rank, width)
             and m.tokens / 2 <= tokens <= m.tokens * 2]
-    if not rows:
+    if not candidates:
         return "torch"
-    return min(rows, key=lambda m: (abs(math.log(tokens / m.tokens)), m.tokens)).winner
+    return min(candidates, key=lambda m: (abs(math.log(tokens / m.tokens)), m.tokens)).winner
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,8 +143,8 @@ def triton_missing_reason():
 def select(mode: str, tensor: torch.Tensor, rank: int, group=None):
     """The kernels for ``mode`` (``LoRAConfig.branch_kernels``), this call's tensors, LoRA rank and
     the layer's model-parallel group (the ranks that must make the same choice)."""
-    if mode not in MODES:
-        raise ValueError(f"branch kernels must be one of {MODES}, got {mode!r}.")
+    if mode not in BRANCH_KERNEL_CHOICES:
+        raise ValueError(f"branch kernels must be one of {BRANCH_KERNEL_CHOICES}, got {mode!r}.")
     if mode == "torch":
         return TorchKernels
     if mode == "auto":
@@ -231,12 +230,12 @@ def _check_cases(dtype: torch.dtype, device: str, block: int):
                                 rnd(3, rank)), one
 
 
-def _far_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` as a view with row stride ``LARGE_STRIDE`` (in host memory only the pages it touches
+def _far_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a view with row stride ``LARGE_STRIDE`` (in host memory only the pages it touches
     are committed; on a GPU the whole 2^31 elements are allocated, which only tests do)."""
-    storage = torch.empty((rows.shape[0] - 1) * LARGE_STRIDE + rows.shape[1], dtype=rows.dtype, device=rows.device)
-    view = storage.as_strided(rows.shape, (LARGE_STRIDE, 1))
-    view.copy_(rows)
+    storage = torch.empty((x.shape[0] - 1) * LARGE_STRIDE + x.shape[1], dtype=x.dtype, device=x.device)
+    view = storage.as_strided(x.shape, (LARGE_STRIDE, 1))
+    view.copy_(x)
     return view
 
 

@@ -11,7 +11,7 @@ What stays in a layer: its own bias and output conventions (skip_bias_add, gathe
 input_is_parallel), and whether an inactive layer runs the base layer's own forward (local) or
 still needs these operators for its collectives (external GEMM).
 
-``layer``: a ``LoRALayerMixin`` (``lora_A``, ``lora_dense_b``, ``lora_group``, ``input_size``,
+``layer``: a ``LoRALayerMixin`` (``lora_A``, ``lora_b_for_gemm``, ``lora_group``, ``input_size``,
 ``_lora_branch``, ``_lora_dropout_mask``).
 """
 
@@ -60,7 +60,7 @@ def column_forward(layer, x: torch.Tensor, active: bool, *, weight: Optional[tor
     if branch.mode == "reduce_scatter":  # dA needs only this rank's sequence chunk of the branch input
         chunk = x if x_in is x_total else \
             x_in.detach().narrow(0, C.group_rank(branch.group) * x.shape[0], x.shape[0]).clone()
-    y = column_join(x_in, layer.lora_A, layer.lora_dense_b(), call, weight=weight, out=out, bias=bias, mask=mask,
+    y = column_join(x_in, layer.lora_A, layer.lora_b_for_gemm(), call, weight=weight, out=out, bias=bias, mask=mask,
                     chunk=chunk)
     return y, gemm_bias
 
@@ -83,7 +83,7 @@ def row_forward(layer, x: torch.Tensor, active: bool, *, weight: Optional[torch.
         width = x.shape[-1]
         mask = layer._lora_dropout_mask(list(x.shape[:-1]) + [layer.input_size],
                                         (C.group_rank(branch.group) * width, width))
-    lora_a, lora_b = (layer.lora_A, layer.lora_dense_b()) if active else (None, None)
+    lora_a, lora_b = (layer.lora_A, layer.lora_b_for_gemm()) if active else (None, None)
     call = Call(branch, lora_on=active, owns_gemm=weight is not None, recipe=recipe)
     return row_join(x, lora_a, lora_b, call, weight=weight, out=out, mask=mask), gemm_bias
 

@@ -14,7 +14,7 @@ layer's own ``tp_group`` (expert layers get the expert-TP group from the base cl
 | row    | [r, in/t] sharded on dim 1   | [out, r] replicated          | lora_A only           |
 
 With ``LoRAConfig.per_projection`` a fused column layer of P projections (``linear_qkv``, gated
-``linear_fc1``) has ``lora_A [P*r, in]`` and the operators get B in block form (``lora_dense_b``,
+``linear_fc1``) has ``lora_A [P*r, in]`` and the operators get B in block form (``lora_b_for_gemm``,
 ``core/projections.py``); shapes of B, sharding and collectives are the table's.
 
 Replicated-factor gradient (docs/design.md §3; §10, trap 2): the TP sum the replicated factor's
@@ -106,10 +106,10 @@ class LoRALayerMixin:
         self.lora_config = lora_config
         self.lora_scaling = lora_config.scaling
         # Per-projection LoRA (core/projections.py): which projection each logical row feeds.
-        rows = projections.logical_row_projections(self.config, self.output_size, qkv, gated) \
+        row_projection = projections.logical_row_projections(self.config, self.output_size, qkv, gated) \
             if lora_config.per_projection else None
-        self.lora_row_projections = rows
-        self.lora_layout = self._lora_layout(gated, 1 if rows is None else int(rows.max()) + 1)
+        self.lora_row_projections = row_projection
+        self.lora_layout = self._lora_layout(gated, 1 if row_projection is None else int(row_projection.max()) + 1)
         self.lora_enabled = True
         self.lora_merged = False
         self.lora_init_name = None  # set by init_lora_factors
@@ -140,13 +140,13 @@ class LoRALayerMixin:
                 param.sequence_parallel = self._comm_mode() == "reduce_scatter"
             param.allreduce = base_allreduce
             setattr(self, factor, param)
-        if rows is not None:  # this rank's rows of B_dense, sharded like lora_B
-            local = self.lora_layout.shard("lora_B", rows, C.group_rank(self.lora_group), world)
+        if row_projection is not None:  # this rank's rows of B_block, sharded like lora_B
+            local = self.lora_layout.shard("lora_B", row_projection, C.group_rank(self.lora_group), world)
             self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)
 
-    def lora_dense_b(self, logical_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def lora_b_for_gemm(self, logical_b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """B as the operators and every merge multiply it: ``lora_B`` itself, or with per-projection
         LoRA the block-structured ``[rows, P*r]`` B (``core/projections.py``) of this rank's
         ``lora_B``, or of ``logical_b``, the gathered logical one."""
@@ -159,7 +159,7 @@ class LoRALayerMixin:
                 columns = self._lora_b_columns = columns.to(b.device)
         else:
             columns = projections.column_index(self.lora_row_projections.to(b.device), self.lora_config.rank)
-        return projections.dense_b(b, columns, self.lora_layout.projections)
+        return projections.block_structured_b(b, columns, self.lora_layout.projections)
 
     def lora_logical_shape(self, factor: str):
         return self.lora_layout.logical_shapes(self.input_size, self.output_size, self.lora_config.rank)[factor]

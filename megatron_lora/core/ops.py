@@ -47,17 +47,17 @@ from megatron_lora.core.torch_kernels import flat, scaled_mm
 class Branch:
     """The non-tensor settings of one LoRA layer call.
 
-    ``mode``: ``collectives.comm_mode``; ``fuse``: ``config.gradient_accumulation_fusion``;
-    ``kernels``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call, the same on
-    every rank of ``group``).
+    ``mode``: ``collectives.comm_mode``; ``grad_accum_fusion``: ``config.gradient_accumulation_fusion``;
+    ``kernel_choice``: ``LoRAConfig.branch_kernels`` (``kernels.select`` resolves it per call, the
+    same on every rank of ``group``).
     """
 
     scaling: float
     dropout: float
     group: Any
     mode: str
-    fuse: bool = False
-    kernels: str = "auto"
+    grad_accum_fusion: bool = False
+    kernel_choice: str = "auto"
 
 
 class Rider:
@@ -177,30 +177,31 @@ def _kept(trains_weight: bool, chunk: Optional[torch.Tensor], recipe: Optional[R
     return KEEP_CHUNK if chunk is not None else KEEP_INPUT
 
 
-def main_grads_for(params, fuse: bool):
+def main_grads_for(params, grad_accum_fusion: bool):
     """The DDP ``main_grad`` buffers of ``params`` when gradient-accumulation fusion is on, else None.
 
     Taken in forward, like Megatron's own linear, because a tensor unpacked from
     ``saved_tensors`` need not be the Python object that carries ``main_grad``.
     """
-    if fuse and all(hasattr(p, "main_grad") for p in params):
+    if grad_accum_fusion and all(hasattr(p, "main_grad") for p in params):
         return tuple(params)
     return None
 
 
-def deliver_factor_grads(fused_params, grads):
+def deliver_factor_grads(main_grad_params, grads):
     """What backward returns for the LoRA factors (Megatron's gradient_accumulation_fusion contract).
 
-    Fused (``fused_params`` from ``main_grads_for``): each gradient is added to ``main_grad``
+    With the fusion (``main_grad_params`` from ``main_grads_for``): each gradient is added to ``main_grad``
     here, the parameter is flagged ``grad_added_to_main_grad`` and a dummy gradient is returned, so
     DDP's hook skips its own add but still fires on the backward thread (overlap_grad_reduce needs
-    that). The added value is the same tensor DDP would add, so fused and unfused agree bitwise.
+    that). The added value is the same tensor DDP would add, so with and without the fusion
+    the gradients agree bitwise.
     No per-parameter hook is involved (docs/design.md §8).
     """
-    if fused_params is None:
+    if main_grad_params is None:
         return grads
     out = []
-    for param, grad in zip(fused_params, grads):
+    for param, grad in zip(main_grad_params, grads):
         param.main_grad.add_(grad)
         param.grad_added_to_main_grad = True
         dummy = torch.zeros_like if getattr(param, "zero_out_wgrad", False) else torch.empty_like
@@ -234,7 +235,7 @@ class ColumnEntry(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, call: Call):
         ctx.call = call
-        ctx.fused = main_grads_for((lora_a,), call.branch.fuse) if call.lora_on else None
+        ctx.main_grad_params = main_grads_for((lora_a,), call.branch.grad_accum_fusion) if call.lora_on else None
         ctx.lora_a = lora_a  # only its shape and dtype are used (the gradient's)
         if call.branch.mode == "reduce_scatter":
             return collectives.all_gather_first_dim(x, call.branch.group)
@@ -247,8 +248,8 @@ class ColumnEntry(torch.autograd.Function):
             return collectives.reduce(dx_total.contiguous(), b.group, b.mode), None, None
         dx, g_sum = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
         x_in = _dropped(rider.branch_input, rider.mask, b.dropout)
-        d_a = kernels.select(b.kernels, x_in, g_sum.shape[-1], b.group).up(g_sum, x_in, b.scaling, ctx.lora_a)
-        [d_a] = deliver_factor_grads(ctx.fused, [d_a])
+        d_a = kernels.select(b.kernel_choice, x_in, g_sum.shape[-1], b.group).up(g_sum, x_in, b.scaling, ctx.lora_a)
+        [d_a] = deliver_factor_grads(ctx.main_grad_params, [d_a])
         rider.g = rider.branch_input = rider.mask = None
         return dx, d_a, None
 
@@ -271,7 +272,8 @@ class ColumnJoin(torch.autograd.Function):
     def forward(ctx, x_in, out, weight, bias, lora_a, lora_b, mask, chunk, call: Call):
         b = call.branch
         # [s, b, r]
-        u = kernels.select(b.kernels, x_in, lora_a.shape[0], b.group).down(_dropped(x_in, mask, b.dropout), lora_a)
+        k = kernels.select(b.kernel_choice, x_in, lora_a.shape[0], b.group)
+        u = k.down(_dropped(x_in, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x_in, weight, out), call.owns_gemm, u, lora_b, b.scaling)
         if bias is not None:
             y += bias
@@ -282,7 +284,7 @@ class ColumnJoin(torch.autograd.Function):
         keep_chunk = chunk if ctx.kept == KEEP_CHUNK else None
         ctx.save_for_backward(x_in if keep_x else None, weight, lora_a, lora_b, u, mask, keep_chunk, *sources)
         ctx.call = call
-        ctx.fused = main_grads_for((lora_b,), b.fuse)
+        ctx.main_grad_params = main_grads_for((lora_b,), b.grad_accum_fusion)
         return y
 
     @staticmethod
@@ -291,7 +293,8 @@ class ColumnJoin(torch.autograd.Function):
         saved = _ColumnSaved(x_in, weight, lora_a, lora_b, u, mask, chunk, tuple(sources))
         b, rider = ctx.call.branch, ctx.call.rider
         # g: this rank's term of dY B
-        g, d_b = kernels.select(b.kernels, dy, saved.u.shape[-1], b.group).dy(dy, saved.lora_b, saved.u, b.scaling)
+        k = kernels.select(b.kernel_choice, dy, saved.u.shape[-1], b.group)
+        g, d_b = k.dy(dy, saved.lora_b, saved.u, b.scaling)
         d_in = None
         if ctx.call.owns_gemm or ctx.needs_input_grad[0]:
             d_base = torch.matmul(dy, saved.weight) if ctx.call.owns_gemm else None
@@ -299,7 +302,7 @@ class ColumnJoin(torch.autograd.Function):
         # Frozen base: no weight-gradient GEMM at all (Megatron's linear_with_frozen_weight idea).
         d_w = flat(dy).t().matmul(flat(saved.x_in)) if ctx.needs_input_grad[2] else None
         d_bias = flat(dy).sum(0) if ctx.needs_input_grad[3] else None
-        [d_b] = deliver_factor_grads(ctx.fused, [d_b])
+        [d_b] = deliver_factor_grads(ctx.main_grad_params, [d_b])
         if ctx.kept == KEEP_RECIPE:
             rider.branch_input = Recipe.run(ctx.call.recipe.fn, *saved.sources)
         else:
@@ -337,7 +340,7 @@ class RowJoin(torch.autograd.Function):
         if not call.lora_on:
             return collectives.reduce(out.contiguous(), b.group, b.mode) if b.mode != "none" else out.view_as(out)
         # [s, b, r]: rank i's term
-        h = kernels.select(b.kernels, x, lora_a.shape[0], b.group).down(_dropped(x, mask, b.dropout), lora_a)
+        h = kernels.select(b.kernel_choice, x, lora_a.shape[0], b.group).down(_dropped(x, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x, weight, out), call.owns_gemm, h, lora_b, b.scaling)
         # "rider_only": the base output stays partial, the expert dispatcher reduces it.
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
@@ -346,7 +349,7 @@ class RowJoin(torch.autograd.Function):
         # A view would keep the whole reduced message alive until backward: copy the r columns.
         ctx.save_for_backward(x if ctx.kept == KEEP_INPUT else None, weight, lora_a, lora_b, h_sum.contiguous(),
                               mask, *sources)
-        ctx.fused = main_grads_for((lora_a, lora_b), b.fuse)
+        ctx.main_grad_params = main_grads_for((lora_a, lora_b), b.grad_accum_fusion)
         return y
 
     @staticmethod
@@ -360,7 +363,7 @@ class RowJoin(torch.autograd.Function):
         saved = _RowSaved(x, weight, lora_a, lora_b, h_sum, mask, tuple(sources))
         if ctx.kept == KEEP_RECIPE:
             x = Recipe.run(call.recipe.fn, *saved.sources)
-        s, k = b.scaling, kernels.select(b.kernels, dy, saved.lora_a.shape[0], b.group)
+        s, k = b.scaling, kernels.select(b.kernel_choice, dy, saved.lora_a.shape[0], b.group)
         if b.mode == "reduce_scatter":  # dB from this rank's chunk, g from the whole sequence
             d_b = scaled_mm(flat(dy).t(), flat(saved.h_sum), s, saved.lora_b)
             g = torch.matmul(dy_total, saved.lora_b)
@@ -372,7 +375,7 @@ class RowJoin(torch.autograd.Function):
             d_x = _branch_input_grad(d_base, g, saved.lora_a, s, saved.mask, b.dropout)
         d_a = k.up(g, _dropped(x, saved.mask, b.dropout), s, saved.lora_a)
         d_w = flat(dy_total).t().matmul(flat(x)) if ctx.needs_input_grad[2] else None
-        d_a, d_b = deliver_factor_grads(ctx.fused, [d_a, d_b])
+        d_a, d_b = deliver_factor_grads(ctx.main_grad_params, [d_a, d_b])
         # One gradient per forward input: x, out, weight, lora_a, lora_b, mask, call.
         return d_x, d_out, d_w, d_a, d_b, None, None
 

@@ -10,7 +10,7 @@ carries one rank-r A per projection, as PEFT does, so adapters import and export
     ΔW[j] = s · B[j] · A_{p(j)}
 
 The operators (``ops.py``) are unchanged: the layer hands them the block-structured dense
-``B_dense [out/t, P·r]`` (row j holds B[j] in columns p(j)·r … p(j)·r + r - 1, zeros elsewhere),
+``B_block [out/t, P·r]`` (row j holds B[j] in columns p(j)·r … p(j)·r + r - 1, zeros elsewhere),
 built in forward by a differentiable scatter. Its backward gathers exactly those columns, so the
 parameter's gradient is the compact one; the off-block entries live in no parameter, gradient or
 checkpoint and cannot drift away from zero. Collectives do not change; the rider (§3) and the
@@ -48,12 +48,13 @@ def logical_row_projections(config, output_size: int, qkv: bool, gated: bool) ->
     return None
 
 
-def column_index(rows: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[rows, r]`` int64: the columns of ``B_dense`` that row j's r entries go to."""
-    return rows.unsqueeze(1) * rank + torch.arange(rank, device=rows.device)
+def column_index(row_projection: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[rows, r]`` int64: the columns of ``B_block`` that row j's r entries go to (``row_projection[j]``
+    is the projection row j feeds)."""
+    return row_projection.unsqueeze(1) * rank + torch.arange(rank, device=row_projection.device)
 
 
-def dense_b(lora_b: torch.Tensor, columns: torch.Tensor, projections: int) -> torch.Tensor:
+def block_structured_b(lora_b: torch.Tensor, columns: torch.Tensor, projections: int) -> torch.Tensor:
     """The block-structured ``[rows, P·r]`` B of a compact ``[rows, r]`` one (differentiable)."""
     dense = lora_b.new_zeros(lora_b.shape[0], projections * lora_b.shape[1])
     return dense.scatter(1, columns, lora_b)

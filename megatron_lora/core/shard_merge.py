@@ -25,7 +25,7 @@ def fp32_lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) 
 @torch.no_grad()
 def lora_delta(layer) -> torch.Tensor:
     """``s * B @ A`` for ``layer``'s base shard, in the base weight's dtype."""
-    return fp32_lora_delta(layer.lora_A, layer.lora_dense_b(), layer.lora_scaling).to(layer.weight.dtype)
+    return fp32_lora_delta(layer.lora_A, layer.lora_b_for_gemm(), layer.lora_scaling).to(layer.weight.dtype)
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ def up_kernel(g_ptr, x_ptr, part_ptr, T, K, R, stride_x, span, scaling,
              mask=(rr[:, None] < R) & (rk[None, :] < K))
 
 
-def rows(x: torch.Tensor) -> torch.Tensor:
+def flat_unit_stride(x: torch.Tensor) -> torch.Tensor:
     """``x`` as [T, C] with unit column stride (a copy only when it has none)."""
     x = flat(x)
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -139,7 +139,7 @@ class TritonKernels:
 
     @staticmethod
     def down(x, a, plan=None):
-        x2, a = rows(x), a.contiguous()
+        x2, a = flat_unit_stride(x), a.contiguous()
         (t, k), r = x2.shape, a.shape[0]
         plan = plan or kernel_plans.plan_down(t, k, r, x.element_size())
         if plan is None:
@@ -153,7 +153,7 @@ class TritonKernels:
 
     @staticmethod
     def dy(dy, b, u, scaling, plan=None):
-        d2, b, u2 = rows(dy), b.contiguous(), flat(u).contiguous()
+        d2, b, u2 = flat_unit_stride(dy), b.contiguous(), flat(u).contiguous()
         (t, n), r = d2.shape, b.shape[1]
         plan = plan or kernel_plans.plan_dy(t, n, r, dy.element_size())
         if plan is None:
@@ -170,7 +170,7 @@ class TritonKernels:
 
     @staticmethod
     def up(g, x, scaling, like, plan=None):
-        x2, g2 = rows(x), flat(g).contiguous()
+        x2, g2 = flat_unit_stride(x), flat(g).contiguous()
         (t, k), r = x2.shape, g2.shape[1]
         plan = plan or kernel_plans.plan_up(t, k, r, x.element_size())
         if plan is None:

@@ -308,7 +308,7 @@ def _merged_shard_pieces(name: str, module, pname: str, dtype, arch: Arch, dim: 
     param = getattr(module, pname).detach()
     with torch.no_grad():
         if isinstance(module, LoRALayerMixin) and pname == "weight" and module.lora_enabled:
-            merged = fp32_lora_delta(module.lora_A, module.lora_dense_b(), module.lora_scaling)
+            merged = fp32_lora_delta(module.lora_A, module.lora_b_for_gemm(), module.lora_scaling)
             merged = merged.add_(param).to(dtype)  # one cast; the fp32 delta is freed on return
         else:
             merged = param.to(dtype, copy=True)  # never a parameter
@@ -331,8 +331,8 @@ def _gather_pieces(shard: torch.Tensor, dim: Optional[int], group, to: Optional[
     if dim == 0:
         _gather(shard, list(out.split(shard.shape[0])) if receives else None, group, to)
         return out
-    rows, cols = shard.shape
-    bounds = [rows * i // t for i in range(t + 1)]
+    n_rows, cols = shard.shape
+    bounds = [n_rows * i // t for i in range(t + 1)]
     for r0, r1 in zip(bounds, bounds[1:]):
         if r0 == r1:
             continue

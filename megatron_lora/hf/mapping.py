@@ -114,11 +114,11 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
 
 def split_qkv(fused: torch.Tensor, num_heads: int, num_groups: int) -> List[torch.Tensor]:
     """Megatron's per-query-group rows -> ``[q, k, v]`` (inverse of :func:`fuse_qkv`)."""
-    rows = fused.shape[0]
-    if num_heads % num_groups or rows % (num_heads + 2 * num_groups):
-        raise ConversionError(f"linear_qkv has {rows} rows, which do not fit {num_heads} heads in "
+    n_rows = fused.shape[0]
+    if num_heads % num_groups or n_rows % (num_heads + 2 * num_groups):
+        raise ConversionError(f"linear_qkv has {n_rows} rows, which do not fit {num_heads} heads in "
                               f"{num_groups} query groups; check the model's head counts.")
-    d = rows // (num_heads + 2 * num_groups)
+    d = n_rows // (num_heads + 2 * num_groups)
     rest = tuple(fused.shape[1:])
     per_group = (num_heads // num_groups) * d
     grouped = fused.reshape(num_groups, per_group + 2 * d, *rest)

@@ -143,14 +143,15 @@ def megatron_from_peft(tensors: Dict[str, torch.Tensor], peft_config: dict, arch
     factors = _peft_factors(tensors, r, arch, where)
     targets = [t for t in DEFAULT_TARGET_MODULES if any(LORA_TARGET_OF_PART[p] == t for _, p in factors)]
     join = _per_projection if per_projection else _stack
-    fused: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+    module_factors: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in range(arch.num_layers):
         for target in targets:
             module = MODULE_OF_TARGET[target]
-            fused[(layer, module)] = join(module, [factors.get((layer, p)) for p in MODULES[module][1]], arch, r)
-    rank = max(b.shape[1] for _, b in fused.values())  # per-projection: r (A stacks r rows per projection)
+            parts = [factors.get((layer, p)) for p in MODULES[module][1]]
+            module_factors[(layer, module)] = join(module, parts, arch, r)
+    rank = max(b.shape[1] for _, b in module_factors.values())  # per-projection: r (A stacks r rows per projection)
     out = {}
-    for (layer, module), (a, b) in fused.items():
+    for (layer, module), (a, b) in module_factors.items():
         pad = rank - b.shape[1]
         out[full_key(layer, module, "lora_A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
         out[full_key(layer, module, "lora_B")] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()

@@ -320,7 +320,7 @@ def transformer_config_from_args(args: argparse.Namespace):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    fuse = not args.use_cpu
+    cuda_fusions = not args.use_cpu  # Megatron's fused kernels need CUDA
     recompute = {}
     if args.recompute_granularity == "full":
         recompute = dict(recompute_granularity="full", recompute_method=args.recompute_method,
@@ -341,7 +341,7 @@ def transformer_config_from_args(args: argparse.Namespace):
         sequence_parallel=args.sequence_parallel, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         pipeline_dtype=dtype, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
-        bias_activation_fusion=fuse and args.add_bias_linear, persist_layer_norm=False,
+        bias_activation_fusion=cuda_fusions and args.add_bias_linear, persist_layer_norm=False,
         **recompute)
 
 

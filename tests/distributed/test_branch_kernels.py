@@ -143,7 +143,7 @@ def _kernel_source() -> str:
     spec = importlib.util.find_spec("megatron_lora.core.triton_branch")
     with open(spec.origin) as f:
         text = f.read()
-    return text[text.index("@triton.jit"):text.index("def rows(")]
+    return text[text.index("@triton.jit"):text.index("def flat_unit_stride(")]
 
 
 def test_kernels_have_no_atomics_and_no_cross_program_reads():

@@ -1,7 +1,7 @@
 """Per-projection LoRA without Megatron (issue 18): the row map, the block B, PEFT import / export.
 
 The reference for every delta is PEFT's own ``s * B_p @ A_p`` per projection (``peft_deltas``);
-the Megatron side multiplies the way a layer does, ``s * lora_dense_b(B) @ A`` with the layer's
+the Megatron side multiplies the way a layer does, ``s * lora_b_for_gemm(B) @ A`` with the layer's
 row map, so the map of ``core/projections.py`` is checked against the HF mapping's fused rows.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from megatron_lora.core.checkpoint.files import CONFIG_FIELDS_THAT_MUST_MATCH, saved_config_value
 from megatron_lora.core.config import LoRAConfig
-from megatron_lora.core.projections import column_index, dense_b, logical_row_projections
+from megatron_lora.core.projections import block_structured_b, column_index, logical_row_projections
 from megatron_lora.hf.peft_adapters import megatron_from_peft, peft_from_megatron, peft_key
 from tests.peft_reference import peft_deltas
 from tests.unit.test_hf_mapping import ARCH, PROJECTIONS, _config, _megatron_deltas, _peft
@@ -37,10 +37,10 @@ def test_row_map_follows_the_grouped_qkv_rows_and_gate_up():
         logical_row_projections(config, 12, qkv=True, gated=False)  # e.g. attention_output_gate rows
 
 
-def test_dense_b_is_block_structured_and_its_gradient_is_the_compact_one():
+def test_block_structured_b_and_its_gradient_is_the_compact_one():
     rows = torch.tensor([0, 0, 1, 2, 0, 0, 1, 2])
     b = torch.randn(8, 3, requires_grad=True)
-    dense = dense_b(b, column_index(rows, 3), 3)
+    dense = block_structured_b(b, column_index(rows, 3), 3)
     assert dense.shape == (8, 9)
     for j, p in enumerate(rows.tolist()):
         assert torch.equal(dense[j, 3 * p:3 * p + 3], b[j]) and dense[j].count_nonzero() == b[j].count_nonzero()
@@ -50,10 +50,10 @@ def test_dense_b_is_block_structured_and_its_gradient_is_the_compact_one():
 
 
 def _layer_deltas(tensors, cfg):
-    """{(layer, projection): s * B_dense @ A}, B_dense built as a per-projection layer builds it."""
+    """{(layer, projection): s * B_block @ A}, B_block built as a per-projection layer builds it."""
     def block(module, b):
         rows = _rows(module)
-        return b if rows is None else dense_b(b, column_index(rows, cfg.rank), int(rows.max()) + 1)
+        return b if rows is None else block_structured_b(b, column_index(rows, cfg.rank), int(rows.max()) + 1)
 
     return _megatron_deltas(tensors, cfg, block)
 
