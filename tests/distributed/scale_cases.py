@@ -23,13 +23,21 @@ def _random_adapter(model):
     load_full_adapter(model, full, strict=False)  # this stage's names only
 
 
+def gather_factor(m, factor: str) -> torch.Tensor:
+    """The reference: one layer's logical factor by a plain all-gather over its TP group, unsharded
+    by its declared layout (not the package's point-to-point route)."""
+    from megatron_lora.core.collectives import all_gather_list
+
+    return m.lora_layout.unshard(factor, all_gather_list(getattr(m, factor).detach(), m.lora_group))
+
+
 def bytes_worker(path):
     """{coordinates, what this rank holds, the all-gather reference of its layers, received bytes}."""
     from megatron.core import parallel_state as ps
 
     from megatron_lora import LoRAConfig, apply_lora
     from megatron_lora.core.checkpoint.adapter import (
-        _logical_shapes, _named_factors, gather_factor, gather_full_adapter, save_full_adapter,
+        _logical_shapes, _named_factors, gather_full_adapter, save_full_adapter,
     )
     from megatron_lora.hf.export import arch_from_model, export_peft
     from tests.distributed.live_bytes import LiveBytes

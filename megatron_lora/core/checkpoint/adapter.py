@@ -188,12 +188,6 @@ def _check_loaded_factors(model, where: str) -> None:
 
 # ------------------------------------------------------------------------- full (unsharded) adapter
 
-def gather_factor(m, factor: str) -> torch.Tensor:
-    """One layer's factor in its logical (TP=1) form, on the layer's device; collective over its
-    TP group. With TP=1 it is the parameter itself (detached): read it, do not write it."""
-    return m.lora_layout.unshard(factor, C.all_gather_list(getattr(m, factor).detach(), m.lora_group))
-
-
 def gather_full_adapter(model, dst: Optional[int] = None) -> Optional[Dict[str, torch.Tensor]]:
     """Every LoRA tensor in its logical (TP=1) form, on the CPU, on global rank ``dst`` (every
     rank with None); None on the other ranks. Collective over all ranks.
