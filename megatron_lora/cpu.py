@@ -41,6 +41,18 @@ on the CPU of a CUDA-less host, for tests and for the CPU examples. It patches e
    3.12) each of these would initialise CUDA, which fails, and in a forked rank fails with
    "Cannot re-initialize CUDA in forked subprocess"; nothing patched here ever initialises CUDA.
 
+8. Megatron's mixture-of-experts layer (``enable_moe_on_cpu``, applied by ``enable_cpu``):
+   - ``moe_utils.te_general_gemm`` is defined as ``None`` where Transformer Engine failed to
+     import: megatron-core 0.16 leaves the name undefined and every router forward then raises
+     ``NameError``; ``None`` selects its own torch GEMM, as on a CUDA host without TE.
+   - ``token_dispatcher.maybe_move_tensor_to_cpu``: on CUDA the all-to-all dispatcher turns its
+     split sizes into host arrays here; a tensor already on the CPU was passed on as a tensor,
+     which ``all_to_all_single`` rejects. It now becomes the same host array.
+   - ``mappings._gather_along_first_dim`` with uneven ``output_split_sizes`` (the dispatcher at
+     expert-TP > 1 with EP > 1): gloo refuses an uneven ``all_gather``, so each rank's rows are
+     padded to the longest and gathered with one ``all_gather_into_tensor``, then unpadded. One
+     call, as on NCCL; its bytes are the padded ones.
+
 ``torch.cuda.is_available()`` stays ``False``: Megatron-Core does not need it on these paths, and a
 lying ``is_available`` would send torch itself (autocast, pin_memory, streams) down CUDA paths.
 Works with either torch build on a host without a GPU: the CPU-only build, or a CUDA build where
@@ -226,4 +238,42 @@ def enable_cpu():
     # Factory devices, Tensor.cuda / .to, Tensor.type() (optimizers, clip_grads), backward.
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # pushed for the life of the process, never popped
+    enable_moe_on_cpu()
     return True
+
+
+def enable_moe_on_cpu():
+    """Megatron's MoE token dispatchers and router on the CPU (module docstring, item 8)."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    if not getattr(mappings._gather_along_first_dim, "_lora_cpu", False):
+        mappings._gather_along_first_dim = _uneven_gather_on_gloo(mappings._gather_along_first_dim)
+
+
+def _split_sizes_to_host(tensor, as_numpy=False, record_stream=False):
+    """``maybe_move_tensor_to_cpu`` for a tensor already on the CPU: the host array on request."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_gather_on_gloo(gather):
+    """Megatron's ``_gather_along_first_dim`` whose uneven case runs as one padded all-gather."""
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((longest * len(sizes),) + tuple(input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, padded, group=group)
+        return torch.cat([out[i * longest: i * longest + n] for i, n in enumerate(sizes)])
+
+    gather_along_first_dim._lora_cpu = True
+    return gather_along_first_dim
