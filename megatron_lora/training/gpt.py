@@ -21,8 +21,12 @@ from megatron_lora.core.norms import torch_norm, with_torch_norms
 
 
 def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRAConfig] = None,
-                   qk_layernorm: bool = False, transformer_impl: str = "local"):
+                   qk_layernorm: bool = False, transformer_impl: str = "local",
+                   num_experts: Optional[int] = None, moe_grouped_gemm: bool = False):
     """Megatron's GPT layer spec and, given a config, LoRA layers.
+
+    ``num_experts``: a mixture-of-experts MLP (Megatron's ``MoELayer``: router, token dispatcher,
+    ``SequentialMLP`` experts, or grouped experts with ``moe_grouped_gemm``).
 
     "local": the local spec with SP-capable torch norms; "transformer_engine": the
     TE spec (norms fused into ``linear_qkv`` / ``linear_fc1``; CUDA + TE). Both give the same
@@ -31,11 +35,12 @@ def gpt_layer_spec(normalization: str = "RMSNorm", lora_config: Optional[LoRACon
     """
     from megatron_lora.core.inject import lora_layer_spec, megatron_gpt_layer_spec
 
+    moe = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm) if num_experts else {}
     if transformer_impl == "local":
         spec = with_torch_norms(megatron_gpt_layer_spec(
-            "local", normalization=normalization, qk_layernorm=qk_layernorm), normalization)
+            "local", normalization=normalization, qk_layernorm=qk_layernorm, **moe), normalization)
     else:
-        spec = megatron_gpt_layer_spec(transformer_impl, qk_layernorm=qk_layernorm)
+        spec = megatron_gpt_layer_spec(transformer_impl, qk_layernorm=qk_layernorm, **moe)
     return lora_layer_spec(spec, lora_config) if lora_config is not None else spec
 
 
@@ -70,7 +75,9 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
     from megatron.core.models.gpt import GPTModel
 
     if layer_spec is None:
-        layer_spec = gpt_layer_spec(config.normalization, lora_config, transformer_impl=transformer_impl)
+        layer_spec = gpt_layer_spec(config.normalization, lora_config, transformer_impl=transformer_impl,
+                                    num_experts=config.num_moe_experts,
+                                    moe_grouped_gemm=config.moe_grouped_gemm)
     else:
         if transformer_impl == "local":  # a TE spec's norms are fused into its linears
             layer_spec = with_torch_norms(layer_spec, config.normalization)
