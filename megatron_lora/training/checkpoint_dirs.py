@@ -31,8 +31,8 @@ def check_checkpoint_dirs(args, model_args: dict, fail: Callable[[str], None]) -
         if found not in (None, kind):
             fail(f"--save {args.save} holds {_WHAT[found]}; this run writes {_WHAT[kind]} and would "
                  f"replace them. Choose another --save{_hint(kind)}.")
-        if found == kind:
-            _check_same_run(args.save, kind, args, model_args, "--save", fail)
+        if found == kind and os.path.abspath(args.save) != os.path.abspath(args.load or ""):
+            _check_same_run(args.save, kind, args, model_args, "--save", fail)  # else: --load's check
     if args.load:
         if not os.path.exists(args.load):
             if os.path.abspath(args.load) != os.path.abspath(args.save or ""):
@@ -45,6 +45,8 @@ def check_checkpoint_dirs(args, model_args: dict, fail: Callable[[str], None]) -
                  f"{files.MODEL_TRACKER}); pass the --save directory of the run to resume.")
         if found not in (None, kind):
             fail(f"--load {args.load} holds {_WHAT[found]}; this run resumes {_WHAT[kind]}{_hint(kind)}.")
+        if found == kind:
+            _check_same_run(args.load, kind, args, model_args, "--load", fail)
 
 
 def describe_mismatch(saved: dict, current: dict) -> Optional[str]:
@@ -72,11 +74,18 @@ def _check_same_run(root: str, kind: str, args, model_args: dict, flag: str, fai
         return
     ckpt_dir = atomic_save.iteration_dir(root, latest)
     if kind == "adapter":
-        saved, current = files.read_descriptor(ckpt_dir)["lora_config"], args.lora.to_dict()
+        try:
+            descriptor = files.read_descriptor(ckpt_dir)
+        except CheckpointError as err:
+            fail(str(err))
+        saved, current = descriptor["lora_config"], args.lora.to_dict()
         fields = files.CONFIG_FIELDS_THAT_MUST_MATCH
         differ = describe_mismatch({f"lora_{k}": files.saved_config_value(saved, k) for k in fields},
                                    {f"lora_{k}": current[k] for k in fields})
         what = "another LoRA config"
+        if not differ:  # the model it adapts (adapters saved before this was recorded: unchecked)
+            differ = describe_mismatch(descriptor.get("model_args", {}), model_args)
+            what = "an adapter of another model"
     else:
         path = os.path.join(ckpt_dir, files.MODEL_ARGS_FILE)
         if not os.path.exists(path):
@@ -84,6 +93,9 @@ def _check_same_run(root: str, kind: str, args, model_args: dict, flag: str, fai
         with open(path, encoding="utf-8") as f:
             differ = describe_mismatch(json.load(f), model_args)
         what = "another model"
+    if differ and flag == "--load":
+        fail(f"--load {root} holds checkpoints of {what} ({differ}); resume with the checkpoint's "
+             "flags (the parallel layout, EP and ETP included, may differ), or drop --load to start afresh.")
     if differ:
         fail(f"{flag} {root} holds checkpoints of {what} ({differ}); saving there would mix "
              "them. Use the checkpoint's flags to resume it, or choose another --save.")

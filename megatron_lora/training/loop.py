@@ -95,7 +95,9 @@ def initialize(args) -> None:
     dist.init_process_group("gloo" if args.use_cpu else "nccl")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     # Megatron-LM's rule: one seed per pipeline stage; TP ranks share it (the tracker adds the
     # TP rank for the model-parallel stream), DP replicas share it.
     seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -236,15 +238,25 @@ def save(args, model, optimizer, iteration: int, consumed_samples: int, final: b
     try:
         if args.lora is not None:
             record["base"] = base_identity(args.pretrained_checkpoint)
+            record["model_args"] = model_args(args)  # the architecture it adapts (checked on resume)
             save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng,
                          record=record)
-            if final:
+            if final and not experts_spread_over_ranks(args, model):
                 save_full_adapter(model, os.path.join(args.save, FULL_ADAPTER_FILE))
         else:
             save_model(model, args.save, iteration, model_args(args), optimizer=optim,
                        save_rng=not args.no_save_rng, record=record)
     except (OSError, CheckpointException) as err:  # the latter is a BaseException
         raise CheckpointError(failed_save_message(args, iteration, err)) from err
+
+
+def experts_spread_over_ranks(args, model) -> bool:
+    """True when LoRA adapts experts and EP > 1: the full adapter (``adapter.safetensors``) is
+    not gathered across expert ranks yet, so only the dist checkpoint is written (it reshards to
+    EP=1, where the full adapter can be written)."""
+    if args.expert_model_parallel_size == 1:
+        return False
+    return any(".experts." in name and hasattr(module, "lora_A") for name, module in model.named_modules())
 
 
 def failed_save_message(args, iteration: int, err: BaseException) -> str:
@@ -316,11 +328,13 @@ def resume(args, model, optimizer, log: Log):
     if args.lora is not None:
         record = read_descriptor(iteration_dir(args.load, latest))
         _check_same_base(args, record)
+        architecture = record.get("model_args", {})  # adapters saved before it was recorded: none
     else:
-        record = model_checkpoint.read_model_args(args.load) or {}
-        mismatch = describe_mismatch(record, model_args(args))
-        if mismatch:
-            raise UsageError(f"--load {args.load} has another architecture ({mismatch}).")
+        record = architecture = model_checkpoint.read_model_args(args.load) or {}
+    mismatch = describe_mismatch(architecture, model_args(args))
+    if mismatch:
+        raise UsageError(f"--load {args.load} has another architecture ({mismatch}); resume with the "
+                         "checkpoint's flags.")
     load_optim, load_rng = _resumable_state(args, record, log)
     optim = optimizer if load_optim else None
     if args.lora is not None:
@@ -334,10 +348,9 @@ def resume(args, model, optimizer, log: Log):
 
 def _resumable_state(args, record: dict, log: Log):
     """(load the optimizer state, load the RNG state) for the checkpoint ``record`` describes."""
-    from megatron.core import parallel_state as ps
+    from megatron_lora.core.checkpoint import dist_state
 
-    layout = {"tensor": args.tensor_model_parallel_size, "pipeline": args.pipeline_model_parallel_size,
-              "data": ps.get_data_parallel_world_size()}
+    layout = dist_state.layout_record()
     load_optim = not args.no_load_optim and bool(record.get("has_optimizer"))
     if not args.no_load_optim and not record.get("has_optimizer"):
         log.line(f"warning: --load {args.load} holds no optimizer state (saved with --no-save-optim): "
@@ -402,6 +415,15 @@ def _replicated_factors_identical(model) -> tuple:
     return int(counts[0]), int(counts[1])
 
 
+def _expert_layout(args) -> str:
+    """The experts' share of the layout line: ETP x EP x expert-DP per pipeline stage, and the MoE."""
+    if args.num_experts is None:
+        return ""
+    return (f", experts ETP {args.expert_tensor_parallel_size} x EP {args.expert_model_parallel_size} x "
+            f"expert-DP {args.expert_data_parallel_size} ({args.num_experts} experts, top-{args.moe_router_topk}, "
+            f"{args.moe_token_dispatcher_type})")
+
+
 def pretrain(args) -> dict:
     """Run the job the flags describe; returns {"losses": {iteration: loss}, "valid": ...}."""
     from megatron.core import parallel_state
@@ -424,7 +446,8 @@ def pretrain(args) -> dict:
     log = Log(args, rank0=dist.get_rank() == 0)
     dp, tp, pp = args.data_parallel_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     log.line(f"world {args.world_size} = TP {tp} x PP {pp} x DP {dp}"
-             f"{' + SP' if args.sequence_parallel else ''} on {'CPU/gloo' if args.use_cpu else 'GPU/NCCL'}; "
+             f"{' + SP' if args.sequence_parallel else ''}{_expert_layout(args)} on "
+             f"{'CPU/gloo' if args.use_cpu else 'GPU/NCCL'}; "
              f"global batch {args.global_batch_size} = {args.num_microbatches} micro-batches of "
              f"{args.micro_batch_size} x DP {dp}")
     train_ds, valid_ds, _ = build_gpt_datasets(
@@ -510,6 +533,10 @@ def pretrain(args) -> dict:
     if args.save:
         save(args, model, optimizer, iteration, consumed, final=exit_reason is None)
         log.line(f"saved {'adapter' if args.lora else 'checkpoint'} at iteration {iteration} to {args.save}")
+        if args.lora is not None and exit_reason is None and experts_spread_over_ranks(args, model):
+            log.line(f"no adapter.safetensors at EP={args.expert_model_parallel_size}: the expert adapters are "
+                     "spread over the expert ranks; resume the checkpoint at --expert-model-parallel-size 1 "
+                     "to write it")
     if args.lora_save_merged and exit_reason is None:
         save_merged(args, model, log)
     if args.lora is not None and args.tensor_model_parallel_size > 1:

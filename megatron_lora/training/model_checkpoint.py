@@ -83,6 +83,7 @@ MEGATRON_LM_ARCH_FIELDS = (
     "kv_channels", "swiglu", "normalization", "norm_epsilon", "position_embedding_type",
     "rotary_base", "max_position_embeddings", "untie_embeddings_and_output_weights",
     "add_bias_linear", "add_qkv_bias", "padded_vocab_size",
+    "num_experts", "moe_router_topk", "moe_shared_expert_intermediate_size",
 )
 _MEGATRON_LM_NAME = {"norm_epsilon": "layernorm_epsilon"}
 

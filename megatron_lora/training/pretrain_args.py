@@ -28,7 +28,13 @@ MODEL_ARG_NAMES = (
     "kv_channels", "swiglu", "normalization", "norm_epsilon", "position_embedding_type",
     "rotary_base", "max_position_embeddings", "untie_embeddings_and_output_weights",
     "add_bias_linear", "add_qkv_bias", "padded_vocab_size", "tokenizer_type",
+    "num_experts", "moe_router_topk", "moe_shared_expert_intermediate_size",
 )
+# Not architecture, so not in that record: the expert layout (EP / ETP reshard through dist
+# checkpoints, as TP does), the dispatcher and the router's auxiliary loss (how tokens travel and
+# how training is steered, not what the weights mean).
+TOKEN_DISPATCHERS = ("allgather", "alltoall")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 
 
 class UsageError(ValueError):
@@ -81,10 +87,30 @@ def build_parser(require_run_flags: bool = True) -> argparse.ArgumentParser:
                    help="Gradient-accumulation fusion (on by default where it can run: CUDA with "
                         "TE layers, or apex's fused kernel for local layers; always off on CPU).")
 
+    g = p.add_argument_group("mixture of experts (Megatron-Core's MoELayer)")
+    g.add_argument("--num-experts", type=int, default=None,
+                   help="Experts per MoE layer; every layer's MLP becomes a router + experts. Default: dense.")
+    g.add_argument("--moe-router-topk", type=int, default=2, help="Experts each token is routed to.")
+    g.add_argument("--moe-token-dispatcher-type", choices=TOKEN_DISPATCHERS, default="allgather",
+                   help="How tokens reach their experts across EP ranks.")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="All local experts in one grouped GEMM (TEGroupedMLP: --transformer-impl "
+                        "transformer_engine).")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                   help="Weight of the router's load-balancing loss (0: off).")
+    g.add_argument("--moe-router-load-balancing-type", choices=LOAD_BALANCING_TYPES, default="aux_loss",
+                   help="The load-balancing loss --moe-aux-loss-coeff weighs.")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="FFN size of a shared expert every token also passes through. Default: none.")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="Expert parallelism (EP): each rank holds num-experts / EP experts.")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="Tensor parallelism inside each expert (ETP). Default: --tensor-model-parallel-size.")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
@@ -185,6 +211,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.world_size = world_size
     args.data_parallel_size = world_size // (tp * pp)
     fill_model_defaults(args)
+    check_moe_args(args, world_size)
     heads = args.num_attention_heads
     if heads % tp:
         _fail(f"--num-attention-heads {heads} does not divide by --tensor-model-parallel-size {tp}; "
@@ -282,6 +309,65 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
+def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
+    """The mixture-of-experts flags and the expert layout (EP x ETP), as Megatron-LM checks them:
+    the world divides by TP x PP (attention) and by ETP x EP x PP (experts); fills
+    ``expert_tensor_parallel_size`` (default: TP) and ``expert_data_parallel_size``."""
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    given_etp = args.expert_tensor_parallel_size
+    etp = args.expert_tensor_parallel_size = given_etp or tp
+    for flag, value in (("--expert-model-parallel-size", ep), ("--expert-tensor-parallel-size", etp)):
+        if value < 1:
+            _fail(f"{flag} must be >= 1, found {value}.")
+    experts = args.num_experts
+    if experts is None:
+        needs = [flag for flag, used in (
+            ("--expert-model-parallel-size", ep > 1), ("--expert-tensor-parallel-size", given_etp is not None),
+            ("--moe-grouped-gemm", args.moe_grouped_gemm),
+            ("--moe-shared-expert-intermediate-size", args.moe_shared_expert_intermediate_size is not None))
+            if used]
+        if needs:
+            _fail(f"{' / '.join(needs)} apply to mixture-of-experts models, and this one is dense (no "
+                  "--num-experts); add --num-experts N or drop them.")
+        args.expert_data_parallel_size = args.data_parallel_size
+        return
+    if experts < 1:
+        _fail(f"--num-experts must be >= 1, found {experts}.")
+    if not 1 <= args.moe_router_topk <= experts:
+        _fail(f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts {experts}.")
+    if experts % ep:
+        _fail(f"--num-experts {experts} does not divide by --expert-model-parallel-size {ep}: each EP rank "
+              f"holds the same number of experts; pick an EP size that divides {experts}.")
+    if world_size % (etp * ep * pp):
+        _fail(f"{world_size} ranks do not divide into ETP={etp} x EP={ep} x PP={pp} (the experts' layout); "
+              f"start a multiple of {etp * ep * pp} ranks, or change --expert-model-parallel-size / "
+              "--expert-tensor-parallel-size.")
+    args.expert_data_parallel_size = world_size // (etp * ep * pp)
+    if args.ffn_hidden_size % etp:
+        _fail(f"--ffn-hidden-size {args.ffn_hidden_size} (each expert's) does not divide by "
+              f"--expert-tensor-parallel-size {etp}.")
+    shared = args.moe_shared_expert_intermediate_size
+    if shared is not None and (shared < 1 or shared % tp):
+        _fail(f"--moe-shared-expert-intermediate-size {shared} must be >= 1 and divide by TP={tp} (the shared "
+              "expert is split like the dense MLP).")
+    if tp > 1 and not args.sequence_parallel:
+        _fail(f"Megatron's MoE layer refuses to train at TP={tp} without --sequence-parallel; add "
+              "--sequence-parallel (or use --expert-model-parallel-size instead of TP).")
+    if args.moe_aux_loss_coeff < 0:
+        _fail(f"--moe-aux-loss-coeff must be >= 0, found {args.moe_aux_loss_coeff}.")
+    if args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type == "none":
+        _fail(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} weighs a load-balancing loss, but "
+              "--moe-router-load-balancing-type is none; choose aux_loss or seq_aux_loss, or set the "
+              "coefficient to 0.")
+    if args.moe_grouped_gemm and args.transformer_impl == "local":
+        _fail("--moe-grouped-gemm needs --transformer-impl transformer_engine (grouped experts are TE's "
+              "TEGroupedMLP; Megatron's local spec builds the legacy GroupedMLP or none); with local "
+              "layers drop the flag: the experts run as SequentialMLP.")
+    if args.moe_grouped_gemm and args.lora_rank is not None:
+        _fail("--moe-grouped-gemm with --lora-rank: LoRA cannot adapt grouped experts (TEGroupedMLP) yet; "
+              "drop --moe-grouped-gemm (the experts run as SequentialMLP, one LoRA pair per expert).")
+
+
 def fill_model_defaults(args: argparse.Namespace) -> None:
     """The architecture values the flags leave to defaults (Megatron-LM's rules)."""
     args.num_query_groups = args.num_query_groups or args.num_attention_heads
@@ -342,7 +428,21 @@ def transformer_config_from_args(args: argparse.Namespace):
         pipeline_dtype=dtype, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         bias_activation_fusion=cuda_fusions and args.add_bias_linear, persist_layer_norm=False,
-        **recompute)
+        **recompute, **moe_config_from_args(args))
+
+
+def moe_config_from_args(args: argparse.Namespace) -> dict:
+    """The ``TransformerConfig`` fields of the MoE flags; none for a dense model."""
+    if args.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type, moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size or args.tensor_model_parallel_size)
 
 
 def model_args(args: argparse.Namespace) -> dict:

@@ -41,10 +41,25 @@ def run_record(params_dtype: torch.dtype) -> dict:
 
     record = {"world_size": world(), "params_dtype": str(params_dtype).replace("torch.", "")}
     if ps.model_parallel_is_initialized():
-        record["layout"] = {"tensor": ps.get_tensor_model_parallel_world_size(),
-                            "pipeline": ps.get_pipeline_model_parallel_world_size(),
-                            "data": ps.get_data_parallel_world_size()}
+        record["layout"] = layout_record()
     return record
+
+
+def layout_record() -> dict:
+    """This run's parallel layout as checkpoints record it (Megatron's parallel state must be set up).
+
+    The expert layout (EP, ETP) is named only where it is not the dense default (EP 1, ETP = TP),
+    so a dense run's record, and those of checkpoints saved before experts existed, stay as they were.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    layout = {"tensor": tp, "pipeline": ps.get_pipeline_model_parallel_world_size(),
+              "data": ps.get_data_parallel_world_size()}
+    ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+    if (ep, etp) != (1, tp):
+        layout.update(expert=ep, expert_tensor=etp)
+    return layout
 
 
 def check_saved_state(record: dict, ckpt_dir: str, optimizer=None, rng: bool = False) -> None:
