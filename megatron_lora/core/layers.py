@@ -24,7 +24,9 @@ replicated factor carries ``sequence_parallel = True`` and Megatron's ``finalize
 sums it in the all-reduce it already issues for sequence-parallel norm weights. Replicated
 factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping counts them once
 (trap 8). Both factors take the base weight's ``allreduce`` flag (the DDP group it is reduced
-over: expert-data-parallel for expert weights).
+over); expert factors always reduce over the expert-data-parallel group. An expert layer at
+expert-TP > 1 issues nothing itself: the token dispatcher reduces (mode ``"partial"`` or
+``"rider_only"``, docs/design.md §3, §17).
 
 Dropout rule: the mask is that of the LOGICAL (unsharded, full-sequence) branch input, drawn from
 the default generator, which Megatron keeps in sync across the TP group. A column layer draws it
