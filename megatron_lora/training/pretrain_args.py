@@ -360,6 +360,9 @@ def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
     if tp > 1 and not args.sequence_parallel:
         _fail(f"Megatron's MoE layer refuses to train at TP={tp} without --sequence-parallel; add "
               "--sequence-parallel (or use --expert-model-parallel-size instead of TP).")
+    if args.add_bias_linear and etp > 1:
+        _fail(f"Megatron's experts have biases only at --expert-tensor-parallel-size 1, found ETP={etp} (it "
+              "defaults to TP); pass --disable-bias-linear, or --expert-tensor-parallel-size 1.")
     if args.moe_aux_loss_coeff < 0:
         _fail(f"--moe-aux-loss-coeff must be >= 0, found {args.moe_aux_loss_coeff}.")
     if args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type == "none":

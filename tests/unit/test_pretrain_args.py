@@ -86,3 +86,112 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     before = term.getvalue()
     quiet.progress(6, 10, elapsed=2.0)
     assert term.getvalue() == before
+
+
+# ------------------------------------------------------------------------------ mixture of experts
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2"]
+
+
+def test_moe_flags_reach_the_transformer_config_and_the_expert_layout(data):
+    """Megatron-LM's arithmetic: attention over TP x PP x DP, experts over ETP x EP x expert-DP."""
+    from megatron_lora.training.pretrain_args import transformer_config_from_args
+
+    args = check(data + MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                               "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                               "--moe-token-dispatcher-type", "alltoall", "--moe-aux-loss-coeff", "0.01",
+                               "--moe-router-load-balancing-type", "seq_aux_loss",
+                               "--moe-shared-expert-intermediate-size", "64", "--device", "cpu"], world=8)
+    assert (args.data_parallel_size, args.expert_data_parallel_size) == (4, 4)
+    config = transformer_config_from_args(args)
+    got = {k: getattr(config, k) for k in (
+        "num_moe_experts", "moe_router_topk", "moe_token_dispatcher_type", "moe_aux_loss_coeff",
+        "moe_router_load_balancing_type", "moe_shared_expert_intermediate_size", "moe_grouped_gemm",
+        "expert_model_parallel_size", "expert_tensor_parallel_size")}
+    assert got == dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                       moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="seq_aux_loss",
+                       moe_shared_expert_intermediate_size=64, moe_grouped_gemm=False,
+                       expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+
+
+def test_expert_tensor_parallel_size_defaults_to_tp_and_a_dense_config_has_no_experts(data):
+    from megatron_lora.training.pretrain_args import transformer_config_from_args
+
+    moe = check(data + MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--disable-bias-linear",
+                              "--device", "cpu"], world=2)
+    assert moe.expert_tensor_parallel_size == 2 and moe.expert_data_parallel_size == 1
+    assert transformer_config_from_args(moe).expert_tensor_parallel_size == 2
+    dense = check(data + ["--device", "cpu"])
+    assert transformer_config_from_args(dense).num_moe_experts is None
+
+
+@pytest.mark.parametrize("flags, world, needle", [
+    (["--expert-model-parallel-size", "3"], 3, "--num-experts 4 does not divide by --expert-model-parallel-size 3"),
+    (["--expert-model-parallel-size", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel"], 4,
+     "4 ranks do not divide into ETP=2 x EP=4 x PP=1"),
+    (["--moe-router-topk", "5"], 1, "--moe-router-topk 5 must be between 1 and --num-experts 4"),
+    (["--tensor-model-parallel-size", "2"], 2, "refuses to train at TP=2 without --sequence-parallel"),
+    (["--moe-aux-loss-coeff", "0.01", "--moe-router-load-balancing-type", "none"], 1,
+     "--moe-aux-loss-coeff 0.01 weighs a load-balancing loss, but --moe-router-load-balancing-type is none"),
+    (["--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs --transformer-impl transformer_engine"),
+    (["--moe-grouped-gemm", "--transformer-impl", "transformer_engine", "--lora-rank", "4"], 1,
+     "--moe-grouped-gemm with --lora-rank: LoRA cannot adapt grouped experts"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
+     "experts have biases only at --expert-tensor-parallel-size 1, found ETP=2 .*--disable-bias-linear"),
+    (["--expert-tensor-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--disable-bias-linear", "--ffn-hidden-size", "33"], 2, "--ffn-hidden-size 33 .* does not divide by --expert-tensor-parallel-size 2"),
+    (["--moe-shared-expert-intermediate-size", "33", "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
+     "--moe-shared-expert-intermediate-size 33 must be >= 1 and divide by TP=2"),
+])
+def test_bad_moe_combinations_name_the_flag(data, flags, world, needle):
+    with pytest.raises(UsageError, match=needle) as err:
+        check(data + MOE + flags, world)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flags", [["--expert-model-parallel-size", "2"], ["--moe-grouped-gemm"],
+                                   ["--moe-shared-expert-intermediate-size", "64"]])
+def test_expert_flags_on_a_dense_model_are_refused(data, flags):
+    with pytest.raises(UsageError, match=f"{flags[0]} apply to mixture-of-experts models.*add --num-experts"):
+        check(data + flags, world=2)
+
+
+def _adapter_checkpoint(root, run_flags, world):
+    """An adapter checkpoint's directory as a LoRA run with ``run_flags`` leaves it (descriptor
+    only: the flag checks before start read nothing else)."""
+    import json
+
+    from megatron_lora.core.checkpoint import files
+    from megatron_lora.training.pretrain_args import model_args
+
+    args = check(run_flags, world)
+    ckpt = root / "iter_0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / files.DESCRIPTOR_FILE).write_text(json.dumps(dict(
+        format=files.FORMAT, format_version=files.FORMAT_VERSION, lora_config=args.lora.to_dict(),
+        tensors={}, iteration=2, model_args=model_args(args))))
+    (root / files.ADAPTER_TRACKER).write_text("2")
+    return str(root)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--num-experts", "8"], "--num-experts: checkpoint 4, this run 8"),
+    (["--moe-router-topk", "1"], "--moe-router-topk: checkpoint 2, this run 1"),
+])
+def test_resume_of_another_moe_architecture_names_the_flag(data, tmp_path, change, needle):
+    lora = ["--lora-rank", "4", "--expert-model-parallel-size", "2"]
+    saved = _adapter_checkpoint(tmp_path / "run", data + MOE + lora, world=2)
+    with pytest.raises(UsageError, match=f"--load {saved} holds checkpoints of an adapter of another model "
+                                         f"\\({needle}\\); resume with the checkpoint's flags") as err:
+        check(data + MOE + ["--lora-rank", "4", "--load", saved, "--save", saved] + change, world=1)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_at_another_expert_layout_passes_the_checks(data, tmp_path):
+    """EP and ETP are layouts, as TP is: the adapter reshards through its dist checkpoint."""
+    lora = ["--lora-rank", "4", "--disable-bias-linear"]
+    saved = _adapter_checkpoint(tmp_path / "run", data + MOE + lora + ["--expert-model-parallel-size", "2"], world=2)
+    for layout, world in (([], 1), (["--expert-model-parallel-size", "4"], 4),
+                          (["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                            "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"], 4)):
+        check(data + MOE + lora + ["--load", saved, "--save", saved] + layout, world)
