@@ -267,11 +267,12 @@ def arch_from_model_args(model_args: dict, where: str = "model_args.json") -> Ar
     problems = [f"{flag} {model_args.get(key)!r} (need {want!r})"
                 for key, flag, want in (("swiglu", "--swiglu", True), ("normalization", "--normalization", "RMSNorm"),
                                         ("position_embedding_type", "--position-embedding-type", "rope"),
-                                        ("add_bias_linear", "--disable-bias-linear: add_bias_linear", False))
+                                        ("add_bias_linear", "--disable-bias-linear: add_bias_linear", False),
+                                        ("num_experts", "--num-experts", None))
                 if model_args.get(key) != want]
     if problems:
         raise ConversionError(f"{where}: not a Llama-family model ({'; '.join(problems)}); only "
-                              "SwiGLU + RMSNorm + RoPE models without linear biases convert to Hugging Face / PEFT.")
+                              "dense SwiGLU + RMSNorm + RoPE models without linear biases convert to Hugging Face / PEFT.")
     heads = model_args["num_attention_heads"]
     return Arch(num_layers=model_args["num_layers"], hidden_size=model_args["hidden_size"],
                 ffn_hidden_size=model_args["ffn_hidden_size"], num_heads=heads,
