@@ -270,6 +270,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             _fail(f"--lora-target-modules {' '.join(unknown)}: no such module in a GPT layer; "
                   f"choose from {' '.join(DEFAULT_TARGET_MODULES)}, each optionally scoped by one "
                   f"of {' '.join(TARGET_SCOPES)} (experts.linear_fc1).")
+        absent = {"experts": args.num_experts is None and "this model is dense (no --num-experts)",
+                  "shared_experts": args.moe_shared_expert_intermediate_size is None
+                  and "it has no shared expert (--moe-shared-expert-intermediate-size)",
+                  "mlp": args.num_experts is not None and "its MLPs are experts: scope them with experts."}
+        for target in args.lora.target_modules:
+            scope = target.rpartition(".")[0]
+            if absent.get(scope):
+                _fail(f"--lora-target-modules {target} matches no module: {absent[scope]}; drop it or "
+                      "use the unscoped name.")
         # The smallest side of the four targets: hidden, attention width (heads x kv channels), ffn.
         if args.lora.recompute_branch_input and args.transformer_impl == "transformer_engine":
             _fail("--lora-recompute-branch-input works with --transformer-impl local: the TE layers "

@@ -149,6 +149,18 @@ def test_bad_moe_combinations_name_the_flag(data, flags, world, needle):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--lora-target-modules", "experts.linear_fc1"], "experts.linear_fc1 matches no module: this model is dense"),
+    (MOE + ["--lora-target-modules", "linear_qkv", "shared_experts.linear_fc2"],
+     "shared_experts.linear_fc2 matches no module: it has no shared expert"),
+    (MOE + ["--lora-target-modules", "mlp.linear_fc1"], "mlp.linear_fc1 matches no module: its MLPs are experts"),
+])
+def test_scoped_targets_the_model_lacks_are_refused_before_building(data, flags, needle):
+    with pytest.raises(UsageError, match=needle):
+        check(data + ["--lora-rank", "4"] + flags)
+    check(data + MOE + ["--lora-rank", "4", "--lora-target-modules", "experts.linear_fc1", "linear_qkv"])
+
+
 @pytest.mark.parametrize("flags", [["--expert-model-parallel-size", "2"], ["--moe-grouped-gemm"],
                                    ["--moe-shared-expert-intermediate-size", "64"]])
 def test_expert_flags_on_a_dense_model_are_refused(data, flags):
