@@ -243,8 +243,10 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
     """Load logical adapter tensors into a TP/PP-sharded model: each rank keeps its own slice.
 
     ``source`` is a safetensors path or a {name: tensor} dict with global layer numbers in the
-    names. Every tensor is checked against the layer's declared layout; ``strict`` also refuses
-    tensors the model has no place for. Collective over all ranks (for the strict check).
+    names (and global expert indices: each expert rank keeps its own experts, each sliced over the
+    layer's expert-TP group). Every tensor is checked against the layer's declared layout;
+    ``strict`` also refuses tensors the model has no place for and, on every rank alike, tensors
+    of any stage or expert rank that are missing. Collective over all ranks (for the strict check).
     """
     where = "the adapter"
     if isinstance(source, str):
@@ -262,6 +264,13 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
             raise CheckpointError(
                 f"{where} has tensors this model has no place for: {unexpected[:6]}. Check the "
                 "targets and layer count, or pass strict=False to ignore them.")
+        # Every rank checks every stage's and every expert rank's names, so all raise the same error.
+        missing = sorted(known - set(tensors))
+        if missing:
+            raise CheckpointError(
+                f"{where} is missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; the model has LoRA on "
+                f"them. Export the adapter with the same targets {list(_model_config(model).target_modules)} "
+                "and all of its experts.")
     with torch.no_grad():
         for name, (m, factor) in named.items():
             if name not in tensors:
