@@ -12,6 +12,7 @@ earlier ones saved:
     ep1           1      1   -   1   1     ep2, ep4              ep1
     tp2_etp2_ep2  4      2   on  2   2     ep1, ep4              -
     tp2_etp1_ep2  4      2   on  2   1     ep1, ep4              -
+    etp2          2      1   -   1   2     ep4                   -
 
 Every layout loads the same seeded logical adapter (strict) and saves / gathers it. The reference
 is assembled here by hand from every rank's local shards (``held``): the shards of one layer are
@@ -32,6 +33,7 @@ LAYOUTS = {
     "ep1": dict(world=1, tp=1, ep=1, etp=1, loads=("ep2", "ep4")),
     "tp2_etp2_ep2": dict(world=4, tp=2, ep=2, etp=2, loads=("ep1", "ep4")),
     "tp2_etp1_ep2": dict(world=4, tp=2, ep=2, etp=1, loads=("ep1", "ep4")),
+    "etp2": dict(world=2, tp=1, ep=1, etp=2, loads=("ep4",)),
 }
 ROUTE = 8  # an int64 broadcast of dst's (expert-)TP rank
 MISSING = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.lora_A"

@@ -16,6 +16,20 @@ message is a tensor: nothing is pickled, no ``*_object`` collective runs.
     another rank of dst's replica     8 bytes (dst's TP rank)
     a rank of another replica         nothing
 
+Expert layers (MoE) take a second pass where expert parallelism is > 1 or the expert-TP group is
+not the TP group: ``dst``'s dense replica then does not hold every expert. Megatron lays the
+experts out as expert-TP x EP x PP within one expert-data-parallel rank, so the pass runs over
+``dst``'s expert group (``get_expert_tensor_model_pipeline_parallel_group``) the same way: one
+8-byte broadcast of ``dst``'s expert-TP rank names the collectors (one per EP rank and stage),
+each layer is gathered over its expert-TP group onto the collector, and the collector sends a
+header and the logical tensors to ``dst``. The ranks of other expert-DP replicas take no part.
+
+    rank                                 receives in the expert pass (e = expert-TP size)
+    dst                                  every expert once, minus the shards it holds, plus headers
+    a collector of another position      (e-1)/e of its position's sharded expert factors, plus 8 bytes
+    another rank of dst's expert group   8 bytes (dst's expert-TP rank)
+    a rank of another expert replica     nothing
+
 ``dst=None`` (every rank) gathers onto rank 0 so, then broadcasts the result: each rank
 receives the adapter once, which is what it asked for. The same headers carry every stage's
 names and shapes to every rank (``every_stage``), and ``first_message`` agrees on an error with
