@@ -24,7 +24,9 @@ replicated factor carries ``sequence_parallel = True`` and Megatron's ``finalize
 sums it in the all-reduce it already issues for sequence-parallel norm weights. Replicated
 factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping counts them once
 (trap 8). Both factors take the base weight's ``allreduce`` flag (the DDP group it is reduced
-over: expert-data-parallel for expert weights).
+over); expert factors always reduce over the expert-data-parallel group. An expert layer at
+expert-TP > 1 issues nothing itself: the token dispatcher reduces (mode ``"partial"`` or
+``"rider_only"``, docs/design.md §3, §17).
 
 Dropout rule: the mask is that of the LOGICAL (unsharded, full-sequence) branch input, drawn from
 the default generator, which Megatron keeps in sync across the TP group. A column layer draws it
@@ -153,9 +155,7 @@ class LoRALayerMixin:
             if dim is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
             else:
-                # The replicated factor's gradient is a partial sum exactly when the layer's
-                # collective is a reduce-scatter (SP) or the dispatcher's ("partial", experts).
-                param.sequence_parallel = self._comm_mode() in ("reduce_scatter", "partial")
+                param.sequence_parallel = self._lora_grad_is_partial()
             param.allreduce = allreduce
             setattr(self, factor, param)
         if row_projection is not None:  # this rank's rows of B_block, sharded like lora_B
@@ -163,6 +163,11 @@ class LoRALayerMixin:
             self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)
+
+    def _lora_grad_is_partial(self) -> bool:
+        """Whether the replicated factor's gradient is a partial sum to be summed per step: when
+        the layer's collective is a reduce-scatter (SP) or the dispatcher's ("partial", experts)."""
+        return self._comm_mode() in ("reduce_scatter", "partial")
 
     def lora_b_for_gemm(self, logical_b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """B as the operators and every merge multiply it: ``lora_B`` itself, or with per-projection
