@@ -2,17 +2,17 @@
 expert parallelism > 1 and at expert-TP != TP (docs/design.md §16, the expert pass).
 
 The model: the tiny GPT of ``models.py`` with 4 SequentialMLP experts, top-2, LoRA r=4 on the
-attention, the dense targets and both expert linears. Its logical adapter is seeded by global
-name (``moe_adapter``), so every layout holds the same one. The reference a worker returns is
-built by hand, not by the package's gather: each rank's local factors, as stored, with its
-coordinates; the test puts the shards together by the layer's declared layout.
+attention, both expert linears and the router (replicated: it goes with the dense layers). Its
+logical adapter is seeded by global name (``moe_adapter``), so every layout holds the same one.
+What a worker returns for the reference is not the package's gather: each rank's local factors,
+as stored, with its coordinates; the test puts the shards together by hand.
 """
 
 import zlib
 
 import torch
 
-LORA = dict(rank=4, alpha=8)
+LORA = dict(rank=4, alpha=8, target_modules=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router"))
 EXPERTS = 4
 
 

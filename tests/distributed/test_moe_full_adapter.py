@@ -82,8 +82,9 @@ def _hand_assembled(ranks):
 
 
 def _expected_names():
-    dense = [f"decoder.layers.{layer}.self_attention.{linear}.{f}" for layer in range(2)
-             for linear in ("linear_qkv", "linear_proj") for f in ("lora_A", "lora_B")]
+    dense = [f"decoder.layers.{layer}.{module}.{f}" for layer in range(2)
+             for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.router")
+             for f in ("lora_A", "lora_B")]
     experts = [f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{linear}.{f}" for layer in range(2)
                for e in range(M.EXPERTS) for linear in ("linear_fc1", "linear_fc2") for f in ("lora_A", "lora_B")]
     return dense, experts
