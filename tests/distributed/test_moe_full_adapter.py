@@ -6,13 +6,14 @@ A tiny MoE GPT (2 layers, 4 SequentialMLP experts, top-2, LoRA r=4 on attention 
 linears) on real gloo ranks, at five layouts run in this order, each loading the files the
 earlier ones saved:
 
-    name          world  TP  SP  EP  ETP   loads                 saves
+    name          world  TP  SP  EP  ETP   loads                 saves   (PP = 1 but pp2_ep2)
     ep2           2      1   -   2   1     -                     ep2
     ep4           4      1   -   4   1     ep2                   ep4
     ep1           1      1   -   1   1     ep2, ep4              ep1
     tp2_etp2_ep2  4      2   on  2   2     ep1, ep4              -
     tp2_etp1_ep2  4      2   on  2   1     ep1, ep4              -
     etp2          2      1   -   1   2     ep4                   -
+    pp2_ep2       4      1   -   2   1     ep1                   -       (PP = 2)
 
 Every layout loads the same seeded logical adapter (strict) and saves / gathers it. The reference
 is assembled here by hand from every rank's local shards (``held``): the shards of one layer are
@@ -34,6 +35,7 @@ LAYOUTS = {
     "tp2_etp2_ep2": dict(world=4, tp=2, ep=2, etp=2, loads=("ep1", "ep4")),
     "tp2_etp1_ep2": dict(world=4, tp=2, ep=2, etp=1, loads=("ep1", "ep4")),
     "etp2": dict(world=2, tp=1, ep=1, etp=2, loads=("ep4",)),
+    "pp2_ep2": dict(world=4, tp=1, pp=2, ep=2, etp=1, loads=("ep1",)),
 }
 ROUTE = 8  # an int64 broadcast of dst's (expert-)TP rank
 MISSING = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.lora_A"
@@ -47,7 +49,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, lay in LAYOUTS.items():
         ranks = run_distributed(M.full_adapter_worker, lay["world"], path[name], [path[n] for n in lay["loads"]],
-                                name == "ep4", tp=lay["tp"], expert_model_parallel_size=lay["ep"],
+                                name == "ep4", tp=lay["tp"], pp=lay.get("pp", 1), expert_model_parallel_size=lay["ep"],
                                 expert_tensor_parallel_size=lay["etp"])
         out[name] = (ranks, path)
     return out
@@ -182,11 +184,12 @@ def _expected(ranks, layout, dst, what):
     dense = lambda r: {n: h for n, h in r["held"].items() if not (split and h["expert"])}  # noqa: E731
     experts = lambda r: {n: h for n, h in r["held"].items() if split and h["expert"]}  # noqa: E731
     out = {r["rank"]: 0 for r in ranks}
-    if what == "shapes":  # PP = 1: no dense header moves; each expert position's, from expert-TP rank 0
+    if what == "shapes":  # each other stage's dense header; each expert position's, from expert-TP rank 0
         for r in ranks:
+            stages = [c for c in ranks if c["dp"] == r["dp"] and c["tp"] == r["tp"] and c["rank"] != r["rank"]]
             group = [c for c in ranks if c["edp"] == r["edp"]]
-            out[r["rank"]] = sum(_header(list(experts(c))) for c in group
-                                 if split and c["etp"] == 0 and c["rank"] != r["rank"])
+            out[r["rank"]] = sum(_header(list(dense(c))) for c in stages) + sum(
+                _header(list(experts(c))) for c in group if split and c["etp"] == 0 and c["rank"] != r["rank"])
         return out
     replica = [r for r in ranks if r["dp"] == me["dp"]]
     for rank, got in _pass(ranks, dst, replica, lambda r: r["tp"] == me["tp"], dense).items():
