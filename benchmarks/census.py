@@ -1,12 +1,13 @@
-"""CPU census of what LoRA adds to one layer's forward + backward (issue 16): aten ops, bytes
+"""CPU census of what LoRA adds to one layer's forward + backward (issues 16, 25): aten ops, bytes
 touched and bytes saved for backward, LoRA layer minus the frozen base layer.
 
     python -m benchmarks.census                       # from the repo root; ~20 s on 2 cores
     python -m benchmarks.census --tp 1 --json c.json  # TP=1 only; the measurements as JSON too
 
 ``--out PATH`` also writes the markdown table; the shape flags (``--seq``, ``--batch``,
-``--hidden``, ``--out-features``, ``--ffn``, ``--heads``, ``--groups``, ``--rank``, ``--alpha``)
-default to ``DEFAULT_SHAPE``; ``--targets`` picks rows.
+``--hidden``, ``--out-features``, ``--ffn``, ``--heads``, ``--groups``, ``--rank``, ``--alpha``,
+``--experts``, ``--topk``, ``--moe-ffn``, ``--empty-experts``) default to ``DEFAULT_SHAPE``;
+``--targets`` picks rows.
 
 Rows (fp32, one call each):
 
@@ -15,12 +16,25 @@ Rows (fp32, one call each):
     layer    the one ``TransformerLayer`` of a small GPT (RMSNorm, SwiGLU, GQA, RoPE, no biases) from
              ``megatron_lora.training.gpt.build_gpt_stage``: frozen base vs ``apply_lora`` on
              linear_qkv / linear_proj / linear_fc1 / linear_fc2
+    moe      the same layer with Megatron's MoE MLP (issue 25): a top-``topk`` router (softmax, no
+             aux loss, never adapted), the all-to-all dispatcher and ``experts`` SequentialMLP
+             experts of SwiGLU ffn ``moe_ffn`` (default 8, top-2, 128); expert-TP = TP, EP = 1;
+             ``apply_lora`` on the four targets, every expert's linear_fc1 / linear_fc2 included
 
 each at TP=1 and at TP=2 (two real gloo ranks through ``tests.distributed.launcher``), the latter
-without and with sequence parallelism; each LoRA row once per entry of ``VARIANTS`` (LoRAConfig
-overrides: adding a variant is one line; an entry naming a field the installed ``LoRAConfig``
-lacks is skipped and listed as skipped, so the script also measures code from before that
-field). Base weights are frozen, the layer's input requires grad (so the base's backward computes
+without and with sequence parallelism; the moe row only at TP=1 and TP=2 SP: Megatron's MoE layer
+refuses TP > 1 without SP in training, so "TP=2" has no moe row (the table says so). Every GPT
+build (base, control, each variant) reseeds torch and Megatron's RNG tracker first, so all draw
+the same base weights and, for moe, the same router: every build routes each token to the same
+experts (the run stops if the tokens per expert differ), and ``base_vs_base`` stays zero.
+SequentialMLP runs every local expert, one that got no token too (its GEMMs dispatch on empty
+operands), so the adapted linear calls of a moe forward are 2 + 2 x experts, each with the same
+six branch GEMMs; ``--empty-experts K`` shuts the last K experts out (Megatron's router expert
+bias at -1e4, which needs sigmoid scores: the router then scores by sigmoid) to measure that case.
+
+Each LoRA row once per entry of ``VARIANTS`` (LoRAConfig overrides: adding a variant is one line;
+an entry naming a field the installed ``LoRAConfig`` lacks is skipped and listed as skipped, so
+the script also measures code from before that field). Base weights are frozen, the layer's input requires grad (so the base's backward computes
 dX only), the LoRA factors are trainable, dropout is 0 and ``branch_kernels`` keeps its default
 (on the CPU "auto" is plain torch). Each variant is built, runs one warm-up call, and then one
 call is measured: forward, then backward with a fixed random dY through ``torch.autograd.grad``
@@ -39,16 +53,18 @@ inside a network does not pay):
   its tensor outputs; an in-place op's mutated tensor is an input and an output, so it counts as
   read and written. A tensor counts its distinct elements (a stride-0 broadcast dimension counts
   once). Shown as a multiple of the layer's (input + output) activation bytes (``layer`` row: of
-  the four adapted linears' input + output bytes, summed), in total and without the bytes of
-  tensors shaped like a 2-D parameter of the layer or its transpose (the frozen weight, the LoRA
-  factors, their gradients): "activation-shaped", which includes the rank-r activations. The
-  split is by shape, so the default shape keeps the token count per rank (192; 96 under SP) apart
-  from every weight dimension; a shape where they meet shows "?".
+  the four adapted linears' input + output bytes, summed; ``moe`` row: of the adapted linears'
+  input + output bytes summed over every call, i.e. qkv, proj and each expert's fc1 and fc2 at
+  the tokens that expert got), in total and without the bytes of tensors shaped like a 2-D
+  parameter of the layer or its transpose (the frozen weight, the LoRA factors, their
+  gradients): "activation-shaped", which includes the rank-r activations. The
+  split is by shape, so the default shape keeps the token count per rank (192; 96 under SP), and
+  each expert's token count, apart from every weight dimension; a shape where they meet shows "?".
 * **saved for backward**: the storages that ``torch.autograd.graph.saved_tensors_hooks`` sees
   packed during forward, deduplicated by storage (``data_ptr``), parameters excluded, counted at
   their storage's full size (what a saved view keeps alive). Shown as a multiple of the layer's
-  input activation bytes (``layer`` row: the four adapted linears' input bytes summed, i.e. the
-  branch inputs); "of which the input" is the part that is the layer's own input storage.
+  input activation bytes (``layer`` / ``moe`` rows: the adapted linears' input bytes summed, i.e.
+  the branch inputs); "of which the input" is the part that is the layer's own input storage.
 
 "Extra" is always LoRA minus base, same layout, same shapes. A second, separately built base is
 measured against the first as a control (``base_vs_base``: zero by construction). TP=2 rows show
@@ -57,7 +73,8 @@ rank 0; both ranks are measured and the table says if their op counts differ.
 JSON (``--json``): ``{"rows": [...], "shape": {...}, "variants": [names], "skipped_variants":
 [names], "meta": {torch, megatron_core, megatron_lora (the package measured), git_head,
 uncommitted, date, dtype, branch_kernels}}``; a row is ``{layout, tp, sp, target, input_bytes,
-output_bytes, base, base_vs_base, variants: {name: {lora, extra}}, ranks_agree}`` where ``base`` /
+output_bytes, linear_calls (adapted linear calls per forward), base, base_vs_base, variants:
+{name: {lora, extra}}, ranks_agree}`` (moe rows add ``tokens_per_expert``, rank 0's) where ``base`` /
 ``lora`` are measurements ``{ops, collectives, no_data_ops (name -> count), bytes_touched,
 bytes_by_name, param_shaped_bytes, saved_bytes, saved_input_bytes, param_split_ambiguous}`` and
 ``extra`` / ``base_vs_base`` are differences ``{aten_ops, aten_ops_by_name, collectives,
@@ -75,7 +92,9 @@ and writes, not the wire. Gradients are returned, not accumulated: with DDP's ma
 buffers (gradient-accumulation fusion) each factor gradient costs one more add. Tensors a layer
 keeps for backward outside ``save_for_backward`` (as attributes of ``ctx``) are not seen by the
 saved-tensor hooks. The base is Megatron's frozen path (``LinearWithFrozenWeight``): it keeps only
-the weight for backward and runs no weight-gradient GEMM.
+the weight for backward and runs no weight-gradient GEMM. The moe row runs SequentialMLP, one
+expert after the other: the GPU path of grouped experts (``TEGroupedMLP``, one grouped GEMM per
+factor) is not what it counts.
 """
 
 import argparse
