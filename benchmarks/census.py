@@ -34,9 +34,9 @@ bias at -1e4, which needs sigmoid scores: the router then scores by sigmoid) to 
 
 Each LoRA row once per entry of ``VARIANTS`` (LoRAConfig overrides: adding a variant is one line;
 an entry naming a field the installed ``LoRAConfig`` lacks is skipped and listed as skipped, so
-the script also measures code from before that field). Base weights are frozen, the layer's input requires grad (so the base's backward computes
-dX only), the LoRA factors are trainable, dropout is 0 and ``branch_kernels`` keeps its default
-(on the CPU "auto" is plain torch). Each variant is built, runs one warm-up call, and then one
+the script also measures code from before that field). Base weights are frozen, the layer's
+input requires grad (so the base's backward computes dX only), the LoRA factors are trainable,
+dropout is 0 and ``branch_kernels`` keeps its default (on the CPU "auto" is plain torch). Each variant is built, runs one warm-up call, and then one
 call is measured: forward, then backward with a fixed random dY through ``torch.autograd.grad``
 for the input and the trainable parameters (returned, not accumulated into ``.grad``: a leaf's
 AccumulateGrad copies a gradient it cannot take over, e.g. a non-contiguous dX, which a layer
@@ -554,7 +554,8 @@ def format_table(result) -> str:
                 f"{e['collectives']} ({_breakdown(e['collectives_by_name'])})"
             ambiguous = v["lora"]["param_split_ambiguous"] or row["base"]["param_split_ambiguous"]
             act_shaped = "?" if ambiguous else f"{e['activation_shaped_bytes_x_activations']:.2f}"
-            own_input = "-" if row["target"] in ("layer", "moe") else f"{e['saved_input_bytes'] / row['input_bytes']:.2f}"
+            own_input = ("-" if row["target"] in ("layer", "moe")
+                         else f"{e['saved_input_bytes'] / row['input_bytes']:.2f}")
             lines.append(
                 f"| {row['layout']} | {row['target']} | {name} | {sum(row['base']['ops'].values())} | "
                 f"{e['aten_ops']} | {_breakdown(e['aten_ops_by_name'])} | {coll} | "
