@@ -36,11 +36,11 @@ Each LoRA row once per entry of ``VARIANTS`` (LoRAConfig overrides: adding a var
 an entry naming a field the installed ``LoRAConfig`` lacks is skipped and listed as skipped, so
 the script also measures code from before that field). Base weights are frozen, the layer's
 input requires grad (so the base's backward computes dX only), the LoRA factors are trainable,
-dropout is 0 and ``branch_kernels`` keeps its default (on the CPU "auto" is plain torch). Each variant is built, runs one warm-up call, and then one
-call is measured: forward, then backward with a fixed random dY through ``torch.autograd.grad``
-for the input and the trainable parameters (returned, not accumulated into ``.grad``: a leaf's
-AccumulateGrad copies a gradient it cannot take over, e.g. a non-contiguous dX, which a layer
-inside a network does not pay):
+dropout is 0 and ``branch_kernels`` keeps its default (on the CPU "auto" is plain torch). Each
+variant is built, runs one warm-up call, and then one call is measured: forward, then backward
+with a fixed random dY through ``torch.autograd.grad`` for the input and the trainable parameters
+(returned, not accumulated into ``.grad``: a leaf's AccumulateGrad copies a gradient it cannot
+take over, e.g. a non-contiguous dX, which a layer inside a network does not pay):
 
 * **aten ops**: every op a ``TorchDispatchMode`` sees during forward + backward, by name
   (``mm``, ``addmm_``, ``mul`` ...). Ops that move no data are listed apart (``no_data_ops``)
