@@ -1,7 +1,7 @@
 """CPU census of what LoRA adds to one layer's forward + backward (issues 16, 25): aten ops, bytes
 touched and bytes saved for backward, LoRA layer minus the frozen base layer.
 
-    python -m benchmarks.census                       # from the repo root; ~20 s on 2 cores
+    python -m benchmarks.census                       # from the repo root; ~1 min on 2 cores
     python -m benchmarks.census --tp 1 --json c.json  # TP=1 only; the measurements as JSON too
 
 ``--out PATH`` also writes the markdown table; the shape flags (``--seq``, ``--batch``,
