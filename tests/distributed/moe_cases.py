@@ -237,7 +237,8 @@ def run_worker(base_dir, options):
     """
     from megatron_lora import apply_lora
 
-    opts = dict(sp=False, dispatcher="alltoall", aux=True, loop="plain", steps=4, lr=1e-2, save=None)
+    opts = dict(sp=False, dispatcher="alltoall", aux=True, loop="plain", steps=4, lr=1e-2, save=None,
+                unmark_expert_sp=False)
     opts.update(options)
     model = build_tiny_gpt(moe_config(opts["sp"], opts["dispatcher"], opts["aux"]))
     load_base(model, base_dir)
@@ -247,6 +248,12 @@ def run_worker(base_dir, options):
         frozen_loss = _loss(model, inputs, labels).item()
     frozen_logits = full_logits(model, inputs)
     apply_lora(model, lora_cfg())
+    unmarked = 0
+    if opts["unmark_expert_sp"]:  # the harness test: finalize_model_grads no longer sums them
+        for name, p in model.named_parameters():
+            if ".experts." in name and getattr(p, "sequence_parallel", False):
+                p.sequence_parallel = False
+                unmarked += 1
     init, names = local_adapter(model)
     train = plain_train if opts["loop"] == "plain" else ddp_train
     probe.tokens.clear()
@@ -258,7 +265,8 @@ def run_worker(base_dir, options):
 
         save_adapter(model, opts["save"], iteration=opts["steps"])
     return dict(frozen_loss=frozen_loss, frozen_logits=frozen_logits, init=init, names=names,
-                losses=losses, adapter=adapter, logits=full_logits(model, inputs), tokens=tokens)
+                losses=losses, adapter=adapter, logits=full_logits(model, inputs), tokens=tokens,
+                unmarked=unmarked)
 
 
 def load_worker(base_dir, adapter_root, options):

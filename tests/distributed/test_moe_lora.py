@@ -34,6 +34,8 @@ LAYOUTS = {
     "ref-noaux": (1, {}, dict(aux=False)),
     "ep2-noaux": (2, dict(ep=2), dict(aux=False)),
     "tp2-sp-etp2-ep2-noaux": (4, dict(tp=2, etp=2, ep=2), dict(sp=True, loop="ddp", aux=False)),
+    # The harness must bite: expert factors' partial gradients left unsummed (not in OTHERS).
+    "bite-tp2-sp-etp2-unsummed": (2, dict(tp=2, etp=2), dict(sp=True, loop="ddp", unmark_expert_sp=True)),
 }
 SAVER = "tp2-sp-etp2-ep2"  # its trained adapter is saved, then loaded at EP=1 and EP=4
 # Measured on CPU (megatron-core 0.19.2 and 0.16.1): the frozen model's loss differs by at most
@@ -106,7 +108,7 @@ def rel_err(got, ref):
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-OTHERS = [n for n in LAYOUTS if n not in ("ref", "ref-noaux")]
+OTHERS = [n for n in LAYOUTS if n not in ("ref", "ref-noaux") and not n.startswith("bite")]
 
 
 # ---------------------------------------------------------------------------------- frozen and init
@@ -196,6 +198,15 @@ def test_aux_loss_changes_training(dirs):
     assert rel_err(noaux[0]["losses"], ref[0]["losses"]) > 10 * LOSS_RTOL
     a, b = logical(ref), logical(noaux)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 10 * ADAPTER_ATOL
+
+
+def test_harness_bites_unsummed_expert_factor_gradients(dirs):
+    """At ETP = TP = 2 under SP the replicated expert factors' gradients are partial over the
+    expert-TP group and marked sequence_parallel for finalize_model_grads to sum: without the
+    mark the run must leave the reference."""
+    ranks = run(dirs, "bite-tp2-sp-etp2-unsummed")
+    assert all(r["unmarked"] > 0 for r in ranks)
+    assert rel_err(ranks[0]["losses"], run(dirs, "ref")[0]["losses"]) > 10 * LOSS_RTOL
 
 
 # ------------------------------------------------------------------------------------ collectives
