@@ -10,11 +10,16 @@ Layers never call ``torch.distributed`` directly. Per forward / backward of one 
 | row, SP                      | 1 reduce-scatter of ``[Y | X_i A_i^T]`` | 1 all-gather of dY (as base) |
 
 That is exactly the base layer's count: the rank-r term the replicated factor's gradient needs
-rides in the base layer's own message (docs/design.md §3). The one exception is a layer whose base issues
-no TP collective although TP > 1 (expert layers with explicit expert communication,
-``disable_grad_reduce``): there the dispatcher (or the caller) reduces the base output, so the
-rank-r term gets its own small all-reduce (mode ``"rider_only"``). The tests count what a layer
-issues with ``tests/collective_count.py``.
+rides in the base layer's own message (docs/design.md §3). Expert layers with explicit expert
+communication issue no TP collective of their own: the token dispatcher all-gathers their input
+and reduce-scatters their output over the expert-TP group, as sequence parallelism does. There,
+under SP with the expert-TP group equal to the TP group (Megatron's default), the layer issues
+nothing either (mode ``"partial"``): the replicated factor's gradient is a per-rank partial sum,
+marked ``sequence_parallel`` like an SP norm weight and summed by ``finalize_model_grads``. The
+one exception left is a layer whose caller reduces although no per-step sum over its group exists
+(``disable_grad_reduce``, an expert-TP group that is not the TP group, expert-TP > 1 without SP):
+the rank-r term gets its own small all-reduce (mode ``"rider_only"``). The tests count what a
+layer issues with ``tests/collective_count.py``.
 """
 
 from __future__ import annotations
@@ -77,22 +82,28 @@ def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-COMM_MODES = ("all_reduce", "reduce_scatter", "rider_only", "none")
+COMM_MODES = ("all_reduce", "reduce_scatter", "partial", "rider_only", "none")
 
 
-def comm_mode(tp_size: int, sequence_parallel: bool, base_reduces: bool = True) -> str:
+def comm_mode(tp_size: int, sequence_parallel: bool, base_reduces: bool = True,
+              partial_grads_summed: bool = False) -> str:
     """How a LoRA layer's one collective runs, read off what its base layer does (one of COMM_MODES).
 
     ``sequence_parallel``: the base gathers its input / reduce-scatters its output along the
     sequence. ``base_reduces``: the base layer issues its TP reduction itself; False for expert
     layers with explicit expert communication and for ``disable_grad_reduce``, where the caller
-    reduces the base part and the rank-r rider gets its own small all-reduce (``"rider_only"``).
+    reduces the base part. Then ``partial_grads_summed`` (a per-step sum of the replicated
+    factor's gradient over the layer's group exists: ``finalize_model_grads``' SP sum) gives
+    ``"partial"``, no collective at all; else the rank-r rider gets its own small all-reduce
+    (``"rider_only"``).
     """
     if tp_size == 1:
         return "none"
     if sequence_parallel:
         return "reduce_scatter"
-    return "all_reduce" if base_reduces else "rider_only"
+    if base_reduces:
+        return "all_reduce"
+    return "partial" if partial_grads_summed else "rider_only"
 
 
 def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
@@ -101,11 +112,12 @@ def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
 
     ``mode`` (see ``comm_mode``): ``"all_reduce"``; ``"reduce_scatter"`` along dim 0 (sequence
     parallel); ``"rider_only"``: the caller reduces ``main``, the rank-r rider gets its own small
-    all-reduce; ``"none"`` at TP = 1. The rider is the rank-r activation whose TP sum completes
+    all-reduce; ``"partial"``: the caller reduces ``main`` and the rider stays this rank's term
+    (the factor gradient made from it is summed per step); ``"none"`` at TP = 1. The rider is the rank-r activation whose TP sum completes
     the gradient of a replicated LoRA factor; it costs ``r / hidden`` more bytes and no extra
     message (docs/design.md §3).
     """
-    if mode == "none":
+    if mode in ("none", "partial"):
         return main, rider
     if mode == "rider_only":
         return main, all_reduce(rider.clone(), group)
@@ -115,8 +127,9 @@ def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
 
 def reduce(x: torch.Tensor, group, mode: str) -> torch.Tensor:
     """One tensor through the base layer's collective: ``"all_reduce"``, ``"reduce_scatter"``
-    along dim 0, or nothing (``"none"``: TP = 1; ``"rider_only"``: the caller reduces it)."""
-    if mode in ("none", "rider_only"):
+    along dim 0, or nothing (``"none"``: TP = 1; ``"rider_only"`` / ``"partial"``: the caller
+    reduces it)."""
+    if mode in ("none", "rider_only", "partial"):
         return x
     if mode == "reduce_scatter":
         return reduce_scatter_first_dim(x, group)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Tuple
 
 DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Scopes a target may name (``experts.linear_fc1``): the module that holds the linear.
+TARGET_SCOPES = ("self_attention", "mlp", "experts", "shared_experts")
 INIT_METHODS = ("kaiming", "gaussian")
 BRANCH_KERNEL_CHOICES = ("auto", "torch", "triton")  # LoRAConfig.branch_kernels; kernels.select reads it too
 
@@ -29,7 +31,10 @@ class LoRAConfig:
     )
     target_modules: Tuple[str, ...] = field(
         default=DEFAULT_TARGET_MODULES,
-        metadata={"help": "Names of the Megatron parallel linears that get an adapter."},
+        metadata={"help": "Names of the Megatron parallel linears that get an adapter: a name "
+                          "(linear_fc1: every one, dense MLP, routed and shared experts) or a scoped "
+                          "name (experts.linear_fc1, shared_experts.linear_fc1, mlp.linear_fc1, "
+                          "self_attention.linear_qkv)."},
     )
     init: str = field(
         default="kaiming",
@@ -104,13 +109,26 @@ class LoRAConfig:
             raise ValueError(f"Unknown LoRAConfig fields {unknown}; known fields: {sorted(names)}.")
         return cls(**d)
 
+    def targets(self, name: str) -> bool:
+        """Whether the module called ``name`` (qualified or a spec field path) gets an adapter."""
+        return any(n in self.target_modules for n in target_names(name))
+
     def check_targets_exist(self, available: Iterable[str]) -> None:
         """Fail early when a target name matches no parallel linear of the model."""
         available = sorted(set(available))
         missing = [t for t in self.target_modules if t not in available]
         if missing:
             raise ValueError(
-                f"LoRA target module(s) {missing} match no Megatron parallel linear in this model. "
-                f"Parallel linears that exist: {available}. Fix LoRAConfig.target_modules "
+                f"LoRA target module(s) {missing} match no Megatron parallel linear (or MoE router) in this "
+                f"model. Targets that exist: {available}. Fix LoRAConfig.target_modules "
                 "(--lora-target-modules)."
             )
+
+
+def target_names(name: str) -> Tuple[str, ...]:
+    """The names a target may give a module: its leaf (``linear_fc1``) and its scoped name, the
+    leaf under its nearest named holder (``experts.linear_fc1``; indices and ``local_experts``
+    skipped), so ``decoder.layers.3.mlp.experts.local_experts.5.linear_fc1`` is
+    ``("linear_fc1", "experts.linear_fc1")``."""
+    parts = [p for p in name.split(".") if p and not p.isdigit() and p != "local_experts"]
+    return (parts[-1], f"{parts[-2]}.{parts[-1]}") if len(parts) > 1 else tuple(parts)

@@ -17,18 +17,21 @@ from typing import Dict, Iterator, List
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lora.core import recompute
-from megatron_lora.core.config import LoRAConfig
+from megatron_lora.core.config import LoRAConfig, target_names
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
     LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1, is_qkv,
 )
+from megatron_lora.core.router import LoRATopKRouter
 
 logger = logging.getLogger(__name__)
 
-_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
+_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear,
+                  TopKRouter: LoRATopKRouter}
 _LORA_TYPES = (LoRALayerMixin,)
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
@@ -53,7 +56,8 @@ def lora_layer_spec(spec, cfg: LoRAConfig):
     """A copy of a Megatron ``ModuleSpec`` whose target parallel linears are LoRA layers.
 
     Works on any spec tree (GPT layer, block, MoE experts): every submodule field named in
-    ``cfg.target_modules`` that holds a ColumnParallelLinear / RowParallelLinear is swapped.
+    ``cfg.target_modules`` (by itself or scoped by the field holding it, ``experts.linear_fc1``)
+    that holds a ColumnParallelLinear / RowParallelLinear is swapped.
     """
     found = set()
     new = _rewrite(copy.copy(spec), cfg, found, lora_classes())
@@ -84,56 +88,76 @@ def get_gpt_lora_layer_spec(cfg: LoRAConfig, transformer_impl: str = "local", **
     return lora_layer_spec(megatron_gpt_layer_spec(transformer_impl, **spec_kwargs), cfg)
 
 
-def _rewrite(node, cfg, found, classes, name=None):
+def _rewrite(node, cfg, found, classes, name=None, scope=None):
+    """``name``: the field holding ``node``; ``scope``: the field holding the nearest enclosing
+    module spec (a target's scope: ``experts`` for ``experts.linear_fc1``)."""
+    path = f"{scope}.{name}" if scope and name else name
     if isinstance(node, ModuleSpec):
         base = node.module
-        if name in cfg.target_modules and base in classes:
+        if name and cfg.targets(path) and base in classes:
             found.add(name)
             return dataclasses.replace(node, module=classes[base], params={**node.params, "lora_config": cfg})
         if node.submodules is not None:
-            node = dataclasses.replace(node, submodules=_rewrite(node.submodules, cfg, found, classes))
+            node = dataclasses.replace(node, submodules=_rewrite(node.submodules, cfg, found, classes, None, name))
         return node
     if isinstance(node, type):
-        if name in cfg.target_modules and node in classes:
+        if name and cfg.targets(path) and node in classes:
             found.add(name)
             return ModuleSpec(module=classes[node], params={"lora_config": cfg})
         return node
     if dataclasses.is_dataclass(node):
-        changes = {f.name: _rewrite(getattr(node, f.name), cfg, found, classes, f.name)
+        changes = {f.name: _rewrite(getattr(node, f.name), cfg, found, classes, f.name, scope)
                    for f in dataclasses.fields(node)}
         return dataclasses.replace(node, **changes)
     if isinstance(node, functools.partial):
         # megatron-core 0.19 builds the MLP as partial(MLP.as_mlp_submodule, submodules=...)
-        args = [_rewrite(a, cfg, found, classes, name) for a in node.args]
-        keywords = {k: _rewrite(v, cfg, found, classes, k) for k, v in node.keywords.items()}
+        args = [_rewrite(a, cfg, found, classes, name, scope) for a in node.args]
+        keywords = {k: _rewrite(v, cfg, found, classes, k, name) for k, v in node.keywords.items()}
         return functools.partial(node.func, *args, **keywords)
     if isinstance(node, (list, tuple)):
-        return type(node)(_rewrite(n, cfg, found, classes, name) for n in node)
+        return type(node)(_rewrite(n, cfg, found, classes, name, scope) for n in node)
     return node
 
 
 # ----------------------------------------------------------------------------- built-model path
 
 def global_module_names(model: torch.nn.Module) -> Dict[torch.nn.Module, str]:
-    """Qualified names with each transformer layer's GLOBAL index (``layer_number - 1``).
+    """Qualified names with GLOBAL indices: each transformer layer's ``layer_number - 1`` and each
+    expert's index among all experts of its layer (``SequentialMLP``: EP rank x local experts).
 
-    Under PP every stage numbers its local layers from 0; the global index makes the LoRA seed,
-    and so A, independent of the pipeline layout.
+    Under PP every stage numbers its local layers from 0, and under EP every expert rank numbers
+    its local experts from 0; the global indices make the LoRA seed, and so A, independent of the
+    pipeline and expert-parallel layout.
     """
     names = {}
 
-    def walk(module, prefix):
+    def walk(module, prefix, expert_offset=None):
         for child_name, child in module.named_children():
             part = child_name
             layer_number = getattr(child, "layer_number", None)
             if child_name.isdigit() and isinstance(layer_number, int):
                 part = str(layer_number - 1)
+            elif child_name.isdigit() and expert_offset is not None:
+                part = str(int(child_name) + expert_offset)
             name = f"{prefix}{part}"
             names[child] = name
-            walk(child, name + ".")
+            walk(child, name + ".", _local_expert_offset(module) if child_name == "local_experts" else None)
 
     walk(model, "")
     return names
+
+
+def _local_expert_offset(experts: torch.nn.Module) -> int:
+    """Global index of a ``SequentialMLP``'s first local expert (Megatron's own rule: experts are
+    split evenly and in order over the expert-parallel group)."""
+    group = getattr(experts, "ep_group", None)
+    if group is None:  # megatron-core 0.13 keeps no group on the module
+        from megatron.core import parallel_state
+
+        rank = parallel_state.get_expert_model_parallel_rank()
+    else:
+        rank = group.rank()
+    return rank * experts.num_local_experts
 
 
 def apply_lora(model, cfg: LoRAConfig):
@@ -151,7 +175,7 @@ def apply_lora(model, cfg: LoRAConfig):
         names = global_module_names(chunk)
         for module, name in list(names.items()):
             leaf = name.rsplit(".", 1)[-1]
-            if leaf not in cfg.target_modules:
+            if not cfg.targets(name):
                 continue
             if isinstance(module, _LORA_TYPES):
                 if module.lora_config != cfg:
@@ -176,12 +200,11 @@ def apply_lora(model, cfg: LoRAConfig):
 def _check_targets(model: torch.nn.Module, cfg: LoRAConfig, classes: dict) -> None:
     available, unsupported = set(), {}
     for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
         if type(module) in classes or isinstance(module, _LORA_TYPES):
-            available.add(leaf)
+            available.update(target_names(name))
         elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or (
-                leaf in cfg.target_modules and "Linear" in type(module).__name__):
-            unsupported[leaf] = type(module).__name__
+                cfg.targets(name) and "Linear" in type(module).__name__):
+            unsupported.update(dict.fromkeys(target_names(name), type(module).__name__))
     bad = {t: unsupported[t] for t in cfg.target_modules if t in unsupported and t not in available}
     if bad:
         raise TypeError(
@@ -195,7 +218,7 @@ def _check_targets(model: torch.nn.Module, cfg: LoRAConfig, classes: dict) -> No
 
 def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
     """``recompute_branch_input``: give the local LoRA layers their producers (``recompute.py``)."""
-    local = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+    local = (LoRAColumnParallelLinear, LoRARowParallelLinear, LoRATopKRouter)  # the router keeps its input
     foreign = sorted({type(m).__name__ for m in chunk.modules() if isinstance(m, _LORA_TYPES)
                       and not isinstance(m, local)})
     if foreign:

@@ -24,7 +24,9 @@ replicated factor carries ``sequence_parallel = True`` and Megatron's ``finalize
 sums it in the all-reduce it already issues for sequence-parallel norm weights. Replicated
 factors carry no ``tensor_model_parallel`` attribute, so grad-norm clipping counts them once
 (trap 8). Both factors take the base weight's ``allreduce`` flag (the DDP group it is reduced
-over: expert-data-parallel for expert weights).
+over); expert factors always reduce over the expert-data-parallel group. An expert layer at
+expert-TP > 1 issues nothing itself: the token dispatcher reduces (mode ``"partial"`` or
+``"rider_only"``, docs/design.md §3, §17).
 
 Dropout rule: the mask is that of the LOGICAL (unsharded, full-sequence) branch input, drawn from
 the default generator, which Megatron keeps in sync across the TP group. A column layer draws it
@@ -38,6 +40,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
@@ -73,6 +77,18 @@ def is_qkv(name: Optional[str]) -> bool:
     """Whether a layer is the fused ``linear_qkv`` (module name, or the ``tp_comm_buffer_name``
     "qkv" of Megatron's attention): its rows are q, k and v per query group."""
     return name in ("linear_qkv", "qkv")
+
+
+def _finalize_sums_over(config, group) -> bool:
+    """Whether Megatron's ``finalize_model_grads`` sums ``sequence_parallel`` gradients over
+    exactly the ranks of ``group``: it does so over the TP group when the config has SP. True for
+    an expert-TP group equal to the TP group (Megatron's default expert-TP size)."""
+    if not getattr(config, "sequence_parallel", False) or C.group_size(group) == 1:
+        return False
+    tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+    if tp_group is None:
+        return False
+    return dist.get_process_group_ranks(group) == dist.get_process_group_ranks(tp_group)
 
 
 class LoRALayerMixin:
@@ -124,10 +140,14 @@ class LoRALayerMixin:
         cpu_init = self.config.use_cpu_initialization
         device = ref.device if ref is not None else "cpu" if cpu_init else torch.cuda.current_device()
         dtype = ref.dtype if ref is not None else self.config.params_dtype
-        # DDP reduces a parameter with allreduce=False over the expert-data-parallel group. The
-        # factors follow the base weight's flag; megatron-core 0.19 also clears it on expert
-        # layers whose expert-TP size differs from the TP size, not only under expert parallelism.
-        base_allreduce = getattr(ref, "allreduce", not (self.is_expert and self.expert_parallel))
+        # DDP reduces a parameter with allreduce=False over the expert-data-parallel group: the
+        # factors of an expert layer always take it. Each rank's experts see their own tokens, so
+        # that is their data-parallel group on every release; megatron-core 0.16 marks expert
+        # weights allreduce=True at EP=1 even where expert-TP differs from TP (0.19 does not).
+        base_allreduce = getattr(ref, "allreduce", True)
+        allreduce = False if self.is_expert else base_allreduce
+        self._lora_partial_grads_summed = _finalize_sums_over(self.config, self.tp_group) \
+            if self.is_expert else False
         for factor in LORA_FACTORS:
             shape = self.lora_layout.local_shape(factor, self.lora_logical_shape(factor), world)
             param = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -135,16 +155,19 @@ class LoRALayerMixin:
             if dim is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
             else:
-                # The replicated factor's gradient is a per-sequence-chunk partial sum exactly
-                # when the layer's collective is a reduce-scatter (SP; not expert layers).
-                param.sequence_parallel = self._comm_mode() == "reduce_scatter"
-            param.allreduce = base_allreduce
+                param.sequence_parallel = self._lora_grad_is_partial()
+            param.allreduce = allreduce
             setattr(self, factor, param)
         if row_projection is not None:  # this rank's rows of B_block, sharded like lora_B
             local = self.lora_layout.shard("lora_B", row_projection, C.group_rank(self.lora_group), world)
             self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)
+
+    def _lora_grad_is_partial(self) -> bool:
+        """Whether the replicated factor's gradient is a partial sum to be summed per step: when
+        the layer's collective is a reduce-scatter (SP) or the dispatcher's ("partial", experts)."""
+        return self._comm_mode() in ("reduce_scatter", "partial")
 
     def lora_b_for_gemm(self, logical_b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """B as the operators and every merge multiply it: ``lora_B`` itself, or with per-projection
@@ -248,7 +271,8 @@ class LoRAColumnParallelLinear(LoRALayerMixin, ColumnParallelLinear):
         # Megatron's column layer: explicit expert communication turns SP and the dX reduction
         # off, disable_grad_reduce the dX reduction only.
         return C.comm_mode(C.group_size(self.tp_group), self.sequence_parallel and not self.explicit_expert_comm,
-                           base_reduces=not (self.explicit_expert_comm or self.disable_grad_reduce))
+                           base_reduces=not (self.explicit_expert_comm or self.disable_grad_reduce),
+                           partial_grads_summed=self._lora_partial_grads_summed and self.explicit_expert_comm)
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
@@ -292,7 +316,8 @@ class LoRARowParallelLinear(LoRALayerMixin, RowParallelLinear):
     def _comm_mode(self) -> str:
         # Megatron's row layer: explicit expert communication leaves the output unreduced.
         return C.comm_mode(C.group_size(self.tp_group), self.sequence_parallel and not self.explicit_expert_comm,
-                           base_reduces=not self.explicit_expert_comm)
+                           base_reduces=not self.explicit_expert_comm,
+                           partial_grads_summed=self._lora_partial_grads_summed and self.explicit_expert_comm)
 
     def forward(self, input_: torch.Tensor):
         if not self._lora_active():

@@ -342,7 +342,8 @@ class RowJoin(torch.autograd.Function):
         # [s, b, r]: rank i's term
         h = kernels.select(b.kernel_choice, x, lora_a.shape[0], b.group).down(_dropped(x, mask, b.dropout), lora_a)
         y = _join_branch(_base_gemm(x, weight, out), call.owns_gemm, h, lora_b, b.scaling)
-        # "rider_only": the base output stays partial, the expert dispatcher reduces it.
+        # "rider_only" / "partial": the base output stays partial, the expert dispatcher reduces
+        # it; under "partial" h_sum is this rank's term and dB a partial sum (summed per step).
         y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
         ctx.kept = _kept(call.owns_gemm and ctx.needs_input_grad[2], None, call.recipe)
         sources = call.recipe.tensors if ctx.kept == KEEP_RECIPE else ()

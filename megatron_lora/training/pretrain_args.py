@@ -19,7 +19,7 @@ import torch
 
 from megatron_lora.training.arguments import add_lora_args, lora_config_from_args
 from megatron_lora.training.checkpoint_dirs import check_checkpoint_dirs
-from megatron_lora.core.config import DEFAULT_TARGET_MODULES
+from megatron_lora.core.config import DEFAULT_TARGET_MODULES, TARGET_SCOPES
 from megatron_lora.training.preemption import EXIT_SIGNALS
 
 # The architecture flags a checkpoint records (``model_args.json``) and a run must match.
@@ -163,6 +163,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _known_target(target: str) -> bool:
+    """A target of a GPT layer: one of the four linears, or one scoped (``experts.linear_fc1``)."""
+    scope, _, leaf = target.rpartition(".")
+    return leaf in DEFAULT_TARGET_MODULES and scope in ("", *TARGET_SCOPES)
+
+
 def _fail(message: str) -> None:
     raise UsageError(message)
 
@@ -232,10 +238,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     except ValueError as err:
         _fail(str(err))
     if args.lora is not None:
-        unknown = [t for t in args.lora.target_modules if t not in DEFAULT_TARGET_MODULES]
+        unknown = [t for t in args.lora.target_modules if not _known_target(t)]
         if unknown:
             _fail(f"--lora-target-modules {' '.join(unknown)}: no such module in a GPT layer; "
-                  f"choose from {' '.join(DEFAULT_TARGET_MODULES)}.")
+                  f"choose from {' '.join(DEFAULT_TARGET_MODULES)}, each optionally scoped by one "
+                  f"of {' '.join(TARGET_SCOPES)} (experts.linear_fc1).")
         # The smallest side of the four targets: hidden, attention width (heads x kv channels), ffn.
         if args.lora.recompute_branch_input and args.transformer_impl == "transformer_engine":
             _fail("--lora-recompute-branch-input works with --transformer-impl local: the TE layers "

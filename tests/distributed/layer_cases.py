@@ -31,7 +31,10 @@ class Case:
     bias: bool = True
     skip_bias_add: bool = False
     dropout: float = 0.0
-    expert: bool = False  # explicit expert communication: the dispatcher reduces, not the layer
+    # Explicit expert communication: the dispatcher reduces, not the layer. With ``sp`` the config
+    # has SP (the layer still sees whole inputs) and the expert-TP group is the TP group, so the
+    # layer issues nothing ("partial"); without, its rider gets its own all-reduce ("rider_only").
+    expert: bool = False
     disable_grad_reduce: bool = False  # column only: the caller reduces dX
 
     @property
@@ -59,6 +62,8 @@ def all_cases():
     cases.append(Case("row", bias=True, skip_bias_add=True))
     cases.append(Case("column", bias=False, expert=True))
     cases.append(Case("row", bias=True, skip_bias_add=True, expert=True))
+    cases.append(Case("column", sp=True, bias=False, expert=True))
+    cases.append(Case("row", sp=True, bias=True, skip_bias_add=True, expert=True))
     cases.append(Case("column", bias=True, disable_grad_reduce=True))
     return cases
 
@@ -140,7 +145,7 @@ def local_input_and_grad(case: Case, t: dict):
     """This rank's X (a leaf wanting its gradient) and dY: the sequence chunk under SP, the hidden
     shard of a parallel row input or of a column output that is not gathered."""
     tp, rank = tp_rank()
-    sp = case.sp and tp > 1
+    sp = case.sp and tp > 1 and not case.expert  # an expert layer gets the dispatcher's whole tokens
     x, dy = t["x"], t["dy"]
     if case.kind == "column":
         if sp:
@@ -174,18 +179,19 @@ def assemble(case: Case, per_rank: list, layout_gated: bool = False):
     from megatron_lora.core.layout import AdapterLayout
 
     layout = AdapterLayout.column(layout_gated) if case.kind == "column" else AdapterLayout.row()
-    sp = case.sp and len(per_rank) > 1
+    sp = case.sp and len(per_rank) > 1 and not case.expert
+    partial = sp or (case.sp and case.expert and len(per_rank) > 1)  # replicated grad: a partial sum
     pick = lambda k: [r[k] for r in per_rank]  # noqa: E731
     if case.kind == "column":
         y = pick("y")[0] if case.gather_output else torch.cat(pick("y"), -1)
         dx = torch.cat(pick("dx"), 0) if sp else (sum(pick("dx")) if case.caller_reduces else pick("dx")[0])
-        dA = sum(pick("dA")) if sp else pick("dA")[0]
+        dA = sum(pick("dA")) if partial else pick("dA")[0]
         dB = layout.unshard("lora_B", pick("dB"))
     else:
         y = torch.cat(pick("y"), 0) if sp else (sum(pick("y")) if case.caller_reduces else pick("y")[0])
         dx = torch.cat(pick("dx"), -1) if case.input_is_parallel else pick("dx")[0]
         dA = layout.unshard("lora_A", pick("dA"))
-        dB = sum(pick("dB")) if sp else pick("dB")[0]
+        dB = sum(pick("dB")) if partial else pick("dB")[0]
     return dict(y=y, dx=dx, dA=dA, dB=dB)
 
 
@@ -219,7 +225,7 @@ def worker_count_collectives(cases):
                 cfg = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=case.sp,
                                           use_cpu_initialization=True)
                 kw = dict(config=cfg, init_method=torch.nn.init.normal_, bias=case.bias,
-                          skip_bias_add=case.skip_bias_add)
+                          skip_bias_add=case.skip_bias_add, is_expert=case.expert)
                 layer = (ColumnParallelLinear(H_IN, H_OUT, gather_output=case.gather_output, **kw)
                          if case.kind == "column" else
                          RowParallelLinear(H_IN, H_OUT, input_is_parallel=case.input_is_parallel, **kw))
@@ -230,7 +236,7 @@ def worker_count_collectives(cases):
                 from tests.distributed.naive_lora import NaiveLoRA
 
                 layer = NaiveLoRA(layer, RANK, 8)
-            s = S // tp if (case.sp and case.kind == "column") else S
+            s = S // tp if (case.sp and not case.expert and case.kind == "column") else S
             h = H_IN // tp if (case.kind == "row" and case.input_is_parallel) else H_IN
             x = torch.randn(s, B, h, requires_grad=True)
             with count_collectives() as fwd:

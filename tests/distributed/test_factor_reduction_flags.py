@@ -4,9 +4,10 @@
 Megatron's ``finalize_model_grads`` all-reduces over TP every parameter marked
 ``sequence_parallel`` when the config has SP. A replicated LoRA factor must be marked exactly when
 its gradient is a per-sequence-chunk partial sum, i.e. when the layer's one collective is a
-reduce-scatter. An expert layer with explicit expert communication keeps its SP flag but issues
-no reduce-scatter: its rider gets its own all-reduce, so its gradient is already complete and
-summing it again would multiply it by the TP size.
+reduce-scatter, or when the layer is an expert whose token dispatcher reduces over an expert-TP
+group equal to the TP group ("partial"). A layer whose caller reduces without such a per-step sum
+(``disable_grad_reduce``) gives its rider its own all-reduce, so its gradient is already complete
+and summing it again would multiply it by the TP size.
 """
 
 import pytest
@@ -36,8 +37,9 @@ def test_only_a_reduce_scattered_replicated_factor_is_marked_sequence_parallel()
         Case("row", sp=True): ("reduce_scatter", True),
         Case("column"): ("all_reduce", False),
         Case("row"): ("all_reduce", False),
-        Case("column", sp=True, bias=False, expert=True): ("rider_only", False),
-        Case("row", sp=True, bias=True, skip_bias_add=True, expert=True): ("rider_only", False),
+        Case("column", sp=True, bias=False, expert=True): ("partial", True),
+        Case("row", sp=True, bias=True, skip_bias_add=True, expert=True): ("partial", True),
+        Case("column", bias=False, expert=True): ("rider_only", False),  # no SP: no per-step sum
         Case("column", bias=True, disable_grad_reduce=True): ("rider_only", False),
     }
     got = run_distributed(marking_worker, 2, list(expected), tp=2)[0]
@@ -66,12 +68,14 @@ def allreduce_worker(etp):
 
 
 @pytest.mark.parametrize("etp", [1, 2])
-def test_factors_are_reduced_over_the_base_weights_data_parallel_group(etp):
-    """megatron-core 0.19 reduces expert weights over the expert-DP group whenever expert-TP
-    differs from TP (earlier: only under expert parallelism); the factors follow the base."""
+def test_expert_factors_are_reduced_over_the_expert_data_parallel_group(etp):
+    """Expert factors are always reduced over the expert-DP group (``allreduce = False``): each
+    rank's experts see its own tokens. megatron-core 0.16 marks the base weight ``allreduce=True``
+    at TP=2, ETP=1, EP=1, where the two TP ranks are expert data parallel (0.19 does not); the
+    factors must not copy that."""
     got = run_distributed(allreduce_worker, 2, etp, tp=2, expert_tensor_parallel_size=etp)[0]
     for name, (base, a, b) in got.items():
-        assert a == base and b == base, (name, base, a, b)
+        assert a is False and b is False, (name, base, a, b)
 
 
 def gtp_worker():

@@ -81,11 +81,14 @@ def test_replicated_factor_grad_bitwise_identical_on_tp_ranks(case, tp):
 
 COUNT_CASES = [L.Case("column", sp=False), L.Case("column", sp=False, gather_output=True),
                L.Case("column", sp=True), L.Case("row", sp=False), L.Case("row", sp=True),
-               L.Case("row", sp=False, input_is_parallel=False)]
+               L.Case("row", sp=False, input_is_parallel=False),
+               # experts under SP with expert-TP = TP: the dispatcher reduces, the layer issues nothing
+               L.Case("column", sp=True, bias=False, expert=True),
+               L.Case("row", sp=True, bias=True, skip_bias_add=True, expert=True)]
 EXPECTED = {  # (forward, backward) collectives of the BASE layer at TP=2, as Megatron issues them
     "column[bias]": (0, 1), "column[gather_output,bias]": (1, 1), "column[sp,bias]": (1, 1),
     "row[input_is_parallel,bias]": (1, 0), "row[sp,input_is_parallel,bias]": (1, 1),
-    "row[bias]": (1, 1),
+    "row[bias]": (1, 1), "column[sp,expert]": (0, 0), "row[sp,input_is_parallel,bias,skip_bias_add,expert]": (0, 0),
 }
 
 
