@@ -134,6 +134,9 @@ def test_recompute_on_te_layers_is_refused_early():
 MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall")
 STARVED = 3  # the expert that receives no token on the first step (EP=2: rank 1's second expert)
 MOE_STEPS = 3
+MEGATRON_RECOMPUTE = {"none": {},  # Megatron's own recomputation on top
+                      "layernorm": dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+                      "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
 
 
 def _starve(model, expert):
@@ -170,11 +173,11 @@ def _expert_fc2_sources(model):
     return decided
 
 
-def worker_moe_empty_expert(ep):
+def worker_moe_empty_expert(ep, megatron_recompute):
     from megatron_lora import apply_lora, lora_parameters
     from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
 
-    config = tiny_gpt_config(expert_model_parallel_size=ep, **MOE)
+    config = tiny_gpt_config(expert_model_parallel_size=ep, **MOE, **MEGATRON_RECOMPUTE[megatron_recompute])
     base = {k: v for k, v in build_tiny_gpt(config).state_dict().items() if isinstance(v, torch.Tensor)}
     runs = {}
     for recompute in (False, True):
@@ -200,9 +203,10 @@ def worker_moe_empty_expert(ep):
     return runs
 
 
+@pytest.mark.parametrize("megatron_recompute", MEGATRON_RECOMPUTE)
 @pytest.mark.parametrize("ep", [1, 2])
-def test_an_expert_empty_on_its_first_forward_gets_exact_adapter_gradients(ep):
-    results = run_distributed(worker_moe_empty_expert, ep, ep, expert_model_parallel_size=ep)
+def test_an_expert_empty_on_its_first_forward_gets_exact_adapter_gradients(ep, megatron_recompute):
+    results = run_distributed(worker_moe_empty_expert, ep, ep, megatron_recompute, expert_model_parallel_size=ep)
     for rank, runs in enumerate(results):
         off, on = runs[False], runs[True]
         for step, ((loss_off, grads_off), (loss_on, grads_on)) in enumerate(zip(off["steps"], on["steps"])):
