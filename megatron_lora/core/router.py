@@ -36,6 +36,12 @@ class LoRATopKRouter(TopKRouter, LoRALayerMixin):
     _base_tp_axes: dict = {}
     is_expert = False
 
+    def __init__(self, *args, lora_config: LoRAConfig, lora_init_name: Optional[str] = None, **kwargs):
+        """Built from a spec (megatron-core 0.19's ``MoESubmodules.router``): the router's own
+        arguments plus ``lora_config``."""
+        super().__init__(*args, **kwargs)
+        self._become_lora(lora_config, False, lora_init_name)
+
     @property
     def lora_group(self):
         return None  # replicated everywhere; A comes from the seed on every rank

@@ -44,3 +44,27 @@ def test_router_lora_adds_the_low_rank_term_to_the_gating_logits():
     assert r["trainable"] == [f"decoder.layers.{i}.mlp.router.lora_{f}" for i in (0, 1) for f in "AB"]
     assert r["flags"] == [(True, False), (True, False)]  # dense DP reduction; no SP here
     assert "lora_rank=4" in r["repr"] and "experts=4" in r["repr"]
+
+
+def spec_path_worker():
+    """The same model built from the LoRA layer spec (0.19 names the router in it; 0.16 builds it
+    inside MoELayer, and apply_lora swaps it): the same logical A as the built-model path."""
+    from megatron_lora import LoRAConfig, apply_lora
+    from megatron_lora.core.init import logical_lora_a
+    from megatron_lora.core.router import LoRATopKRouter
+    from megatron_lora.training.gpt import build_gpt_stage
+    from tests.distributed.models import tiny_gpt_config
+    from tests.distributed.shapes import SEQ_LEN, VOCAB_SIZE
+
+    cfg = LoRAConfig(rank=4, alpha=8, seed=3, target_modules=("router", "experts.linear_fc1"))
+    model = build_gpt_stage(tiny_gpt_config(num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.0),
+                            VOCAB_SIZE, SEQ_LEN, lora_config=cfg, position_embedding_type="rope")
+    apply_lora(model, cfg)
+    router = model.decoder.layers[1].mlp.router
+    return (type(router) is LoRATopKRouter,
+            torch.equal(router.lora_A.detach(),
+                        logical_lora_a((4, 32), cfg.init, cfg.seed, "decoder.layers.1.mlp.router")))
+
+
+def test_router_lora_from_the_spec_path_is_the_same_adapter():
+    assert run_distributed(spec_path_worker, 1)[0] == (True, True)
