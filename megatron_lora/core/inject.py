@@ -188,7 +188,7 @@ def apply_lora(model, cfg: LoRAConfig):
         if cfg.recompute_branch_input:
             _attach_recompute_sources(chunk, names)
         _freeze_all_but_lora(chunk)
-        _keep_full_recompute_differentiable(chunk)
+        _keep_recompute_differentiable(chunk)
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     total = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info("LoRA r=%d alpha=%g on %s; trainable %d / %d parameters on this rank (%.3f%%)",
@@ -229,17 +229,24 @@ def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
     recompute.attach_sources(chunk, names)
 
 
-def _keep_full_recompute_differentiable(model: torch.nn.Module) -> None:
-    """Make the embedding output require grad when the model recomputes full layers.
+def _keep_recompute_differentiable(model: torch.nn.Module) -> None:
+    """Make the embedding output require grad when Megatron recomputes from layer 0's input.
 
     Megatron's full recomputation is a reentrant checkpoint: with a frozen embedding none of its
-    inputs requires grad, so its output has no grad_fn and backward fails. Marking the embedding
-    output restores the graph (PEFT's enable_input_require_grads does the same); it costs only
-    layer 0's input gradient, so it is done only when full recomputation is on.
+    inputs requires grad, so its output has no grad_fn and backward fails. Its selective
+    ``"layernorm"`` recomputation (``CheckpointWithoutOutput``) frees layer 0's norm output after
+    forward and refills it from the inputs its autograd node saved; with no input requiring grad
+    there is no node, nothing is saved, and backward fails (while the LoRA branch of
+    ``linear_qkv`` needs that output). Marking the embedding output restores both (PEFT's
+    enable_input_require_grads does the same); it costs only layer 0's input gradient, so it is
+    done only when one of these recomputations is on.
     """
     from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 
-    if getattr(getattr(model, "config", None), "recompute_granularity", None) != "full":
+    config = getattr(model, "config", None)
+    granularity = getattr(config, "recompute_granularity", None)
+    if not (granularity == "full" or (granularity == "selective"
+                                      and "layernorm" in (getattr(config, "recompute_modules", None) or ()))):
         return
     for module in model.modules():
         if isinstance(module, LanguageModelEmbedding) and not getattr(module, "_lora_requires_grad_hook", None):
