@@ -161,3 +161,124 @@ def logical_a(lora_config):
     return {f"a{i}": torch.stack([logical_lora_a((c.rank, fan_in), c.init, c.seed,
                                                  f"decoder.layers.0.mlp.experts.local_experts.{j}.linear_fc{i}", c.rank)
                                   for j in range(EXPERTS)]) for i, fan_in in (("1", HIDDEN), ("2", FFN))}
+
+
+# --------------------------------------------------------------------------------- model level
+
+MOE = dict(num_moe_experts=EXPERTS, moe_router_topk=2, moe_token_dispatcher_type="alltoall")
+TE = "transformer_engine"
+
+
+def _grouped_state(full_state, model):
+    """``full_state`` (SequentialMLP names, global expert indices) with each grouped expert
+    weight added under its TEGroupedMLP name: ``...experts.linear_fc1.weight{local j}``."""
+    from megatron.core import parallel_state as ps
+
+    local = EXPERTS // ps.get_expert_model_parallel_world_size()
+    first = ps.get_expert_model_parallel_rank() * local
+    out = dict(full_state)
+    for key in full_state:
+        head, sep, tail = key.partition(".mlp.experts.local_experts.")
+        if sep:
+            index, leaf = tail.split(".", 1)  # "3", "linear_fc1.weight"
+            if first <= int(index) < first + local:
+                out[f"{head}.mlp.experts.{leaf}{int(index) - first}"] = full_state[key]
+    return out
+
+
+def _models(full_state, ep, grouped_path):
+    """(SequentialMLP on the local spec, TEGroupedMLP on the TE spec), same base, LoRA applied.
+    ``grouped_path``: "apply" (Megatron's TE spec, converted by apply_lora) or "spec" (the LoRA spec)."""
+    from megatron_lora import apply_lora, get_gpt_lora_layer_spec
+    from tests.distributed import gpt_cases as G
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+
+    moe = dict(MOE, expert_model_parallel_size=ep)
+    sequential = G.build_lora_gpt(full_state, path="apply", config_overrides=moe)
+    config = tiny_gpt_config(**{**G.MODEL, **moe, "moe_grouped_gemm": True})
+    spec = None
+    if grouped_path == "spec":
+        spec = get_gpt_lora_layer_spec(G.lora_cfg(), transformer_impl=TE, num_experts=EXPERTS, moe_grouped_gemm=True)
+    grouped = build_tiny_gpt(config, layer_spec=spec, transformer_impl=TE)
+    G.load_base(grouped, _grouped_state(full_state, grouped))
+    return sequential, apply_lora(grouped, G.lora_cfg())
+
+
+def _full_adapter(model):
+    """The logical adapter on every rank: ``gather_full_adapter`` at EP = 1; at EP > 1 (which it
+    refuses) each rank's tensors (TP = 1: already logical) merged with an object all-gather."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora.core.checkpoint.adapter import _named_factors, gather_full_adapter
+
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return gather_full_adapter(model)
+    mine = {name: getattr(m, f).detach().clone() for name, (m, f) in _named_factors(model).items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: v for part in every for k, v in part.items()}
+
+
+def _adapter_grads(model):
+    """{adapter tensor name: its gradient} of this rank, per expert for grouped layers."""
+    from megatron_lora.core.checkpoint.adapter import _named_factors
+
+    out = {}
+    for name, (m, f) in _named_factors(model).items():
+        layer = getattr(m, "layer", None)
+        grad = getattr(m, f).grad if layer is None else getattr(layer, f).grad[m.local_index]
+        out[name] = grad.detach().clone()
+    return out
+
+
+def model_worker(full_state, ep, grouped_path, root):
+    """Largest differences between the SequentialMLP and the grouped model: adapters after init,
+    logits and adapter gradients after a hand-over in each direction (full adapter), logits
+    after a dist-checkpoint hand-over, merge / unmerge on the grouped model."""
+    import os
+
+    from megatron_lora import lora_modules, merge_lora, unmerge_lora
+    from megatron_lora.core.checkpoint.adapter import load_adapter, load_full_adapter, save_adapter
+    from tests.distributed import gpt_cases as G
+
+    sequential, grouped = _models(full_state, ep, grouped_path)
+    inputs, labels = G.batches(1)[0]
+    gap = lambda a, b: max((a[k] - b[k]).abs().max().item() for k in a) if a.keys() == b.keys() else float("inf")  # noqa: E731
+    logits_gap = lambda: (G.logits(sequential, inputs) - G.logits(grouped, inputs)).abs().max().item()  # noqa: E731
+    strict = ep == 1
+    out = dict(classes=sorted({type(m).__name__ for m in lora_modules(grouped)}))
+    out["init"] = gap(_full_adapter(sequential), _full_adapter(grouped))
+    out["names"] = sorted(_full_adapter(grouped)) == sorted(_full_adapter(sequential))
+    G.plain_train(sequential, 2)
+    load_full_adapter(grouped, _full_adapter(sequential), strict=strict)
+    out["sequential_to_grouped"] = logits_gap()
+    experts = [m for m in lora_modules(grouped) if hasattr(m, "expert_adapters")]
+    for m in experts:  # the comparison sees the grouped branch: without it the logits differ
+        m.lora_enabled = False
+    out["grouped_branch_off"] = logits_gap()
+    for m in experts:
+        m.lora_enabled = True
+    for model in (sequential, grouped):
+        for p in model.parameters():
+            p.grad = None
+        G._loss(model, inputs, labels).backward()
+    grads = _adapter_grads(sequential), _adapter_grads(grouped)
+    out["grads"] = gap(*grads)
+    out["grad_scale"] = min(g.abs().max().item() for k, g in grads[1].items() if ".experts." in k)
+    G.plain_train(grouped, 2, first_step=2)
+    load_full_adapter(sequential, _full_adapter(grouped), strict=strict)
+    out["grouped_to_sequential"] = logits_gap()
+    before = G.logits(grouped, inputs)
+    merge_lora(grouped)
+    out["merged"] = (G.logits(grouped, inputs) - before).abs().max().item()
+    unmerge_lora(grouped)
+    out["unmerged"] = (G.logits(grouped, inputs) - before).abs().max().item()
+    if ep > 1:  # save_adapter's descriptor lists one expert rank's names only (checkpoint/gather.every_stage)
+        return out
+    # Dist checkpoints: the grouped adapter into the SequentialMLP model.
+    G.plain_train(grouped, 1, first_step=4)
+    save_adapter(grouped, os.path.join(root, "grouped"))
+    load_adapter(sequential, os.path.join(root, "grouped"))
+    out["dist_grouped_to_sequential"] = logits_gap()
+    return out
