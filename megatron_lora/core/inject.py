@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lora.core import recompute
@@ -25,10 +26,12 @@ from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
     LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1, is_qkv,
 )
+from megatron_lora.core.router import LoRATopKRouter
 
 logger = logging.getLogger(__name__)
 
-_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
+_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear,
+                  TopKRouter: LoRATopKRouter}
 _LORA_TYPES = (LoRALayerMixin,)
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
@@ -217,7 +220,7 @@ def _check_targets(model: torch.nn.Module, cfg: LoRAConfig, classes: dict) -> No
 
 def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
     """``recompute_branch_input``: give the local LoRA layers their producers (``recompute.py``)."""
-    local = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+    local = (LoRAColumnParallelLinear, LoRARowParallelLinear, LoRATopKRouter)  # the router keeps its input
     foreign = sorted({type(m).__name__ for m in chunk.modules() if isinstance(m, _LORA_TYPES)
                       and not isinstance(m, local)})
     if foreign:
