@@ -105,6 +105,8 @@ class ExpertAdapter:
     what the checkpoint code reads (``lora_A`` / ``lora_B`` are views into the stacked factors,
     so loading into them loads the layer), under the sequential expert's name."""
 
+    is_expert = True  # checkpoint/gather.py gathers expert layers over the expert groups
+
     def __init__(self, layer: "GroupedLoRAMixin", local_index: int, name: str):
         self.layer, self.local_index, self.lora_init_name = layer, local_index, name
         self.lora_layout, self.lora_config = layer.lora_layout, layer.lora_config
@@ -191,6 +193,7 @@ class GroupedLoRAMixin(LoRALayerMixin):
         self.lora_layout = (AdapterLayout.column(gated=gated) if self.lora_parallel_mode == "column"
                             else AdapterLayout.row())
         self.lora_enabled, self.lora_merged, self.lora_init_name = True, False, None
+        self.is_expert = True  # Megatron's TEGroupedLinear holds experts only (it asserts is_expert)
         if self.lora_parallel_mode == "column":
             self.input_size, self.output_size = self.in_features, self.out_features * world
         else:
