@@ -103,6 +103,8 @@ def _rewrite(node, cfg, found, classes, name=None, scope=None):
     if isinstance(node, type):
         if name and cfg.targets(path) and node in classes:
             found.add(name)
+            if hasattr(classes[node], "for_spec"):  # called by its holder itself (grouped experts)
+                return classes[node].for_spec(cfg)
             return ModuleSpec(module=classes[node], params={"lora_config": cfg})
         return node
     if dataclasses.is_dataclass(node):

@@ -62,8 +62,11 @@ def _named_factors(model) -> Dict[str, tuple]:
         if m.lora_init_name is None:
             raise CheckpointError(
                 f"{type(m).__name__} has no name yet: call apply_lora(model, cfg) before saving or loading.")
-        for factor in LORA_FACTORS:
-            out[rename(f"{m.lora_init_name}.{factor}")] = (m, factor)
+        # A grouped-experts layer holds one adapter per local expert, each under its
+        # SequentialMLP name (core/grouped_experts.py): adapters move between the two.
+        for adapter in m.expert_adapters() if hasattr(m, "expert_adapters") else (m,):
+            for factor in LORA_FACTORS:
+                out[rename(f"{adapter.lora_init_name}.{factor}")] = (adapter, factor)
     return out
 
 
