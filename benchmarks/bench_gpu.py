@@ -1,6 +1,8 @@
 """LoRA training throughput and activation memory against a pristine frozen Megatron GPT, one GPU.
 
     python benchmarks/bench_gpu.py --json bench_gpu.jsonl      # from the repo root, 1 GPU, TP=1
+    python benchmarks/bench_gpu.py --num-experts 8 --moe-topk 2 --moe-ffn 2816 --json bench_gpu.jsonl
+                                                               # the MoE shape (not yet run on a GPU)
     python benchmarks/bench_gpu.py --kernel-table              # the branch kernels, torch vs Triton
     python benchmarks/bench_gpu.py --device cpu --dtype fp32 --hidden 64 --heads 4 --groups 2 \\
         --ffn 128 --layers 2 --vocab 128 --seq 32 --reps 1 --iters 1    # CPU smoke run (gloo)
@@ -12,7 +14,15 @@ Megatron's LOCAL GPT layer spec with the same fast core attention (``SDPAttentio
 ``scaled_dot_product_attention``, causal, GQA by ``enable_gqa`` (no K/V copies), never the unfused
 math kernel on a GPU; Transformer Engine's ``TEDotProductAttention`` instead when TE imports, see
 ``--attention``) and the SAME base weights: Megatron's init draws them once for the first model,
-they are kept on the CPU and loaded into every later one, built one after the other:
+they are kept on the CPU and loaded into every later one, built one after the other.
+
+MoE shape (``--num-experts N``, issue 25; off by default): every layer's MLP is Megatron's MoE
+layer on the local spec instead (``get_gpt_layer_local_spec(num_experts=N)``): a top-``--moe-topk``
+softmax router (frozen in every variant, never adapted, no auxiliary loss), the all-to-all token
+dispatcher, and N ``SequentialMLP`` experts of SwiGLU ffn ``--moe-ffn`` (default ``--ffn``), EP = 1.
+The LoRA variants adapt every expert's linear_fc1 / linear_fc2 as well (one adapter per expert);
+``separate_branch`` wraps them too. SequentialMLP runs the experts one after the other, so this
+measures the local path, not Transformer Engine's grouped experts. The variants:
 
     frozen              Megatron's GPTModel, no megatron_lora code in it, every parameter frozen;
                         backward to the inputs only, no optimizer step
@@ -142,6 +152,14 @@ def te_attention():
     return TEDotProductAttention if HAVE_TE else None
 
 
+def moe_fields(a) -> dict:
+    """The TransformerConfig fields of the MoE shape (none for the dense one)."""
+    if not a.num_experts:
+        return {}
+    return dict(num_moe_experts=a.num_experts, moe_router_topk=a.moe_topk, moe_ffn_hidden_size=a.moe_ffn or a.ffn,
+                moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False)
+
+
 def gpt_config(a):
     from megatron.core.transformer import TransformerConfig
 
@@ -151,16 +169,17 @@ def gpt_config(a):
         ffn_hidden_size=a.ffn, gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=a.dtype == "bf16",
         params_dtype=dtype, bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+        bias_activation_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False, **moe_fields(a))
 
 
-def layer_spec(core_attention):
-    """Megatron's local GPT layer spec (RMSNorm) with ``core_attention`` as its core attention."""
+def layer_spec(core_attention, num_experts=0):
+    """Megatron's local GPT layer spec (RMSNorm; with ``num_experts``, its MoE MLP of SequentialMLP
+    experts) with ``core_attention`` as its core attention."""
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts or None, moe_grouped_gemm=False, normalization="RMSNorm")
     attn = spec.submodules.self_attention
     attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=core_attention))
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
@@ -249,7 +268,7 @@ def run(a):
     te = te_attention() if a.attention in ("auto", "te") else None
     if a.attention == "te" and te is None:
         raise SystemExit("error: --attention te needs Transformer Engine on a GPU; it does not import here.")
-    spec = layer_spec(te or SDPAttention)
+    spec = layer_spec(te or SDPAttention, a.num_experts)
     runs, weights = {}, None
     skipped = {}
     reason = triton_unavailable(cuda)
@@ -287,7 +306,8 @@ def run(a):
         tps = tokens / statistics.median(seconds[name])
         peak = max(peaks[name]) / GIB if cuda else None
         rows[name] = dict(tokens_per_s=tps, activation_peak_gib=peak, initial_loss=losses[name][0],
-                          initial_token_loss_max_diff=losses[name][1])
+                          initial_token_loss_max_diff=losses[name][1],
+                          trainable_params=sum(p.numel() for p in runs[name][0].parameters() if p.requires_grad))
     for row in rows.values():
         row["tokens_per_s_vs_frozen"] = row["tokens_per_s"] / rows["frozen"]["tokens_per_s"]
         row["activation_peak_vs_frozen"] = (row["activation_peak_gib"] / rows["frozen"]["activation_peak_gib"]
@@ -380,9 +400,11 @@ def kernel_table(a):
 
 def format_table(r) -> str:
     c = r["config"]
+    mlp = (f"MoE: {c['num_experts']} SequentialMLP experts of ffn {c['moe_ffn'] or c['ffn']}, top-{c['moe_topk']}"
+           if c.get("num_experts") else f"ffn {c['ffn']}")
     lines = [f"LoRA vs the pristine frozen Megatron GPT, {r['device']} ({r['date']}), torch {r['torch']}, "
              f"megatron-core {r['megatron_core']}, {r['core_attention']} attention, TP=1, {c['dtype']}",
-             f"hidden {c['hidden']}, {c['heads']} heads / {c['groups']} groups, ffn {c['ffn']}, {c['layers']} "
+             f"hidden {c['hidden']}, {c['heads']} heads / {c['groups']} groups, {mlp}, {c['layers']} "
              f"layers, vocab {c['vocab']}, seq {c['seq']}, micro-batch {c['micro_batch']}, rank {c['rank']}; "
              f"median of {c['reps']} interleaved reps x {c['iters']} steps after {c['warmup']} warm-up", "",
              "| variant | tokens/s | vs frozen | activation peak GiB | vs frozen |", "|---|---:|---:|---:|---:|"]
@@ -398,6 +420,10 @@ def main(argv=None):
     for flag, default in (("hidden", 4096), ("heads", 32), ("groups", 8), ("ffn", 11008), ("layers", 8),
                           ("vocab", 32000), ("seq", 4096), ("micro-batch", 1), ("rank", 16)):
         ap.add_argument(f"--{flag}", type=int, default=default)
+    ap.add_argument("--num-experts", type=int, default=0,
+                    help="MoE shape: this many SequentialMLP experts per layer (0: the dense MLP)")
+    ap.add_argument("--moe-topk", type=int, default=2, help="MoE shape: experts per token")
+    ap.add_argument("--moe-ffn", type=int, default=None, help="MoE shape: each expert's ffn (default --ffn)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved timed rounds per variant")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -411,6 +437,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if min(a.reps, a.iters, a.layers) < 1 or a.warmup < 0:
         ap.error("--reps, --iters and --layers must be >= 1, --warmup >= 0")
+    if a.num_experts < 0 or (a.num_experts and not 1 <= a.moe_topk <= a.num_experts) or (a.moe_ffn or 1) < 1:
+        ap.error(f"--num-experts must be >= 0 and --moe-topk between 1 and --num-experts, --moe-ffn >= 1; got "
+                 f"{a.num_experts}, {a.moe_topk}, {a.moe_ffn}")
     if a.device == "cuda" and not torch.cuda.is_available():  # before Megatron's import and its warnings
         print(NO_CUDA, file=sys.stderr)
         return 2

@@ -1,12 +1,13 @@
-"""CPU census of what LoRA adds to one layer's forward + backward (issue 16): aten ops, bytes
+"""CPU census of what LoRA adds to one layer's forward + backward (issues 16, 25): aten ops, bytes
 touched and bytes saved for backward, LoRA layer minus the frozen base layer.
 
-    python -m benchmarks.census                       # from the repo root; ~20 s on 2 cores
+    python -m benchmarks.census                       # from the repo root; ~1 min on 2 cores
     python -m benchmarks.census --tp 1 --json c.json  # TP=1 only; the measurements as JSON too
 
 ``--out PATH`` also writes the markdown table; the shape flags (``--seq``, ``--batch``,
-``--hidden``, ``--out-features``, ``--ffn``, ``--heads``, ``--groups``, ``--rank``, ``--alpha``)
-default to ``DEFAULT_SHAPE``; ``--targets`` picks rows.
+``--hidden``, ``--out-features``, ``--ffn``, ``--heads``, ``--groups``, ``--rank``, ``--alpha``,
+``--experts``, ``--topk``, ``--moe-ffn``, ``--empty-experts``) default to ``DEFAULT_SHAPE``;
+``--targets`` picks rows.
 
 Rows (fp32, one call each):
 
@@ -15,18 +16,31 @@ Rows (fp32, one call each):
     layer    the one ``TransformerLayer`` of a small GPT (RMSNorm, SwiGLU, GQA, RoPE, no biases) from
              ``megatron_lora.training.gpt.build_gpt_stage``: frozen base vs ``apply_lora`` on
              linear_qkv / linear_proj / linear_fc1 / linear_fc2
+    moe      the same layer with Megatron's MoE MLP (issue 25): a top-``topk`` router (softmax, no
+             aux loss, never adapted), the all-to-all dispatcher and ``experts`` SequentialMLP
+             experts of SwiGLU ffn ``moe_ffn`` (default 8, top-2, 128); expert-TP = TP, EP = 1;
+             ``apply_lora`` on the four targets, every expert's linear_fc1 / linear_fc2 included
 
 each at TP=1 and at TP=2 (two real gloo ranks through ``tests.distributed.launcher``), the latter
-without and with sequence parallelism; each LoRA row once per entry of ``VARIANTS`` (LoRAConfig
-overrides: adding a variant is one line; an entry naming a field the installed ``LoRAConfig``
-lacks is skipped and listed as skipped, so the script also measures code from before that
-field). Base weights are frozen, the layer's input requires grad (so the base's backward computes
-dX only), the LoRA factors are trainable, dropout is 0 and ``branch_kernels`` keeps its default
-(on the CPU "auto" is plain torch). Each variant is built, runs one warm-up call, and then one
-call is measured: forward, then backward with a fixed random dY through ``torch.autograd.grad``
-for the input and the trainable parameters (returned, not accumulated into ``.grad``: a leaf's
-AccumulateGrad copies a gradient it cannot take over, e.g. a non-contiguous dX, which a layer
-inside a network does not pay):
+without and with sequence parallelism; the moe row only at TP=1 and TP=2 SP: Megatron's MoE layer
+refuses TP > 1 without SP in training, so "TP=2" has no moe row (the table says so). Every GPT
+build (base, control, each variant) reseeds torch and Megatron's RNG tracker first, so all draw
+the same base weights and, for moe, the same router: every build routes each token to the same
+experts (the run stops if the tokens per expert differ), and ``base_vs_base`` stays zero.
+SequentialMLP runs every local expert, one that got no token too (its GEMMs dispatch on empty
+operands), so the adapted linear calls of a moe forward are 2 + 2 x experts, each with the same
+six branch GEMMs; ``--empty-experts K`` shuts the last K experts out (Megatron's router expert
+bias at -1e4, which needs sigmoid scores: the router then scores by sigmoid) to measure that case.
+
+Each LoRA row once per entry of ``VARIANTS`` (LoRAConfig overrides: adding a variant is one line;
+an entry naming a field the installed ``LoRAConfig`` lacks is skipped and listed as skipped, so
+the script also measures code from before that field). Base weights are frozen, the layer's
+input requires grad (so the base's backward computes dX only), the LoRA factors are trainable,
+dropout is 0 and ``branch_kernels`` keeps its default (on the CPU "auto" is plain torch). Each
+variant is built, runs one warm-up call, and then one call is measured: forward, then backward
+with a fixed random dY through ``torch.autograd.grad`` for the input and the trainable parameters
+(returned, not accumulated into ``.grad``: a leaf's AccumulateGrad copies a gradient it cannot
+take over, e.g. a non-contiguous dX, which a layer inside a network does not pay):
 
 * **aten ops**: every op a ``TorchDispatchMode`` sees during forward + backward, by name
   (``mm``, ``addmm_``, ``mul`` ...). Ops that move no data are listed apart (``no_data_ops``)
@@ -39,16 +53,18 @@ inside a network does not pay):
   its tensor outputs; an in-place op's mutated tensor is an input and an output, so it counts as
   read and written. A tensor counts its distinct elements (a stride-0 broadcast dimension counts
   once). Shown as a multiple of the layer's (input + output) activation bytes (``layer`` row: of
-  the four adapted linears' input + output bytes, summed), in total and without the bytes of
-  tensors shaped like a 2-D parameter of the layer or its transpose (the frozen weight, the LoRA
-  factors, their gradients): "activation-shaped", which includes the rank-r activations. The
-  split is by shape, so the default shape keeps the token count per rank (192; 96 under SP) apart
-  from every weight dimension; a shape where they meet shows "?".
+  the four adapted linears' input + output bytes, summed; ``moe`` row: of the adapted linears'
+  input + output bytes summed over every call, i.e. qkv, proj and each expert's fc1 and fc2 at
+  the tokens that expert got), in total and without the bytes of tensors shaped like a 2-D
+  parameter of the layer or its transpose (the frozen weight, the LoRA factors, their
+  gradients): "activation-shaped", which includes the rank-r activations. The
+  split is by shape, so the default shape keeps the token count per rank (192; 96 under SP), and
+  each expert's token count, apart from every weight dimension; a shape where they meet shows "?".
 * **saved for backward**: the storages that ``torch.autograd.graph.saved_tensors_hooks`` sees
   packed during forward, deduplicated by storage (``data_ptr``), parameters excluded, counted at
   their storage's full size (what a saved view keeps alive). Shown as a multiple of the layer's
-  input activation bytes (``layer`` row: the four adapted linears' input bytes summed, i.e. the
-  branch inputs); "of which the input" is the part that is the layer's own input storage.
+  input activation bytes (``layer`` / ``moe`` rows: the adapted linears' input bytes summed, i.e.
+  the branch inputs); "of which the input" is the part that is the layer's own input storage.
 
 "Extra" is always LoRA minus base, same layout, same shapes. A second, separately built base is
 measured against the first as a control (``base_vs_base``: zero by construction). TP=2 rows show
@@ -57,7 +73,8 @@ rank 0; both ranks are measured and the table says if their op counts differ.
 JSON (``--json``): ``{"rows": [...], "shape": {...}, "variants": [names], "skipped_variants":
 [names], "meta": {torch, megatron_core, megatron_lora (the package measured), git_head,
 uncommitted, date, dtype, branch_kernels}}``; a row is ``{layout, tp, sp, target, input_bytes,
-output_bytes, base, base_vs_base, variants: {name: {lora, extra}}, ranks_agree}`` where ``base`` /
+output_bytes, linear_calls (adapted linear calls per forward), base, base_vs_base, variants:
+{name: {lora, extra}}, ranks_agree}`` (moe rows add ``tokens_per_expert``, rank 0's) where ``base`` /
 ``lora`` are measurements ``{ops, collectives, no_data_ops (name -> count), bytes_touched,
 bytes_by_name, param_shaped_bytes, saved_bytes, saved_input_bytes, param_split_ambiguous}`` and
 ``extra`` / ``base_vs_base`` are differences ``{aten_ops, aten_ops_by_name, collectives,
@@ -75,7 +92,9 @@ and writes, not the wire. Gradients are returned, not accumulated: with DDP's ma
 buffers (gradient-accumulation fusion) each factor gradient costs one more add. Tensors a layer
 keeps for backward outside ``save_for_backward`` (as attributes of ``ctx``) are not seen by the
 saved-tensor hooks. The base is Megatron's frozen path (``LinearWithFrozenWeight``): it keeps only
-the weight for backward and runs no weight-gradient GEMM.
+the weight for backward and runs no weight-gradient GEMM. The moe row runs SequentialMLP, one
+expert after the other: the GPU path of grouped experts (``TEGroupedMLP``, one grouped GEMM per
+factor) is not what it counts.
 """
 
 import argparse
@@ -97,10 +116,13 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 # seq, micro-batch, the per-linear layer's in / out features, the GPT's hidden / ffn / heads /
-# query groups, LoRA rank and alpha (LoRAConfig(rank, alpha, dropout=0.0)). Tokens per rank
+# query groups, LoRA rank and alpha (LoRAConfig(rank, alpha, dropout=0.0)); the MoE layer's experts,
+# router top-k and expert ffn (``moe`` row), and how many of its experts get no token (the last
+# ones; see ``_gpt_layer``). Tokens per rank
 # (192, or 96 under SP) differ from every weight dimension, so that a [tokens, features]
 # activation is never mistaken for a parameter-shaped tensor (see OpCensus).
-DEFAULT_SHAPE = dict(seq=64, batch=3, hidden=256, out_features=512, ffn=512, heads=8, groups=4, rank=16, alpha=32)
+DEFAULT_SHAPE = dict(seq=64, batch=3, hidden=256, out_features=512, ffn=512, heads=8, groups=4, rank=16, alpha=32,
+                     experts=8, topk=2, moe_ffn=128, empty_experts=0)
 # (name, LoRAConfig overrides): one LoRA row per entry and layout; adding a variant is one line.
 VARIANTS = [
     ("lora", {}),
@@ -108,8 +130,11 @@ VARIANTS = [
 ]
 # (name, TP size, sequence parallel)
 LAYOUTS = [("TP=1", 1, False), ("TP=2", 2, False), ("TP=2 SP", 2, True)]
-TARGETS = ("column", "row", "layer")
+TARGETS = ("column", "row", "layer", "moe")
+# Megatron's MoE layer refuses TP > 1 without sequence parallelism in training: no such moe row.
+MOE_NEEDS_SP = "Megatron's MoE layer needs sequence parallelism at TP > 1 in training"
 VOCAB = 64  # the GPT's embedding / output layer are built but never run
+SEED = 1234  # of every GPT build (the base weights, the router)
 
 # Ops that move no data: not counted, listed apart (see the module docstring).
 NO_DATA_OPS = {"_unsafe_view", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
@@ -270,18 +295,38 @@ def _linear(kind, lora_cfg, tp, sp, shape):
     return layer
 
 
-def _gpt_layer(lora_cfg, tp, sp, shape):
-    """The one TransformerLayer of a small GPT stage (LoRA on all four targets if ``lora_cfg``),
-    and the rotary embedding its forward needs."""
+def _gpt_layer(lora_cfg, tp, sp, shape, moe=False):
+    """The one TransformerLayer of a small GPT stage (LoRA on all four targets if ``lora_cfg``;
+    ``moe``: its MLP is Megatron's MoE layer, SequentialMLP experts, whose linear_fc1 / linear_fc2
+    are targets too), and the rotary embedding its forward needs.
+
+    Torch's and Megatron's RNGs are reseeded first, so every build of a shape draws the same base
+    weights: the MoE row's router (frozen, never adapted) then routes every token alike in the
+    base, the control and each LoRA build (B = 0 at init)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     from megatron_lora import apply_lora
     from megatron_lora.training.gpt import build_gpt_stage
     from tests.distributed.models import tiny_gpt_config
 
+    empty = shape["empty_experts"] if moe else 0
+    if not 0 <= empty <= shape["experts"] - shape["topk"]:
+        raise ValueError(f"--empty-experts must be between 0 and experts - topk = "
+                         f"{shape['experts'] - shape['topk']}, got {empty}.")
+    moe_fields = dict(num_moe_experts=shape["experts"], moe_router_topk=shape["topk"],
+                      moe_ffn_hidden_size=shape["moe_ffn"], moe_aux_loss_coeff=0.0,
+                      moe_token_dispatcher_type="alltoall") if moe else {}
+    if empty:  # Megatron's expert bias (selection only, sigmoid scores in (0, 1)) shuts experts out
+        moe_fields.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
     config = tiny_gpt_config(tp=tp, sp=sp, num_layers=1, hidden_size=shape["hidden"],
                              ffn_hidden_size=shape["ffn"], num_attention_heads=shape["heads"],
-                             num_query_groups=shape["groups"])
+                             num_query_groups=shape["groups"], **moe_fields)
+    model_parallel_cuda_manual_seed(SEED)
+    torch.manual_seed(SEED)
     model = build_gpt_stage(config, VOCAB, shape["seq"], position_embedding_type="rope",
                             share_embeddings_and_output_weights=False)
+    if empty:
+        model.decoder.layers[0].mlp.router.expert_bias[-empty:] = -1e4
     if lora_cfg is None:
         model.requires_grad_(False)
     else:
@@ -301,15 +346,18 @@ def _input_shape(target, tp, sp, shape):
 
 
 def _linear_activations(layer, call, x):
-    """Input + output bytes of each Megatron parallel linear inside ``layer`` during ``call(x)``."""
+    """{name: (input bytes, output bytes)} of each Megatron parallel linear inside ``layer`` that
+    ran during ``call(x)`` (an expert's linears run even with 0 tokens: 0 bytes), and the number
+    of calls."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    acts = {}
+    acts, calls = {}, Counter()
 
     def hook(name):
         def record(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             acts[name] = (args[0].numel() * args[0].element_size(), out.numel() * out.element_size())
+            calls[name] += 1
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layer.named_modules()
@@ -318,13 +366,28 @@ def _linear_activations(layer, call, x):
         call(x)
     for h in handles:
         h.remove()
-    return acts
+    return acts, sum(calls.values())
+
+
+def _expert_tokens(layer, call, x):
+    """Tokens each local expert of a MoE ``layer`` received in ``call(x)`` (its linear_fc1's rows),
+    in expert order."""
+    tokens = {}
+    experts = layer.mlp.experts.local_experts
+    handles = [e.linear_fc1.register_forward_hook(
+        lambda m, args, out, i=i: tokens.__setitem__(i, args[0].shape[0])) for i, e in enumerate(experts)]
+    with torch.no_grad():
+        call(x)
+    for h in handles:
+        h.remove()
+    return [tokens.get(i) for i in range(len(experts))]
 
 
 def _one(target, lora_cfg, tp, sp, shape, x0, dy):
-    """Build one variant, warm it up, measure it; (measurement, input bytes, output bytes)."""
-    if target == "layer":
-        layer, rope = _gpt_layer(lora_cfg, tp, sp, shape)
+    """Build one variant, warm it up, measure it: (measurement, input bytes, output bytes,
+    adapted-linear calls per forward, tokens per local expert or None)."""
+    if target in ("layer", "moe"):
+        layer, rope = _gpt_layer(lora_cfg, tp, sp, shape, moe=target == "moe")
         call = lambda x: layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)[0]  # noqa: E731
     else:
         layer = _linear(target, lora_cfg, tp, sp, shape)
@@ -333,15 +396,18 @@ def _one(target, lora_cfg, tp, sp, shape, x0, dy):
     _backward(call(warm), warm, dy, list(layer.parameters()))  # first-call work stays out of the census
     x = x0.clone().requires_grad_(True)
     result = measure(call, x, dy, list(layer.parameters()))
-    # The param-shaped split is by shape: it is ambiguous if a token count is a weight dimension.
+    expert_tokens = _expert_tokens(layer, call, x0) if target == "moe" else None
+    # The param-shaped split is by shape: it is ambiguous if a token count is a weight dimension
+    # (an expert's token count included).
     dims = {d for p in layer.parameters() if p.dim() == 2 for d in p.shape}
-    result["param_split_ambiguous"] = bool(dims & {x0.shape[0] * x0.shape[1], shape["seq"] * shape["batch"]})
-    if target == "layer":
-        acts = _linear_activations(layer, call, x0)
+    token_counts = {x0.shape[0] * x0.shape[1], shape["seq"] * shape["batch"]} | set(expert_tokens or ())
+    result["param_split_ambiguous"] = bool(dims & token_counts)
+    if target in ("layer", "moe"):
+        acts, calls = _linear_activations(layer, call, x0)
         act_in, act_out = sum(a for a, _ in acts.values()), sum(b for _, b in acts.values())
     else:
-        act_in, act_out = x0.numel() * x0.element_size(), dy.numel() * dy.element_size()
-    return result, act_in, act_out
+        act_in, act_out, calls = x0.numel() * x0.element_size(), dy.numel() * dy.element_size(), 1
+    return result, act_in, act_out, calls, expert_tokens
 
 
 def available_variants():
@@ -354,7 +420,8 @@ def available_variants():
 
 
 def _rank_worker(layouts, targets, shape):
-    """Runs on every rank (after ``run_distributed``'s setup): one dict per (layout, target)."""
+    """Runs on every rank (after ``run_distributed``'s setup): one dict per (layout, target);
+    no moe row at TP > 1 without SP (``MOE_NEEDS_SP``)."""
     from tests.distributed.models import tp_rank
 
     tp, _ = tp_rank()
@@ -362,17 +429,27 @@ def _rank_worker(layouts, targets, shape):
     out = []
     for layout, sp in layouts:
         for target in targets:
+            if target == "moe" and tp > 1 and not sp:
+                continue
             torch.manual_seed(0)  # every rank draws the same full tensors; shapes are per rank
             x_shape, y_shape = _input_shape(target, tp, sp, shape)
             x0, dy = torch.randn(x_shape), torch.randn(y_shape)
-            base, act_in, act_out = _one(target, None, tp, sp, shape, x0, dy)
-            control, _, _ = _one(target, None, tp, sp, shape, x0, dy)  # a second base: all zero
+            base, act_in, act_out, calls, tokens = _one(target, None, tp, sp, shape, x0, dy)
+            control, *_, control_tokens = _one(target, None, tp, sp, shape, x0, dy)  # a second base: all zero
             row = dict(layout=layout, tp=tp, sp=sp, target=target, input_bytes=act_in,
-                       output_bytes=act_out, base=base, base_vs_base=extra(control, base, act_in, act_out),
-                       variants={})
+                       output_bytes=act_out, linear_calls=calls, base=base,
+                       base_vs_base=extra(control, base, act_in, act_out), variants={})
+            if tokens is not None:
+                row["tokens_per_expert"] = tokens
+            routed = [control_tokens]
             for name, overrides in variants:
-                lora, _, _ = _one(target, _lora_config(shape, overrides), tp, sp, shape, x0, dy)
+                lora, _, _, _, lora_tokens = _one(target, _lora_config(shape, overrides), tp, sp, shape, x0, dy)
                 row["variants"][name] = dict(lora=lora, extra=extra(lora, base, act_in, act_out))
+                routed.append(lora_tokens)
+            if any(t != tokens for t in routed):
+                raise RuntimeError(f"{layout} {target}: the builds route differently (tokens per expert "
+                                   f"{tokens} in the base, {routed} in the control and the LoRA variants); "
+                                   "they must draw the same router weights (see _gpt_layer).")
             out.append(row)
     return out
 
@@ -453,8 +530,13 @@ def format_table(result) -> str:
         f"- seq {sh['seq']}, batch {sh['batch']}; column / row: in {sh['hidden']} -> out {sh['out_features']}; layer: "
         f"hidden {sh['hidden']}, ffn {sh['ffn']} (SwiGLU), {sh['heads']} heads / {sh['groups']} query groups, "
         f"RMSNorm, RoPE, no biases; LoRA rank {sh['rank']}, alpha {sh['alpha']}, dropout 0",
+        f"- moe: the layer with Megatron's MoE MLP instead: {sh['experts']} SequentialMLP experts of ffn "
+        f"{sh['moe_ffn']} (SwiGLU), top-{sh['topk']}, all-to-all dispatcher, no aux loss, expert-TP = TP, "
+        "EP 1; LoRA on every expert's linear_fc1 / linear_fc2 too; no row at TP=2 without SP ("
+        + MOE_NEEDS_SP + ")",
         "- input requires grad, base weights frozen; act = the layer's (input + output) activation bytes, "
-        "in = its input bytes (layer: summed over the four adapted linears)",
+        "in = its input bytes (layer: summed over the four adapted linears; moe: over qkv, proj and "
+        "each expert's fc1 and fc2, as many tokens as it got)",
     ]
     if result["skipped_variants"]:
         lines.append(f"- skipped (field absent from this LoRAConfig): {', '.join(result['skipped_variants'])}")
@@ -472,11 +554,15 @@ def format_table(result) -> str:
                 f"{e['collectives']} ({_breakdown(e['collectives_by_name'])})"
             ambiguous = v["lora"]["param_split_ambiguous"] or row["base"]["param_split_ambiguous"]
             act_shaped = "?" if ambiguous else f"{e['activation_shaped_bytes_x_activations']:.2f}"
-            own_input = "-" if row["target"] == "layer" else f"{e['saved_input_bytes'] / row['input_bytes']:.2f}"
+            own_input = ("-" if row["target"] in ("layer", "moe")
+                         else f"{e['saved_input_bytes'] / row['input_bytes']:.2f}")
             lines.append(
                 f"| {row['layout']} | {row['target']} | {name} | {sum(row['base']['ops'].values())} | "
                 f"{e['aten_ops']} | {_breakdown(e['aten_ops_by_name'])} | {coll} | "
                 f"{e['bytes_touched_x_activations']:.2f} | {act_shaped} | {e['saved_x_input']:.2f} | {own_input} |")
+    routing = [f"{r['layout']}: {r['tokens_per_expert']}" for r in result["rows"] if "tokens_per_expert" in r]
+    if routing:
+        lines += ["", "moe tokens per expert (rank 0; the same in every build): " + "; ".join(routing)]
     disagree = [f"{r['layout']} {r['target']}" for r in result["rows"] if not r.get("ranks_agree", True)]
     lines += ["", "Ops that move no data (views, _unsafe_view, allocations) are not counted; collectives "
               "(c10d) are counted apart. Activation-shaped = bytes touched minus those of tensors shaped "

@@ -53,6 +53,18 @@ on the CPU of a CUDA-less host, for tests and for the CPU examples. It patches e
      padded to the longest and gathered with one ``all_gather_into_tensor``, then unpadded. One
      call, as on NCCL; its bytes are the padded ones.
 
+9. Megatron's selective recompute of outputs it discards (``recompute_modules=["layernorm"]``,
+   ``CheckpointWithoutOutput``; ``enable_output_recompute_on_cpu``, applied by ``enable_cpu``):
+   - ``CheckpointWithoutOutput`` always takes its fp8 branch (its ``fp8 is not None`` is True for
+     the default ``fp8=False``), which calls Transformer Engine's ``FP8GlobalStateManager``,
+     ``fp8_autocast`` and ``activation_recompute_forward``; without TE they are undefined
+     (``NameError``). They become "fp8 is off" and contexts that do nothing, which is what TE
+     answers when fp8 is off.
+   - megatron-core 0.19 refills the discarded output by compiling a C++ extension
+     (``_get_share_storage``) on the first backward: a compiler and tens of seconds in every fresh
+     rank. On CPU the recomputed bytes are copied into the freed storage instead, as 0.16 does:
+     the same values in the same tensor.
+
 ``torch.cuda.is_available()`` stays ``False``: Megatron-Core does not need it on these paths, and a
 lying ``is_available`` would send torch itself (autocast, pin_memory, streams) down CUDA paths.
 Works with either torch build on a host without a GPU: the CPU-only build, or a CUDA build where
@@ -239,7 +251,37 @@ def enable_cpu():
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # pushed for the life of the process, never popped
     enable_moe_on_cpu()
+    enable_output_recompute_on_cpu()
     return True
+
+
+class _FP8Off:
+    """Transformer Engine's ``FP8GlobalStateManager`` as it answers when fp8 is off."""
+
+    @staticmethod
+    def is_fp8_enabled():
+        return False
+
+    @staticmethod
+    def get_fp8_recipe():
+        return None
+
+
+def _copy_storage(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Refill ``dst``'s freed storage with ``src``'s bytes (0.16's ``_recompute`` does this)."""
+    with torch.no_grad():
+        dst.untyped_storage().resize_(src.untyped_storage().nbytes())
+        dst.untyped_storage().copy_(src.untyped_storage())
+
+
+def enable_output_recompute_on_cpu():
+    """Megatron's ``CheckpointWithoutOutput`` on the CPU (module docstring, item 9)."""
+    if not hasattr(mrandom, "FP8GlobalStateManager"):
+        mrandom.FP8GlobalStateManager = _FP8Off
+        mrandom.fp8_autocast = lambda *args, **kwargs: contextlib.nullcontext()
+        mrandom.activation_recompute_forward = lambda *args, **kwargs: contextlib.nullcontext()
+    if hasattr(mrandom, "_get_share_storage"):
+        mrandom._get_share_storage = lambda: _copy_storage
 
 
 def enable_moe_on_cpu():

@@ -4,7 +4,7 @@
 #   1. Python 3.12 + megatron-core 0.19.2 (newest release; torch's CUDA build in CPU mode): all tests.
 #   2. Python 3.11 + megatron-core 0.16.1 (newest for Python 3.11; torch's CPU build): all tests.
 #   3. megatron-core 0.13.0 (oldest supported, megatron_lora.core.compat.MIN_VERSION): the layer,
-#      checkpoint and conversion tests and every single-process test; the launch-script tests
+#      checkpoint, conversion and MoE tests and every single-process test; the launch-script tests
 #      (marked once) and the training-script runs already ran twice above.
 # Extra arguments go to every pytest run. Installs the Debian packages slurm-wlm and munge first
 # when they are missing (root or sudo).
@@ -34,5 +34,6 @@ python -m pytest -q -rs -m "not once" tests/unit \
   tests/distributed/test_factor_reduction_flags.py tests/distributed/test_apply_lora.py \
   tests/distributed/test_gpt_lora_matches_tp1.py tests/distributed/test_checkpoint.py \
   tests/distributed/test_convert.py tests/distributed/test_hybrid_model.py \
-  tests/distributed/test_export.py tests/distributed/test_branch_input_recompute.py "$@"
+  tests/distributed/test_export.py tests/distributed/test_branch_input_recompute.py \
+  tests/distributed/test_moe_lora.py "$@"
 deactivate

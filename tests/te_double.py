@@ -18,6 +18,8 @@ What the double implements, read from TE's source (``module/linear.py``,
 * output tuples ``out[, bias][, ln_out]``; parameter names ``weight``, ``bias``,
   ``layer_norm_weight``, ``layer_norm_bias``; TP / ``sequence_parallel`` parameter attributes as
   ``reset_parameters`` sets them; ``init_method`` run on the local shard under the RNG tracker;
+* ``GroupedLinear`` (MoE experts, ``moe_grouped_gemm``): per-GEMM ``weight{i}`` / ``bias{i}``,
+  ``forward(x, m_splits)``, communication-free as Megatron builds it;
 * causal / no-mask dot-product attention on ``sbhd`` tensors (GQA), and TE's norms.
 
 It is not TE: no FP8, no userbuffers, no fused kernels, no ``fuse_wgrad_accumulation`` on TE's
@@ -210,6 +212,81 @@ class LayerNormLinear(_LinearBase):
         return (out,) + extra if extra else out
 
 
+# TE's GroupedLinear keywords the double models, with TE's defaults (module/grouped_linear.py).
+_GROUPED_KEYWORDS = dict(sequence_parallel=False, fuse_wgrad_accumulation=False, tp_group=None,
+                         tp_size=1, get_rng_state_tracker=None, rng_tracker_name=None,
+                         init_method=None, bias=True, return_bias=False, params_dtype=None,
+                         parallel_mode=None, device="cuda")
+
+
+class GroupedLinear(TransformerEngineBaseModule):
+    """TE's ``GroupedLinear``: ``num_gemms`` linears ``weight0 .. weight{n-1}`` (``bias0 ..``), and
+    ``forward(x, m_splits)`` computes ``x_e W_e^T (+ b_e)`` on consecutive row blocks of ``x``,
+    ``m_splits[e]`` rows for GEMM ``e`` (one GEMM per local expert in Megatron's MoE).
+
+    Megatron builds it communication-free whenever it splits the experts' weights (explicit expert
+    communication: ``parallel_mode=None``, ``tp_size=1``; the token dispatcher moves the tokens),
+    and with a parallel mode only where the expert-TP group has one rank. That is all modelled:
+    TP communication inside a grouped GEMM is refused, as are FP8 and delayed wgrad.
+    """
+
+    def __init__(self, num_gemms, in_features, out_features, name=None, **kwargs):
+        super().__init__(name)
+        k = {key: kwargs.pop(key, default) for key, default in _GROUPED_KEYWORDS.items()}
+        unmodelled = {key: v for key, v in kwargs.items() if v and key != "ub_name"}
+        tp_group = k["tp_group"]
+        self.tp_size = k["tp_size"] if tp_group is None else _group_size(tp_group)
+        if unmodelled or (k["parallel_mode"] is not None and self.tp_size > 1):
+            raise NotImplementedError(
+                f"te_double: GroupedLinear with {unmodelled or 'TP communication'} is not modelled "
+                "(Megatron builds grouped experts communication-free: parallel_mode=None)")
+        if k["parallel_mode"] not in (None, "column", "row"):
+            raise ValueError(f"te_double: parallel_mode {k['parallel_mode']!r}")
+        if tp_group is not None or self.tp_size == 1:
+            self.set_tensor_parallel_group(tp_group)
+        self.num_gemms, self.in_features, self.out_features = num_gemms, in_features, out_features
+        self.parallel_mode, self.fuse_wgrad_accumulation = k["parallel_mode"], k["fuse_wgrad_accumulation"]
+        self.sequence_parallel = False  # tp_size is 1
+        self.use_bias, self.return_bias = k["bias"], k["return_bias"]
+        self.apply_bias = self.use_bias and not self.return_bias
+        self.rng_tracker_name = k["rng_tracker_name"]
+        self.fp8_meta = {"fp8_checkpoint": False}
+        like = dict(dtype=k["params_dtype"] or torch.get_default_dtype(), device=k["device"])
+        for i in range(num_gemms):
+            self.register_parameter(f"weight{i}", torch.nn.Parameter(torch.empty(out_features, in_features, **like)),
+                                    init_fn=k["init_method"], get_rng_state_tracker=k["get_rng_state_tracker"])
+            if self.use_bias:
+                self.register_parameter(f"bias{i}", torch.nn.Parameter(torch.zeros(out_features, **like)),
+                                        init_fn=torch.nn.init.zeros_)
+            else:
+                setattr(self, f"bias{i}", torch.Tensor().to(**like))
+        self.reset_parameters()
+        for i in range(num_gemms):  # TE marks every weight TP-parallel, dim 0 unless row
+            _set_tp_attributes(getattr(self, f"weight{i}"), 1 if self.parallel_mode == "row" else 0)
+            if self.use_bias and self.parallel_mode == "column":
+                _set_tp_attributes(getattr(self, f"bias{i}"), 0)
+            elif self.use_bias and self.parallel_mode == "row":
+                getattr(self, f"bias{i}").sequence_parallel = self.sequence_parallel
+
+    def init_fp8_metadata(self, num_gemms=1) -> None:
+        """Megatron's load hook calls it; without FP8 there is nothing to set up."""
+
+    def forward(self, inp, m_splits, is_first_microbatch=None):
+        if len(m_splits) != self.num_gemms:
+            raise ValueError(f"te_double: {len(m_splits)} splits for {self.num_gemms} GEMMs")
+        if self.fuse_wgrad_accumulation and any(p.requires_grad for p in self.parameters(recurse=False)):
+            raise NotImplementedError("te_double: fuse_wgrad_accumulation on a trainable TE weight")
+        m_splits = [int(m) for m in m_splits]
+        weights = [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
+        biases = [getattr(self, f"bias{i}") if self.apply_bias else None for i in range(self.num_gemms)]
+        rows = torch.split(inp.reshape(-1, self.in_features), m_splits)
+        out = torch.cat([F.linear(x, w, b) for x, w, b in zip(rows, weights, biases)])
+        out = out.view(*inp.shape[:-1], self.out_features)
+        if self.return_bias:
+            return out, [getattr(self, f"bias{i}") for i in range(self.num_gemms)]
+        return out
+
+
 def _normalize(x, normalization, weight, bias, eps, zero_centered_gamma):
     gamma = weight + 1 if zero_centered_gamma else weight
     if normalization == "RMSNorm":
@@ -314,7 +391,7 @@ def activation_recompute_forward(activation_recompute=False, recompute_phase=Fal
 
 def _not_modelled(name):
     """A TE class Megatron subclasses or names in annotations at import, and our CPU runs never
-    build: FP8 recipes (``te.common.recipe``), fused ops (``te.pytorch.ops``), grouped MoE GEMMs,
+    build: FP8 recipes (``te.common.recipe``), fused ops (``te.pytorch.ops``),
     TE's RNG tracker (Megatron's own is used). Building one raises."""
     if name.startswith("__"):
         raise AttributeError(name)
@@ -365,7 +442,7 @@ def install() -> None:
         "transformer_engine.common.recipe": dict(__getattr__=_not_modelled),
         "transformer_engine.pytorch": dict(
             Linear=Linear, LayerNormLinear=LayerNormLinear, LayerNorm=LayerNorm, RMSNorm=RMSNorm,
-            DotProductAttention=DotProductAttention, GroupedLinear=_not_modelled("GroupedLinear"),
+            DotProductAttention=DotProductAttention, GroupedLinear=GroupedLinear,
             fp8_autocast=fp8_autocast),
         "transformer_engine.pytorch.fp8": dict(FP8GlobalStateManager=FP8GlobalStateManager,
                                                fp8_autocast=fp8_autocast, fp8_model_init=fp8_model_init),

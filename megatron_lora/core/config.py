@@ -119,8 +119,8 @@ class LoRAConfig:
         missing = [t for t in self.target_modules if t not in available]
         if missing:
             raise ValueError(
-                f"LoRA target module(s) {missing} match no Megatron parallel linear in this model. "
-                f"Parallel linears that exist: {available}. Fix LoRAConfig.target_modules "
+                f"LoRA target module(s) {missing} match no Megatron parallel linear (or MoE router) in this "
+                f"model. Targets that exist: {available}. Fix LoRAConfig.target_modules "
                 "(--lora-target-modules)."
             )
 

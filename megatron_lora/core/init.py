@@ -45,7 +45,11 @@ def logical_lora_a(shape, init: str, seed: int, name: str, rank: Optional[int] =
 
 @torch.no_grad()
 def init_lora_factors(layer, name: str) -> None:
-    """Fill ``layer.lora_A`` (TP-aware) and zero ``layer.lora_B``; collective over the TP group."""
+    """Fill ``layer.lora_A`` (TP-aware) and zero ``layer.lora_B``; collective over the TP group.
+    A layer holding several adapters (grouped MoE experts) names and fills them itself (``init_lora``)."""
+    if hasattr(layer, "init_lora"):
+        layer.init_lora(name)
+        return
     cfg, layout, group = layer.lora_config, layer.lora_layout, layer.lora_group
     world, rank = C.group_size(group), C.group_rank(group)
     a = layer.lora_A

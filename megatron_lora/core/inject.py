@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lora.core import recompute
@@ -25,10 +26,12 @@ from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
     LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1, is_qkv,
 )
+from megatron_lora.core.router import LoRATopKRouter
 
 logger = logging.getLogger(__name__)
 
-_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
+_LORA_FOR_BASE = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear,
+                  TopKRouter: LoRATopKRouter}
 _LORA_TYPES = (LoRALayerMixin,)
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
@@ -100,6 +103,8 @@ def _rewrite(node, cfg, found, classes, name=None, scope=None):
     if isinstance(node, type):
         if name and cfg.targets(path) and node in classes:
             found.add(name)
+            if hasattr(classes[node], "for_spec"):  # called by its holder itself (grouped experts)
+                return classes[node].for_spec(cfg)
             return ModuleSpec(module=classes[node], params={"lora_config": cfg})
         return node
     if dataclasses.is_dataclass(node):
@@ -185,7 +190,7 @@ def apply_lora(model, cfg: LoRAConfig):
         if cfg.recompute_branch_input:
             _attach_recompute_sources(chunk, names)
         _freeze_all_but_lora(chunk)
-        _keep_full_recompute_differentiable(chunk)
+        _keep_recompute_differentiable(chunk)
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     total = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info("LoRA r=%d alpha=%g on %s; trainable %d / %d parameters on this rank (%.3f%%)",
@@ -215,7 +220,7 @@ def _check_targets(model: torch.nn.Module, cfg: LoRAConfig, classes: dict) -> No
 
 def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
     """``recompute_branch_input``: give the local LoRA layers their producers (``recompute.py``)."""
-    local = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+    local = (LoRAColumnParallelLinear, LoRARowParallelLinear, LoRATopKRouter)  # the router keeps its input
     foreign = sorted({type(m).__name__ for m in chunk.modules() if isinstance(m, _LORA_TYPES)
                       and not isinstance(m, local)})
     if foreign:
@@ -226,17 +231,24 @@ def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
     recompute.attach_sources(chunk, names)
 
 
-def _keep_full_recompute_differentiable(model: torch.nn.Module) -> None:
-    """Make the embedding output require grad when the model recomputes full layers.
+def _keep_recompute_differentiable(model: torch.nn.Module) -> None:
+    """Make the embedding output require grad when Megatron recomputes from layer 0's input.
 
     Megatron's full recomputation is a reentrant checkpoint: with a frozen embedding none of its
-    inputs requires grad, so its output has no grad_fn and backward fails. Marking the embedding
-    output restores the graph (PEFT's enable_input_require_grads does the same); it costs only
-    layer 0's input gradient, so it is done only when full recomputation is on.
+    inputs requires grad, so its output has no grad_fn and backward fails. Its selective
+    ``"layernorm"`` recomputation (``CheckpointWithoutOutput``) frees layer 0's norm output after
+    forward and refills it from the inputs its autograd node saved; with no input requiring grad
+    there is no node, nothing is saved, and backward fails (while the LoRA branch of
+    ``linear_qkv`` needs that output). Marking the embedding output restores both (PEFT's
+    enable_input_require_grads does the same); it costs only layer 0's input gradient, so it is
+    done only when one of these recomputations is on.
     """
     from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 
-    if getattr(getattr(model, "config", None), "recompute_granularity", None) != "full":
+    config = getattr(model, "config", None)
+    granularity = getattr(config, "recompute_granularity", None)
+    if not (granularity == "full" or (granularity == "selective"
+                                      and "layernorm" in (getattr(config, "recompute_modules", None) or ()))):
         return
     for module in model.modules():
         if isinstance(module, LanguageModelEmbedding) and not getattr(module, "_lora_requires_grad_hook", None):

@@ -155,9 +155,7 @@ class LoRALayerMixin:
             if dim is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
             else:
-                # The replicated factor's gradient is a partial sum exactly when the layer's
-                # collective is a reduce-scatter (SP) or the dispatcher's ("partial", experts).
-                param.sequence_parallel = self._comm_mode() in ("reduce_scatter", "partial")
+                param.sequence_parallel = self._lora_grad_is_partial()
             param.allreduce = allreduce
             setattr(self, factor, param)
         if row_projection is not None:  # this rank's rows of B_block, sharded like lora_B
@@ -165,6 +163,11 @@ class LoRALayerMixin:
             self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)
+
+    def _lora_grad_is_partial(self) -> bool:
+        """Whether the replicated factor's gradient is a partial sum to be summed per step: when
+        the layer's collective is a reduce-scatter (SP) or the dispatcher's ("partial", experts)."""
+        return self._comm_mode() in ("reduce_scatter", "partial")
 
     def lora_b_for_gemm(self, logical_b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """B as the operators and every merge multiply it: ``lora_B`` itself, or with per-projection

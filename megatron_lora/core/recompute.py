@@ -19,7 +19,23 @@ the consumer's input is the producer's output of this very forward:
   that it reproduces the input it is given; where it does not, that layer saves its input as
   before, with one warning. An unfused activation with an fc1 bias keeps ``z + b``, not the fc1
   output ``z``; there the input is saved too (saving ``z`` would cost more than it saves).
+  MoE experts (``SequentialMLP``) call each expert as ``expert(tokens, probs)``: ``MLP.forward``
+  multiplies the activation by that per-token routing scale before ``linear_fc2``. The source
+  reads the scale with a pre-hook on the MLP and makes it one of the recipe's tensors (the scaling
+  multiply keeps it for its own backward: no bytes), so the recomputed fc2 input is the scaled one.
+  The bit check decides only on a non-empty input: ``SequentialMLP`` runs an expert that received
+  no token on 0 rows, and two empty tensors are always equal. Such an expert stays undecided (it
+  keeps its empty input, 0 bytes) until its first real tokens. Each expert has its own source, so
+  each decides for itself.
 Anything else (no matching producer, TE layers whose norm runs inside the layer) saves the input.
+
+Megatron's own recomputation: ``recompute_modules=["layernorm"]`` runs the norm under ``no_grad``
+inside ``CheckpointWithoutOutput``, frees its output's storage after the layer's forward and
+refills it (by running the norm again) before the layer's backward. A branch that keeps that
+output keeps a reference to storage Megatron already frees and restores, 0 bytes; a recipe would
+run the norm a second time in backward for nothing. So a norm that ran without autograd while its
+consumer runs with it gives no recipe. ``recompute_granularity="full"`` reruns the whole layer's
+forward with autograd in backward; the sources act in that rerun as in any forward.
 """
 
 from __future__ import annotations
@@ -38,11 +54,12 @@ class _Source:
     """A producer's last output, held until its consumer's forward takes it (one forward)."""
 
     def __init__(self, producer: torch.nn.Module):
-        self.pending = None
+        self.pending, self.producer_had_grad = None, True
         self.handle = producer.register_forward_hook(self._capture)
 
     def _capture(self, _module, args, output):
         self.pending = (args[0] if args else None, output)
+        self.producer_had_grad = torch.is_grad_enabled()
 
     def take(self, x: torch.Tensor) -> Optional[Recipe]:
         pending, self.pending = self.pending, None
@@ -63,6 +80,8 @@ class NormSource(_Source):
         # nobody: keeping it instead of the output would save nothing.
         if norm_output is not x or norm_input is None or not norm_input.requires_grad:
             return None
+        if not self.producer_had_grad:
+            return None  # Megatron's layernorm recompute owns this output: it frees and refills it
         return Recipe(self.norm.forward, (norm_input,))
 
 
@@ -75,48 +94,74 @@ def _fuses_bias(config, activation_func) -> bool:
         or (activation_func is F.gelu and not config.gated_linear_unit))
 
 
-def mlp_activation(config, activation_func, z: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Megatron ``MLP.forward``'s activation of the fc1 output ``z`` (without per-token scales)."""
+def mlp_activation(config, activation_func, z: torch.Tensor, bias: Optional[torch.Tensor],
+                   per_token_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Megatron ``MLP.forward``'s activation of the fc1 output ``z``, scaled per token (row) by
+    ``per_token_scale`` where an MoE expert is given its tokens' routing probabilities."""
     if _fuses_bias(config, activation_func):
+        fp8_store = getattr(config, "activation_func_fp8_input_store", False)
+        if per_token_scale is not None:  # of the two, Megatron takes a scale only with SwiGLU
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            return weighted_bias_swiglu_impl(z, bias, per_token_scale.unsqueeze(-1), fp8_store)
         if config.gated_linear_unit:
             from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 
-            return bias_swiglu_impl(z, bias, getattr(config, "activation_func_fp8_input_store", False))
+            return bias_swiglu_impl(z, bias, fp8_store)
         from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
 
         return bias_gelu_impl(z, bias) if bias is not None else activation_func(z)
     if bias is not None:
         z = z + bias
     if not config.gated_linear_unit:
-        return activation_func(z)
-    gate, linear = torch.chunk(z, 2, dim=-1)
-    clamp = getattr(config, "activation_func_clamp_value", None)
-    if clamp is not None:
-        gate, linear = gate.clamp(min=None, max=clamp), linear.clamp(min=-clamp, max=clamp)
-    return config.activation_func(gate) * (linear + getattr(config, "glu_linear_offset", 0.0))
+        out = activation_func(z)
+    else:
+        gate, linear = torch.chunk(z, 2, dim=-1)
+        clamp = getattr(config, "activation_func_clamp_value", None)
+        if clamp is not None:
+            gate, linear = gate.clamp(min=None, max=clamp), linear.clamp(min=-clamp, max=clamp)
+        out = config.activation_func(gate) * (linear + getattr(config, "glu_linear_offset", 0.0))
+    if per_token_scale is not None:
+        out = (out * per_token_scale.unsqueeze(-1)).to(out.dtype)
+    return out
 
 
 class ActivationSource(_Source):
-    """Recompute ``linear_fc2``'s input from ``linear_fc1``'s output (kept by the activation)."""
+    """Recompute ``linear_fc2``'s input from ``linear_fc1``'s output (kept by the activation) and
+    the MLP call's per-token scale (an MoE expert's routing probabilities, kept by the scaling).
+
+    ``checked``: None until the first non-empty forward, then whether the recipe reproduced it."""
 
     def __init__(self, mlp: torch.nn.Module, name: str):
         super().__init__(mlp.linear_fc1)
         self.mlp, self.name, self.checked = mlp, name, None
+        self.scale = None
+        self.scale_handle = mlp.register_forward_pre_hook(self._capture_scale, with_kwargs=True)
 
-    def _fn(self, z, bias):
-        return mlp_activation(self.mlp.config, self.mlp.activation_func, z, bias)
+    def _capture_scale(self, _module, args, kwargs):
+        # MLP.forward(hidden_states, per_token_scale=None): SequentialMLP passes it positionally.
+        self.scale = args[1] if len(args) > 1 else kwargs.get("per_token_scale")
 
-    def _recipe(self, x, _fc1_input, fc1_output) -> Optional[Recipe]:
+    def _capture(self, module, args, output):
+        super()._capture(module, args, output)
+        self.pending, self.scale = (*self.pending, self.scale), None
+
+    def _fn(self, z, bias, scale=None):
+        return mlp_activation(self.mlp.config, self.mlp.activation_func, z, bias, scale)
+
+    def _recipe(self, x, _fc1_input, fc1_output, scale) -> Optional[Recipe]:
         z, bias = fc1_output if isinstance(fc1_output, tuple) else (fc1_output, None)
         if bias is not None and not _fuses_bias(self.mlp.config, self.mlp.activation_func):
             return None  # the activation keeps z + bias, not z: saving z would cost more than x
         if self.checked is None:
-            self.checked = torch.equal(Recipe.run(self._fn, z, bias), x)
+            if x.numel() == 0:
+                return None  # an expert without tokens: nothing to check, nothing kept (0 bytes)
+            self.checked = torch.equal(Recipe.run(self._fn, z, bias, scale), x)
             if not self.checked:
                 logger.warning("recompute_branch_input: %s's input is not the activation of linear_fc1's "
                                "output as recomputed here (an MLP variant this module does not know); "
                                "that layer keeps its branch input for backward.", self.name)
-        return Recipe(self._fn, (z, bias)) if self.checked else None
+        return Recipe(self._fn, (z, bias, scale)) if self.checked else None
 
 
 def _attach(consumer, make_source) -> int:

@@ -170,3 +170,7 @@ class LoRATERowParallelLinear(_TELoRA, TERowParallelLinear):
 
 LORA_FOR_TE_BASE = {cls._base_class: cls for cls in (
     LoRATELayerNormColumnParallelLinear, LoRATEColumnParallelLinear, LoRATERowParallelLinear)}
+# Grouped MoE experts (TEGroupedMLP, moe_grouped_gemm) join the map: core/grouped_experts.py.
+from megatron_lora.core.grouped_experts import LORA_FOR_GROUPED_BASE  # noqa: E402
+
+LORA_FOR_TE_BASE.update(LORA_FOR_GROUPED_BASE)

@@ -123,3 +123,118 @@ def test_recompute_on_te_layers_is_refused_early():
     chunk.linear_qkv = FakeTELoRA()
     with pytest.raises(ValueError, match="recompute_branch_input.*FakeTELoRA.*transformer_impl='local'"):
         inject._attach_recompute_sources(chunk, {})
+
+
+# ----------------------------------------------------------------------------- MoE experts
+# SequentialMLP runs every local expert on every forward, an expert that received no token on 0
+# rows, and scales each expert's activation by its tokens' routing probabilities before
+# linear_fc2. An expert empty on its first forward must stay undecided (an empty bit check proves
+# nothing), and the recomputed fc2 input must carry the routing scale.
+
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall")
+STARVED = 3  # the expert that receives no token on the first step (EP=2: rank 1's second expert)
+MOE_STEPS = 3
+MEGATRON_RECOMPUTE = {"none": {},  # Megatron's own recomputation on top
+                      "layernorm": dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+                      "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+
+
+def _starve(model, expert):
+    """Route no token to ``expert`` in every MoE layer (its router logit -1e4) until undone."""
+    routers = [m for m in model.modules() if hasattr(m, "gating") and hasattr(m, "routing")]
+    assert routers, "no MoE router in the model"
+    for router in routers:
+        gating = type(router).gating.__get__(router)
+        router.gating = lambda inp, gating=gating: gating(inp).index_fill(-1, torch.tensor([expert]), -1e4)
+    return lambda: [router.__dict__.pop("gating") for router in routers]
+
+
+def _random_b(model):
+    """lora_B drawn at random (same in every run): dA is non-zero from the first step on."""
+    from megatron_lora.core.inject import lora_modules
+
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in lora_modules(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def _expert_fc2_sources(model):
+    """{(MoE layer name, global expert index): the bit check's decision} of this rank's experts."""
+    from megatron.core import parallel_state as ps
+
+    decided = {}
+    for name, experts in model.named_modules():
+        if hasattr(experts, "local_experts"):
+            first = ps.get_expert_model_parallel_rank() * len(experts.local_experts)
+            for i, expert in enumerate(experts.local_experts):
+                decided[(name, first + i)] = expert.linear_fc2.lora_input_source.checked \
+                    if expert.linear_fc2.lora_input_source is not None else "no source"
+    return decided
+
+
+def worker_moe_empty_expert(ep, megatron_recompute):
+    from megatron_lora import apply_lora, lora_parameters
+    from tests.distributed.models import build_tiny_gpt, tiny_gpt_config
+
+    config = tiny_gpt_config(expert_model_parallel_size=ep, **MOE, **MEGATRON_RECOMPUTE[megatron_recompute])
+    base = {k: v for k, v in build_tiny_gpt(config).state_dict().items() if isinstance(v, torch.Tensor)}
+    runs = {}
+    for recompute in (False, True):
+        model = build_tiny_gpt(config)
+        model.load_state_dict(base, strict=False)
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, seed=99, recompute_branch_input=recompute))
+        _random_b(model)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert len(params) == len(lora_parameters(model))
+        opt = torch.optim.AdamW(params.values(), lr=1e-2)
+        steps, decided = [], None
+        for step, (inputs, labels) in enumerate(G.batches(MOE_STEPS)):
+            undo = _starve(model, STARVED) if step == 0 else None
+            opt.zero_grad()
+            loss = G._loss(model, inputs, labels)
+            loss.backward()
+            if undo:
+                undo()
+                decided = _expert_fc2_sources(model)
+            steps.append((loss.item(), {k: p.grad.clone() for k, p in params.items()}))
+            opt.step()
+        runs[recompute] = dict(steps=steps, decided_after_empty=decided, decided=_expert_fc2_sources(model))
+    return runs
+
+
+@pytest.mark.parametrize("megatron_recompute", MEGATRON_RECOMPUTE)
+@pytest.mark.parametrize("ep", [1, 2])
+def test_an_expert_empty_on_its_first_forward_gets_exact_adapter_gradients(ep, megatron_recompute):
+    results = run_distributed(worker_moe_empty_expert, ep, ep, megatron_recompute, expert_model_parallel_size=ep)
+    for rank, runs in enumerate(results):
+        off, on = runs[False], runs[True]
+        for step, ((loss_off, grads_off), (loss_on, grads_on)) in enumerate(zip(off["steps"], on["steps"])):
+            assert loss_on == loss_off, f"rank {rank} step {step}: loss {loss_on} != {loss_off}"
+            bad = [k for k in grads_off if not torch.equal(grads_on[k], grads_off[k])]
+            assert not bad, f"rank {rank} step {step}: adapter gradients differ: {bad}"
+        # After step 0 the starved expert has had only an empty forward: undecided. Every other
+        # expert was checked on real tokens, routing scale included, and recomputes from then on.
+        first = on["decided_after_empty"]
+        assert len(first) == 2 * 4 // ep
+        assert first == {key: None if key[1] == STARVED else True for key in first}, first
+        assert set(on["decided"].values()) == {True}, on["decided"]
+        assert set(off["decided"].values()) == {"no source"}
+
+
+def test_an_empty_first_forward_leaves_the_expert_undecided_and_the_scale_is_a_recipe_tensor():
+    from megatron_lora.core.recompute import ActivationSource, mlp_activation
+
+    class Expert(_FakeMLP):
+        def forward(self, tokens, per_token_scale=None):
+            z = self.linear_fc1(tokens)
+            return mlp_activation(self.config, self.activation_func, z, None) * per_token_scale.unsqueeze(-1)
+
+    expert = Expert()
+    source = ActivationSource(expert, "experts.local_experts.3.linear_fc2")
+    empty = expert(torch.zeros(0, 8), torch.zeros(0))
+    assert source.take(empty) is None and source.checked is None  # nothing decided on no tokens
+    tokens, probs = torch.randn(5, 8), torch.rand(5)
+    recipe = source.take(expert(tokens, probs))
+    assert source.checked is True and recipe.tensors[2] is probs
+    assert torch.equal(recipe.run(recipe.fn, *recipe.tensors), expert(tokens, probs))

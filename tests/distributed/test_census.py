@@ -1,6 +1,7 @@
-"""The LoRA census (``benchmarks/census.py``, issue 16) at a small shape, TP=1 and TP=2 (with and
-without SP): it runs end to end as a user runs it (``python -m benchmarks.census``, in a
-subprocess: tests do not import ``benchmarks/``), and its numbers obey what holds by construction.
+"""The LoRA census (``benchmarks/census.py``, issues 16 and 25) at a small shape, TP=1 and TP=2 (with
+and without SP; the MoE layer at TP=1 and TP=2 SP only, as Megatron's MoE needs SP at TP > 1): it
+runs end to end as a user runs it (``python -m benchmarks.census``, in a subprocess: tests do not
+import ``benchmarks/``), and its numbers obey what holds by construction.
 
 No current op count is pinned except the GEMMs, an invariant: see ``test_gemm_counts``."""
 
@@ -13,9 +14,16 @@ import pytest
 from tests import REPO_ROOT
 
 # Tokens per rank 96 (48 under SP) differ from every weight dimension (128, 256, 512, 8, ...), so
-# the activation-shaped split of the bytes is never ambiguous.
+# the activation-shaped split of the bytes is never ambiguous. The MoE layer: 8 experts, top-2,
+# expert ffn 112 (weight dimensions 224 / 112, 112 / 56 at TP=2; the experts get 22 to 33 tokens),
+# the last expert shut out by the router's expert bias, so that the GEMM invariant covers an
+# expert that runs on 0 tokens.
 SMALL = ["--seq", "32", "--batch", "3", "--hidden", "128", "--out-features", "256", "--ffn", "256",
-         "--heads", "8", "--groups", "4", "--rank", "8", "--alpha", "16"]
+         "--heads", "8", "--groups", "4", "--rank", "8", "--alpha", "16", "--experts", "8", "--topk", "2",
+         "--moe-ffn", "112", "--empty-experts", "1"]
+EXPERTS, EMPTY = 8, 1
+ROWS = {(layout, target) for layout in ("TP=1", "TP=2", "TP=2 SP") for target in ("column", "row", "layer")} | {
+    ("TP=1", "moe"), ("TP=2 SP", "moe")}  # no moe row at TP=2 without SP
 ROW_KEYS = {"layout", "tp", "sp", "target", "input_bytes", "output_bytes", "base", "base_vs_base",
             "variants", "ranks_agree"}
 MEASURE_KEYS = {"ops", "collectives", "no_data_ops", "bytes_touched", "bytes_by_name", "param_shaped_bytes",
@@ -45,8 +53,7 @@ def _lora_rows(result):
 def test_json_has_the_documented_keys_and_every_row(census):
     result, table = census
     assert {"rows", "shape", "variants", "skipped_variants", "meta"} <= set(result)
-    assert {(r["layout"], r["target"]) for r in result["rows"]} == {
-        (layout, target) for layout in ("TP=1", "TP=2", "TP=2 SP") for target in ("column", "row", "layer")}
+    assert {(r["layout"], r["target"]) for r in result["rows"]} == ROWS
     for row in result["rows"]:
         assert ROW_KEYS <= set(row), row.keys()
         assert MEASURE_KEYS <= set(row["base"])
@@ -89,17 +96,26 @@ def test_collectives_are_seen_and_lora_adds_none(census):
 
 
 def test_gemm_counts(census):
-    """The one pinned count. Per LoRA linear the branch is six GEMM-class ops whatever the kernels:
-    forward u = X A^T and Y += s u B^T; backward g = dY B, dX += s g A, dB = s dY^T u and
+    """The one pinned count. Per LoRA linear call the branch is six GEMM-class ops whatever the
+    kernels: forward u = X A^T and Y += s u B^T; backward g = dY B, dX += s g A, dB = s dY^T u and
     dA = s g^T X. The frozen base runs two (Y = X W^T, dX = dY W): no weight-gradient GEMM.
-    Recomputing the branch input recomputes a norm / activation, never a GEMM."""
+    Recomputing the branch input recomputes a norm / activation, never a GEMM.
+
+    The MoE layer calls its adapted linears 2 + 2 x experts times: linear_qkv, linear_proj and
+    every expert's linear_fc1 and linear_fc2, because Megatron's SequentialMLP runs every local
+    expert, one with 0 tokens too, and its six branch ops still dispatch (on empty operands)."""
     result, _ = census
     for row in result["rows"]:
-        if row["target"] != "layer":
+        if row["target"] in ("column", "row"):
             assert sum(n for k, n in row["base"]["ops"].items() if k in GEMMS) == 2, row["base"]["ops"]
+        calls = {"column": 1, "row": 1, "layer": 4, "moe": 2 + 2 * EXPERTS}[row["target"]]
+        assert row["linear_calls"] == calls, (row["layout"], row["target"], row["linear_calls"])
+        if row["target"] == "moe":  # the empty expert is there, and ran
+            tokens = row["tokens_per_expert"]
+            assert len(tokens) == EXPERTS and tokens[-EMPTY:] == [0] * EMPTY and min(tokens[:-EMPTY]) > 0, tokens
     for row, name, v in _lora_rows(result):
         gemms = sum(n for k, n in v["extra"]["aten_ops_by_name"].items() if k in GEMMS)
-        assert gemms == (4 * 6 if row["target"] == "layer" else 6), (row["layout"], row["target"], name, v["extra"])
+        assert gemms == 6 * row["linear_calls"], (row["layout"], row["target"], name, v["extra"])
 
 
 def test_saved_for_backward(census):
@@ -107,11 +123,11 @@ def test_saved_for_backward(census):
     sh = result["shape"]
     for row in result["rows"]:
         # Megatron's frozen linear keeps only its weight: nothing here.
-        if row["target"] != "layer":
+        if row["target"] in ("column", "row"):
             assert row["base"]["saved_bytes"] == 0, row["base"]
     for row, name, v in _lora_rows(result):
         e = v["extra"]
-        if row["target"] == "layer" or name != "lora":
+        if row["target"] in ("layer", "moe") or name != "lora":
             assert 0 < e["saved_bytes"], e
             continue
         # Without recompute, the standalone column / row layer keeps exactly its own input (the

@@ -20,6 +20,15 @@ SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_gpu.py")
 TINY = ["--hidden", "64", "--heads", "4", "--groups", "2", "--ffn", "128", "--layers", "2", "--vocab", "128",
         "--seq", "32", "--micro-batch", "2", "--rank", "4", "--reps", "1", "--iters", "1", "--warmup", "1"]
 VARIANTS = {"frozen", "lora", "lora_triton_kernels", "lora_recompute", "separate_branch"}
+MOE = ["--num-experts", "8", "--moe-topk", "2", "--moe-ffn", "32"]
+
+
+def _adapter_params(rank, moe):
+    """LoRA parameters of TINY (2 layers, hidden 64, 4 heads / 2 groups of 16, SwiGLU): r x (in + out)
+    per adapted linear; with ``MOE``, every one of the 8 experts' fc1 (64 -> 2 x 32) and fc2 (32 -> 64)."""
+    attention = rank * (64 + (4 + 2 * 2) * 16) + rank * (64 + 64)
+    mlp = 8 * (rank * (64 + 2 * 32) + rank * (32 + 64)) if moe else rank * (64 + 2 * 128) + rank * (128 + 64)
+    return 2 * (attention + mlp)
 
 
 def test_cpu_smoke_run_appends_one_json_line(tmp_path):
@@ -45,6 +54,28 @@ def test_cpu_smoke_run_appends_one_json_line(tmp_path):
         assert row["tokens_per_s"] > 0 and row["activation_peak_gib"] is None  # no allocator stats on CPU
         assert {"tokens_per_s_vs_frozen", "activation_peak_vs_frozen", "initial_loss"} <= set(row)
     assert result["variants"]["frozen"]["tokens_per_s_vs_frozen"] == 1.0
+    trainable = {name: row["trainable_params"] for name, row in result["variants"].items()}
+    assert trainable == dict(frozen=0, lora=_adapter_params(4, False), lora_recompute=_adapter_params(4, False),
+                             separate_branch=_adapter_params(4, False)), trainable
+
+
+def test_cpu_smoke_run_of_the_moe_shape():
+    """``--num-experts 8 --moe-topk 2``: Megatron's MoE layer (SequentialMLP experts) in every
+    variant, whose initial losses the script checks against the frozen MoE model's (same router,
+    same experts, B = 0); LoRA adapts every expert's linear_fc1 / linear_fc2."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--dtype", "fp32", *TINY, *MOE],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert "MoE: 8 SequentialMLP experts of ffn 32, top-2" in run.stdout
+    assert (result["config"]["num_experts"], result["config"]["moe_topk"], result["config"]["moe_ffn"]) == (8, 2, 32)
+    assert set(result["variants"]) == VARIANTS - {"lora_triton_kernels"}
+    for row in result["variants"].values():
+        assert row["tokens_per_s"] > 0 and row["initial_token_loss_max_diff"] <= 1e-3
+    trainable = {name: row["trainable_params"] for name, row in result["variants"].items()}
+    assert trainable == dict(frozen=0, lora=_adapter_params(4, True), lora_recompute=_adapter_params(4, True),
+                             separate_branch=_adapter_params(4, True)), trainable
 
 
 def test_cuda_without_a_gpu_is_one_error_line():

@@ -41,3 +41,25 @@ def test_unknown_target_lists_the_parallel_linears_that_exist():
         cfg.check_targets_exist(["linear_qkv", "linear_proj", "linear_fc1"])
     message = str(err.value)
     assert "['q_proj']" in message and "linear_fc1" in message and "--lora-target-modules" in message
+
+
+def test_target_names_give_the_leaf_and_its_holder():
+    from megatron_lora.core.config import target_names
+
+    assert target_names("decoder.layers.3.mlp.experts.local_experts.5.linear_fc1") == ("linear_fc1", "experts.linear_fc1")
+    assert target_names("decoder.layers.0.mlp.shared_experts.linear_fc2") == ("linear_fc2", "shared_experts.linear_fc2")
+    assert target_names("decoder.layers.0.mlp.linear_fc1") == ("linear_fc1", "mlp.linear_fc1")
+    assert target_names("decoder.layers.0.mlp.router") == ("router", "mlp.router")
+    assert target_names("linear_qkv") == ("linear_qkv",)
+
+
+def test_a_scoped_target_picks_one_kind_of_linear():
+    from megatron_lora import LoRAConfig
+
+    experts_only = LoRAConfig(target_modules=("experts.linear_fc1", "experts.linear_fc2"))
+    assert experts_only.targets("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1")
+    assert not experts_only.targets("decoder.layers.1.mlp.linear_fc1")
+    assert not experts_only.targets("decoder.layers.1.mlp.shared_experts.linear_fc1")
+    every_fc1 = LoRAConfig(target_modules=("linear_fc1",))
+    assert every_fc1.targets("decoder.layers.1.mlp.shared_experts.linear_fc1")
+    assert every_fc1.targets("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1")

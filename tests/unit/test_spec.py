@@ -40,3 +40,41 @@ def test_spec_rewrite_only_touches_targets_and_leaves_the_input_spec_alone():
 def test_spec_without_any_target_fails_with_the_reason():
     with pytest.raises(ValueError, match="none of \\['q_proj'\\]"):
         lora_layer_spec(get_gpt_layer_local_spec(), LoRAConfig(target_modules=("q_proj",)))
+
+
+def _moe_linears(spec):
+    """(routed experts' fc1/fc2, shared experts' fc1/fc2) of a MoE layer spec."""
+    moe = _submodules(spec.submodules.mlp)
+    experts, shared = _submodules(moe.experts), _submodules(moe.shared_experts)
+    return (experts.linear_fc1, experts.linear_fc2), (shared.linear_fc1, shared.linear_fc2)
+
+
+def test_scoped_targets_pick_routed_or_shared_experts_in_a_moe_spec():
+    base = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
+    if _submodules(_submodules(base.submodules.mlp).shared_experts) is None:
+        pytest.skip("this megatron-core's MoE spec has no shared-expert submodules")
+    routed, shared = _moe_linears(lora_layer_spec(base, LoRAConfig(target_modules=("experts.linear_fc1",))))
+    assert _module(routed[0]) is LoRAColumnParallelLinear and _module(routed[1]) is RowParallelLinear
+    assert _module(shared[0]) is ColumnParallelLinear
+    routed, shared = _moe_linears(lora_layer_spec(base, LoRAConfig(target_modules=("shared_experts.linear_fc2",))))
+    assert _module(shared[1]) is LoRARowParallelLinear and _module(routed[1]) is RowParallelLinear
+    routed, shared = _moe_linears(lora_layer_spec(base, LoRAConfig(target_modules=("linear_fc1",))))
+    assert _module(routed[0]) is LoRAColumnParallelLinear and _module(shared[0]) is LoRAColumnParallelLinear
+
+
+def _module(spec_or_class):
+    return getattr(spec_or_class, "module", spec_or_class)
+
+
+def test_router_target_swaps_the_router_where_the_spec_names_it():
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_lora.core.router import LoRATopKRouter
+
+    moe = _submodules(lora_layer_spec(get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False),
+                                      LoRAConfig(target_modules=("linear_qkv", "router")))
+                      .submodules.mlp)
+    if getattr(moe, "router", None) is None:
+        pytest.skip("this megatron-core's MoE spec builds its router inside MoELayer (apply_lora swaps it)")
+    assert _module(moe.router) is LoRATopKRouter and moe.router.params["lora_config"].target_modules[1] == "router"
+    assert TopKRouter in LoRATopKRouter.__mro__

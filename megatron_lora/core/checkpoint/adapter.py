@@ -62,8 +62,11 @@ def _named_factors(model) -> Dict[str, tuple]:
         if m.lora_init_name is None:
             raise CheckpointError(
                 f"{type(m).__name__} has no name yet: call apply_lora(model, cfg) before saving or loading.")
-        for factor in LORA_FACTORS:
-            out[rename(f"{m.lora_init_name}.{factor}")] = (m, factor)
+        # A grouped-experts layer holds one adapter per local expert, each under its
+        # SequentialMLP name (core/grouped_experts.py): adapters move between the two.
+        for adapter in m.expert_adapters() if hasattr(m, "expert_adapters") else (m,):
+            for factor in LORA_FACTORS:
+                out[rename(f"{adapter.lora_init_name}.{factor}")] = (adapter, factor)
     return out
 
 
@@ -194,7 +197,9 @@ def gather_full_adapter(model, dst: Optional[int] = None) -> Optional[Dict[str, 
 
     One data-parallel replica gathers each layer over TP onto one rank of its stage, which sends
     it point-to-point to ``dst`` (``checkpoint/gather.py``): ``dst`` receives the adapter once,
-    a sender at most its stage's factors, another replica nothing (docs/design.md §16). A
+    a sender at most its stage's factors, another replica nothing (docs/design.md §16). Expert
+    layers at EP > 1 (or expert-TP != TP) come the same way from ``dst``'s expert group, every
+    expert under its global name. A
     replicated factor, or any factor at TP = 1 on the CPU, may be the parameter itself: read the
     result, do not write it.
     """
@@ -243,8 +248,10 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
     """Load logical adapter tensors into a TP/PP-sharded model: each rank keeps its own slice.
 
     ``source`` is a safetensors path or a {name: tensor} dict with global layer numbers in the
-    names. Every tensor is checked against the layer's declared layout; ``strict`` also refuses
-    tensors the model has no place for. Collective over all ranks (for the strict check).
+    names (and global expert indices: each expert rank keeps its own experts, each sliced over the
+    layer's expert-TP group). Every tensor is checked against the layer's declared layout;
+    ``strict`` also refuses tensors the model has no place for and, on every rank alike, tensors
+    of any stage or expert rank that are missing. Collective over all ranks (for the strict check).
     """
     where = "the adapter"
     if isinstance(source, str):
@@ -262,6 +269,13 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
             raise CheckpointError(
                 f"{where} has tensors this model has no place for: {unexpected[:6]}. Check the "
                 "targets and layer count, or pass strict=False to ignore them.")
+        # Every rank checks every stage's and every expert rank's names, so all raise the same error.
+        missing = sorted(known - set(tensors))
+        if missing:
+            more = " ..." if len(missing) > 6 else ""
+            raise CheckpointError(
+                f"{where} is missing {', '.join(missing[:6])}{more}; the model has LoRA on them. Export the "
+                f"adapter with the same targets {list(_model_config(model).target_modules)} and all experts.")
     with torch.no_grad():
         for name, (m, factor) in named.items():
             if name not in tensors:

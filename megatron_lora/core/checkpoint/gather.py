@@ -16,6 +16,20 @@ message is a tensor: nothing is pickled, no ``*_object`` collective runs.
     another rank of dst's replica     8 bytes (dst's TP rank)
     a rank of another replica         nothing
 
+Expert layers (MoE) take a second pass where expert parallelism is > 1 or the expert-TP group is
+not the TP group: ``dst``'s dense replica then does not hold every expert. Megatron lays the
+experts out as expert-TP x EP x PP within one expert-data-parallel rank, so the pass runs over
+``dst``'s expert group (``get_expert_tensor_model_pipeline_parallel_group``) the same way: one
+8-byte broadcast of ``dst``'s expert-TP rank names the collectors (one per EP rank and stage),
+each layer is gathered over its expert-TP group onto the collector, and the collector sends a
+header and the logical tensors to ``dst``. The ranks of other expert-DP replicas take no part.
+
+    rank                                 receives in the expert pass (e = expert-TP size)
+    dst                                  every expert once, minus the shards it holds, plus headers
+    a collector of another position      (e-1)/e of its position's sharded expert factors, plus 8 bytes
+    another rank of dst's expert group   8 bytes (dst's expert-TP rank)
+    a rank of another expert replica     nothing
+
 ``dst=None`` (every rank) gathers onto rank 0 so, then broadcasts the result: each rank
 receives the adapter once, which is what it asked for. The same headers carry every stage's
 names and shapes to every rank (``every_stage``), and ``first_message`` agrees on an error with
@@ -55,34 +69,75 @@ def gather_adapter(named: Dict[str, tuple], dst: Optional[int]) -> Optional[Dict
         return {name: _logical(m, f, 0, True).cpu().contiguous() for name, (m, f) in named.items()}
     if dst is None:
         return _broadcast(gather_adapter(named, 0), src=0)
-    _refuse_expert_parallel_experts(named)
-    route = _Route(dst)
+    dense, experts = _split_experts(named)
+    out = _gather(dense, dst, _Route(dst))
+    if experts is not None:
+        got = _gather(experts, dst, _ExpertRoute(dst))
+        if out is not None:
+            out.update(got)
+    return out
+
+
+def _gather(named: Dict[str, tuple], dst: int, route) -> Optional[Dict[str, torch.Tensor]]:
+    """One pass: the layers of ``named`` gathered over their TP groups onto the route's
+    collectors, each of which sends a header and the logical tensors to ``dst``."""
     if not route.takes_part:
         return None
     me = dist.get_rank()
     if me != dst:
         if route.collects:
-            _send_tensors(_encode(_meta(named)), dst, route.pp_group)
+            _send_tensors(_encode(_meta(named)), dst, route.group)
         for m, f in named.values():  # one logical tensor alive at a time: peak 2T (§16)
             if route.collects:
-                dist.send(_logical(m, f, route.dst_tp, True).contiguous().to(route.device), dst, group=route.pp_group)
+                dist.send(_logical(m, f, route.collector, True).contiguous().to(route.device), dst, group=route.group)
             else:
-                _logical(m, f, route.dst_tp, False)
+                _logical(m, f, route.collector, False)
         return None
     out = {}
-    for src in route.pp_ranks:  # stage order: the order the old all-ranks gather produced
+    for src in route.sources:  # dense: stage order; experts: (EP rank, stage) order
         if src == me:
-            out.update({name: _logical(m, f, route.dst_tp, True).cpu().contiguous() for name, (m, f) in named.items()})
+            out.update({name: _logical(m, f, route.collector, True).cpu().contiguous()
+                        for name, (m, f) in named.items()})
             continue
-        for name, dtype, shape in _decode(*_recv_tensors(src, route.pp_group, route.device)):
+        for name, dtype, shape in _decode(*_recv_tensors(src, route.group, route.device)):
             buf = torch.empty(shape, dtype=dtype, device=route.device)
-            dist.recv(buf, src, group=route.pp_group)
+            dist.recv(buf, src, group=route.group)
             out[name] = buf.cpu()
     return out
 
 
+def _is_expert(m) -> bool:
+    return bool(getattr(m, "is_expert", False))
+
+
+def _expert_layout_differs() -> bool:
+    """Whether expert layers need their own pass: with expert parallelism, or an expert-TP group
+    that is not the TP group, ``dst``'s dense replica does not hold every expert, sharded the way
+    the dense pass gathers. The answer depends on the layout only, so every rank agrees."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return False
+    if ps.get_expert_model_parallel_world_size() > 1:
+        return True
+    return (dist.get_process_group_ranks(ps.get_expert_tensor_parallel_group())
+            != dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
+
+
+def _split_experts(named: Dict[str, tuple]) -> Tuple[Dict[str, tuple], Optional[Dict[str, tuple]]]:
+    """(dense layers, expert layers), or (all layers, None) when experts need no pass of their own."""
+    if not _expert_layout_differs():
+        return named, None
+    dense = {n: v for n, v in named.items() if not _is_expert(v[0])}
+    return dense, {n: v for n, v in named.items() if _is_expert(v[0])}
+
+
 class _Route:
-    """Who takes part and who collects, from Megatron's parallel state and one 8-byte broadcast."""
+    """Who takes part and who collects, from Megatron's parallel state and one 8-byte broadcast.
+
+    ``group`` carries the point-to-point messages to ``dst``, ``sources`` are the ranks ``dst``
+    receives from in order (itself included), ``collector`` is the collectors' rank in each
+    layer's TP group."""
 
     def __init__(self, dst: int):
         from megatron.core import parallel_state as ps
@@ -95,38 +150,64 @@ class _Route:
         self.takes_part = dst in dist.get_process_group_ranks(mp_group)
         if not self.takes_part:
             return
-        self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.pp_ranks = dist.get_process_group_ranks(self.pp_group)
-        self.device = transport_device(self.pp_group)
+        self.group = ps.get_pipeline_model_parallel_group()
+        self.sources = dist.get_process_group_ranks(self.group)
+        self.device = transport_device(self.group)
         tp_rank = ps.get_tensor_model_parallel_rank()
         # The collectors are the ranks with dst's TP rank; only dst knows it: 8 bytes to the replica.
-        dst_tp = torch.tensor([tp_rank], dtype=torch.int64, device=transport_device(mp_group))
-        if C.group_size(mp_group) > 1:
-            dist.broadcast(dst_tp, src=dst, group=mp_group)
-        self.dst_tp = int(dst_tp.item())
-        self.collects = dst in self.pp_ranks
-        if self.collects != (tp_rank == self.dst_tp):
+        self.collector = _broadcast_rank(tp_rank, dst, mp_group)
+        self.collects = dst in self.sources
+        if self.collects != (tp_rank == self.collector):
             raise CheckpointError(
                 f"rank {dist.get_rank()} (TP rank {tp_rank}) is {'' if self.collects else 'not '}on the pipeline "
-                f"group of rank {dst} (TP rank {self.dst_tp}): expected Megatron's layout, where a pipeline group "
-                "joins the ranks of one TP rank. Gather with dst=None instead.")
+                f"group of rank {dst} (TP rank {self.collector}): expected Megatron's layout, where a pipeline "
+                "group joins the ranks of one TP rank. Gather with dst=None instead.")
 
 
-def _refuse_expert_parallel_experts(named: Dict[str, tuple]) -> None:
-    """With expert parallelism the replica of ``dst`` holds only its own experts, whose local
-    names repeat on the other expert ranks: refuse on every rank rather than drop or mix them."""
+class _ExpertRoute:
+    """The route of the expert pass: ``dst``'s expert group (Megatron's expert tensor-model-
+    pipeline group: the ETP x EP x PP ranks of ``dst``'s expert-data-parallel rank) holds every
+    expert once. Its collectors are the ranks with ``dst``'s expert-TP rank (one 8-byte broadcast
+    over the group), one per (EP rank, stage); the other expert-DP replicas take no part."""
+
+    def __init__(self, dst: int):
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_expert_tensor_model_pipeline_parallel_group()
+        ranks = dist.get_process_group_ranks(group)
+        self.takes_part = dst in ranks
+        if not self.takes_part:
+            return
+        self.group, self.device = group, transport_device(group)
+        etp = _expert_tp_blocks(ranks)
+        self.collector = _broadcast_rank(ps.get_expert_tensor_parallel_rank(), dst, group)
+        self.sources = ranks[self.collector::etp]
+        self.collects = dist.get_rank() in self.sources
+
+
+def _expert_tp_blocks(ranks: List[int]) -> int:
+    """The expert-TP size, after checking Megatron's layout of the expert group ``ranks``: its
+    expert-TP groups are consecutive blocks, in expert-TP rank order (expert-TP varies fastest).
+    ``dst`` relies on it to name the collectors without asking for anyone's coordinates."""
     from megatron.core import parallel_state as ps
 
-    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
-        return
-    experts = [name for name in named if ".experts." in name]
-    problem = first_message(
-        f"{experts[0]} is an expert layer and expert parallelism is {ps.get_expert_model_parallel_world_size()}: "
-        "a full (unsharded) adapter of LoRA experts is not gathered across expert ranks. Save the dist "
-        "checkpoint (save_adapter) and convert it at EP=1, or leave the experts out of the LoRA targets."
-        if experts else None)
-    if problem is not None:
-        raise CheckpointError(problem)
+    etp_ranks = dist.get_process_group_ranks(ps.get_expert_tensor_parallel_group())
+    etp, me = len(etp_ranks), ranks.index(dist.get_rank())
+    block = ranks[me - me % etp: me - me % etp + etp]
+    if block != etp_ranks or etp_ranks.index(dist.get_rank()) != ps.get_expert_tensor_parallel_rank():
+        raise CheckpointError(
+            f"rank {dist.get_rank()}: its expert-TP group {etp_ranks} is not the block {block} of its expert "
+            f"tensor-model-pipeline group {ranks}: expected Megatron's layout, where expert-TP varies fastest. "
+            "Gather at EP=1 instead (convert the dist checkpoint).")
+    return etp
+
+
+def _broadcast_rank(rank: int, dst: int, group) -> int:
+    """``dst``'s ``rank`` (its index in some group) on every rank of ``group``: 8 bytes."""
+    value = torch.tensor([rank], dtype=torch.int64, device=transport_device(group))
+    if C.group_size(group) > 1:
+        dist.broadcast(value, src=dst, group=group)
+    return int(value.item())
 
 
 def _logical(m, factor: str, collector_tp: int, collects: bool) -> Optional[torch.Tensor]:
@@ -209,16 +290,32 @@ def every_stage(named: Dict[str, tuple]) -> Meta:
 
     Each pipeline stage broadcasts its header over the pipeline group (TP ranks and replicas hold
     the same names): a rank receives the other stages' headers once, whatever TP and DP are.
-    Without Megatron's parallel state every rank of the world is a stage.
+    Expert layers, where they need a pass of their own (expert parallelism, or an expert-TP group
+    that is not the TP group), are listed by the expert group instead: each (EP rank, stage)
+    broadcasts its experts' header from its first expert-TP rank, so every rank learns the experts
+    of every expert rank. Without Megatron's parallel state every rank of the world is a stage.
     """
     from megatron.core import parallel_state as ps
 
     mine = _meta(named)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
-    group = ps.get_pipeline_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    if not ps.model_parallel_is_initialized():
+        return _headers(mine, range(dist.get_world_size()), None)
+    dense, experts = _split_experts(named)
+    group = ps.get_pipeline_model_parallel_group()
+    out = _headers(_meta(dense), dist.get_process_group_ranks(group), group)
+    if experts is not None:
+        group = ps.get_expert_tensor_model_pipeline_parallel_group()
+        ranks = dist.get_process_group_ranks(group)
+        out += _headers(_meta(experts), ranks[::_expert_tp_blocks(ranks)], group)
+    return out
+
+
+def _headers(mine: Meta, sources, group) -> Meta:
+    """Every source's header, broadcast over ``group`` in turn (this rank's ``mine`` when it is one)."""
     device, me, out = transport_device(group), dist.get_rank(), []
-    for src in dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size()):
+    for src in sources:
         out += _decode(*_broadcast_header(_encode(mine) if src == me else None, src, device, group))
     if group is not None and ps.get_expert_model_parallel_world_size() > 1:
         out += _other_expert_ranks(out, device)
