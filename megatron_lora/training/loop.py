@@ -241,22 +241,13 @@ def save(args, model, optimizer, iteration: int, consumed_samples: int, final: b
             record["model_args"] = model_args(args)  # the architecture it adapts (checked on resume)
             save_adapter(model, args.save, iteration, optimizer=optim, save_rng=not args.no_save_rng,
                          record=record)
-            if final and not experts_spread_over_ranks(args, model):
+            if final:
                 save_full_adapter(model, os.path.join(args.save, FULL_ADAPTER_FILE))
         else:
             save_model(model, args.save, iteration, model_args(args), optimizer=optim,
                        save_rng=not args.no_save_rng, record=record)
     except (OSError, CheckpointException) as err:  # the latter is a BaseException
         raise CheckpointError(failed_save_message(args, iteration, err)) from err
-
-
-def experts_spread_over_ranks(args, model) -> bool:
-    """True when LoRA adapts experts and EP > 1: the full adapter (``adapter.safetensors``) is
-    not gathered across expert ranks yet, so only the dist checkpoint is written (it reshards to
-    EP=1, where the full adapter can be written)."""
-    if args.expert_model_parallel_size == 1:
-        return False
-    return any(".experts." in name and hasattr(module, "lora_A") for name, module in model.named_modules())
 
 
 def failed_save_message(args, iteration: int, err: BaseException) -> str:
@@ -533,10 +524,6 @@ def pretrain(args) -> dict:
     if args.save:
         save(args, model, optimizer, iteration, consumed, final=exit_reason is None)
         log.line(f"saved {'adapter' if args.lora else 'checkpoint'} at iteration {iteration} to {args.save}")
-        if args.lora is not None and exit_reason is None and experts_spread_over_ranks(args, model):
-            log.line(f"no adapter.safetensors at EP={args.expert_model_parallel_size}: the expert adapters are "
-                     "spread over the expert ranks; resume the checkpoint at --expert-model-parallel-size 1 "
-                     "to write it")
     if args.lora_save_merged and exit_reason is None:
         save_merged(args, model, log)
     if args.lora is not None and args.tensor_model_parallel_size > 1:

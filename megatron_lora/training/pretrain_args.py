@@ -380,11 +380,8 @@ def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
               "coefficient to 0.")
     if args.moe_grouped_gemm and args.transformer_impl == "local":
         _fail("--moe-grouped-gemm needs --transformer-impl transformer_engine (grouped experts are TE's "
-              "TEGroupedMLP; Megatron's local spec builds the legacy GroupedMLP or none); with local "
-              "layers drop the flag: the experts run as SequentialMLP.")
-    if args.moe_grouped_gemm and args.lora_rank is not None:
-        _fail("--moe-grouped-gemm with --lora-rank: LoRA cannot adapt grouped experts (TEGroupedMLP) yet; "
-              "drop --moe-grouped-gemm (the experts run as SequentialMLP, one LoRA pair per expert).")
+              "TEGroupedMLP; Megatron's local spec builds the legacy GroupedMLP, which LoRA cannot adapt, "
+              "or none); with local layers drop the flag: the experts run as SequentialMLP.")
 
 
 def fill_model_defaults(args: argparse.Namespace) -> None:

@@ -43,3 +43,4 @@ def test_moe_demo_pretrains_at_ep1_then_lora_at_ep2_beats_the_frozen_base(tmp_pa
     valid = json.loads((tmp_path / "demo" / "lora" / "metrics.json").read_text())["valid"]
     assert valid["final"] < valid["base"]
     assert (tmp_path / "demo" / "lora" / "latest_adapter_iteration.txt").read_text() == "40"
+    assert (tmp_path / "demo" / "lora" / "adapter.safetensors").exists()  # gathered over the EP ranks

@@ -134,8 +134,9 @@ def test_expert_tensor_parallel_size_defaults_to_tp_and_a_dense_config_has_no_ex
     (["--moe-aux-loss-coeff", "0.01", "--moe-router-load-balancing-type", "none"], 1,
      "--moe-aux-loss-coeff 0.01 weighs a load-balancing loss, but --moe-router-load-balancing-type is none"),
     (["--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs --transformer-impl transformer_engine"),
-    (["--moe-grouped-gemm", "--transformer-impl", "transformer_engine", "--lora-rank", "4"], 1,
-     "--moe-grouped-gemm with --lora-rank: LoRA cannot adapt grouped experts"),
+    # LoRA adapts TE's grouped experts: the MoE checks pass, only CUDA is missing here
+    (["--moe-grouped-gemm", "--transformer-impl", "transformer_engine", "--lora-rank", "4", "--device", "cpu"], 1,
+     "--transformer-impl transformer_engine needs CUDA"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
      "experts have biases only at --expert-tensor-parallel-size 1, found ETP=2 .*--disable-bias-linear"),
     (["--expert-tensor-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",

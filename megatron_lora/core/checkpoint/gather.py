@@ -317,27 +317,6 @@ def _headers(mine: Meta, sources, group) -> Meta:
     device, me, out = transport_device(group), dist.get_rank(), []
     for src in sources:
         out += _decode(*_broadcast_header(_encode(mine) if src == me else None, src, device, group))
-    if group is not None and ps.get_expert_model_parallel_world_size() > 1:
-        out += _other_expert_ranks(out, device)
-    return out
-
-
-def _other_expert_ranks(meta: Meta, device) -> Meta:
-    """The expert entries the other expert-parallel ranks hold (their experts, every stage): the
-    EP ranks of a stage hold disjoint experts under global names, so each broadcasts its expert
-    headers over the expert-model-parallel group once. Every rank of a model has the same LoRA
-    targets, so either all send expert headers or none do."""
-    from megatron.core import parallel_state as ps
-
-    experts = [entry for entry in meta if ".experts." in entry[0]]
-    if not experts:
-        return []
-    group, me, known, out = ps.get_expert_model_parallel_group(), dist.get_rank(), {e[0] for e in meta}, []
-    for src in dist.get_process_group_ranks(group):
-        for entry in _decode(*_broadcast_header(_encode(experts) if src == me else None, src, device, group)):
-            if entry[0] not in known:
-                known.add(entry[0])
-                out.append(entry)
     return out
 
 
