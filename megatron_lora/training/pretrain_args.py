@@ -244,6 +244,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
               f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}.")
     args.num_microbatches = args.global_batch_size // step
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters} "
+              "(default: --train-iters); Megatron's scheduler refuses it. Shorten the warm-up or train longer.")
     if args.save_interval is not None and args.save_interval < 1:
         _fail(f"--save-interval must be >= 1, found {args.save_interval}.")
     if args.data_path is None:

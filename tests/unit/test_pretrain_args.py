@@ -39,6 +39,7 @@ def test_defaults_are_derived_like_megatron_lm(data):
     (["--lora-save-merged", "x"], 1, "need --lora-rank"),
     (["--lora-rank", "0"], 1, "--lora-rank must be a positive integer"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 exclude each other"),
+    (["--lr-warmup-iters", "3"], 1, "--lr-warmup-iters 3 must be below --lr-decay-iters 3"),
     (["--transformer-impl", "transformer_engine", "--device", "cpu"], 1,
      "transformer_engine needs CUDA .*use --transformer-impl local"),
     (["--lora-rank", "4", "--lora-recompute-branch-input", "--transformer-impl", "transformer_engine"], 1,
