@@ -226,8 +226,9 @@ def _attach_recompute_sources(chunk: torch.nn.Module, names: dict) -> None:
     if foreign:
         raise ValueError(
             f"recompute_branch_input (--lora-recompute-branch-input) works on the local layer spec's "
-            f"LoRA layers; this model has {foreign}, whose norm runs inside the layer. Drop the "
-            "option, or build the model with transformer_impl='local'.")
+            f"LoRA layers; this model has {foreign}, Transformer Engine layers whose norm runs inside "
+            "the layer or grouped experts, whose producer no source reads. Drop the option, or build "
+            "the model with transformer_impl='local' (SequentialMLP experts).")
     recompute.attach_sources(chunk, names)
 
 
