@@ -16,6 +16,7 @@ DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2
 TARGET_SCOPES = ("self_attention", "mlp", "experts", "shared_experts")
 INIT_METHODS = ("kaiming", "gaussian")
 BRANCH_KERNEL_CHOICES = ("auto", "torch", "triton")  # LoRAConfig.branch_kernels; kernels.select reads it too
+EXPERT_ADAPTER_CHOICES = ("per_expert", "shared")  # LoRAConfig.expert_adapters (docs/moe.md)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ class LoRAConfig:
                           "[out, r] (each row feeds one projection). PEFT adapters then import and export "
                           "at rank r; other targets are unchanged."},
     )
+    expert_adapters: str = field(
+        default="per_expert",
+        metadata={"help": "Adapters of the routed MoE experts (SequentialMLP): 'per_expert' (one adapter "
+                          "per expert) or 'shared' (one adapter per layer and linear, shared by all its "
+                          "experts; saved under every expert's name, identical copies). Not Megatron's "
+                          "shared_experts, whose MLP has one adapter either way."},
+    )
 
     def __post_init__(self):
         # Accept any iterable of names (argparse gives a list) but store an immutable tuple.
@@ -84,6 +92,9 @@ class LoRAConfig:
         if self.branch_kernels not in BRANCH_KERNEL_CHOICES:
             raise ValueError(
                 f"LoRAConfig.branch_kernels must be one of {BRANCH_KERNEL_CHOICES}, got {self.branch_kernels!r}.")
+        if self.expert_adapters not in EXPERT_ADAPTER_CHOICES:
+            raise ValueError(
+                f"LoRAConfig.expert_adapters must be one of {EXPERT_ADAPTER_CHOICES}, got {self.expert_adapters!r}.")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(
                 "LoRAConfig.target_modules must be a non-empty list of module names such as "

@@ -172,6 +172,12 @@ class GroupedLoRAMixin(LoRALayerMixin):
                 f"{lora_config.dropout}): SequentialMLP draws each expert's fc1 and fc2 masks expert by "
                 "expert, a grouped layer cannot draw the same ones. Set --lora-dropout 0, or build the "
                 "experts without moe_grouped_gemm (SequentialMLP).")
+        if lora_config.expert_adapters != "per_expert":
+            raise ValueError(
+                f"{name}: expert_adapters={lora_config.expert_adapters!r} is not supported on grouped "
+                "experts (expected 'per_expert': the grouped branch stacks one adapter per local expert). "
+                "Use --lora-expert-adapters per_expert, or build the experts without moe_grouped_gemm "
+                "(SequentialMLP).")
         if lora_config.per_projection:
             raise ValueError(f"{name}: per-projection LoRA (--lora-per-projection) is not supported on "
                              "grouped experts; drop it or build the experts without moe_grouped_gemm.")

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_lora.core import recompute
+from megatron_lora.core import expert_sharing, recompute
 from megatron_lora.core.config import LoRAConfig, target_names
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
@@ -168,6 +168,7 @@ def apply_lora(model, cfg: LoRAConfig):
     Accepts a module or a list of modules (virtual-pipeline model chunks). Call it before wrapping
     the model in DDP. Base weights are not copied: base layers are turned into LoRA layers in place.
     A model built from ``lora_layer_spec`` already holds LoRA layers; this then initialises them.
+    ``cfg.expert_adapters == "shared"``: each MoE layer's experts share one adapter (``expert_sharing``).
     """
     chunks = model_chunks(model)
     wrapped: Dict[str, int] = {}
@@ -184,9 +185,11 @@ def apply_lora(model, cfg: LoRAConfig):
                     raise ValueError(f"{name} already has LoRA with {module.lora_config}, not {cfg}.")
             else:
                 classes[type(module)].from_base(module, cfg, gated=is_gated_fc1(module.config, leaf), qkv=is_qkv(leaf))
-            if module.lora_init_name is None:
+            if module.lora_init_name is None and not expert_sharing.is_shared_expert_name(cfg, name):
                 init_lora_factors(module, name)
             wrapped[leaf] = wrapped.get(leaf, 0) + 1
+        if cfg.expert_adapters == "shared":
+            expert_sharing.share(chunk, names)
         if cfg.recompute_branch_input:
             _attach_recompute_sources(chunk, names)
         _freeze_all_but_lora(chunk)
@@ -276,7 +279,9 @@ def lora_modules(model) -> Iterator[torch.nn.Module]:
 
 
 def lora_parameters(model) -> List[torch.nn.Parameter]:
-    return [getattr(m, f) for m in lora_modules(model) for f in LORA_FACTORS]
+    """Every LoRA factor once (experts sharing one adapter hold the same objects)."""
+    params = {id(p): p for p in (getattr(m, f) for m in lora_modules(model) for f in LORA_FACTORS)}
+    return list(params.values())
 
 
 def set_adapters_enabled(model, enabled: bool) -> None:

@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from typing import Optional
 
-from megatron_lora.core.config import BRANCH_KERNEL_CHOICES, INIT_METHODS, LoRAConfig
+from megatron_lora.core.config import BRANCH_KERNEL_CHOICES, EXPERT_ADAPTER_CHOICES, INIT_METHODS, LoRAConfig
 
 
 def _flag(name: str) -> str:
@@ -38,7 +38,8 @@ def add_lora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(_flag(field.name), nargs="+", default=list(field.default), dest=dest,
                                help=f"{help_text} Default: {' '.join(field.default)}.")
         else:
-            choices = {"init": INIT_METHODS, "branch_kernels": BRANCH_KERNEL_CHOICES}.get(field.name)
+            choices = {"init": INIT_METHODS, "branch_kernels": BRANCH_KERNEL_CHOICES,
+                       "expert_adapters": EXPERT_ADAPTER_CHOICES}.get(field.name)
             group.add_argument(_flag(field.name), type=kind, default=field.default, dest=dest,
                                choices=choices, help=f"{help_text} Default: {field.default}.")
     group.add_argument("--lora-load", default=None,

@@ -36,10 +36,12 @@ STARVED_STEP = 1
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
-def lora_cfg():
+def lora_cfg(shared=False):
+    """``shared``: one adapter per layer shared by its experts (``expert_adapters="shared"``)."""
     from megatron_lora import LoRAConfig
 
-    return LoRAConfig(rank=RANK, alpha=8, seed=99, target_modules=TARGETS)
+    return LoRAConfig(rank=RANK, alpha=8, seed=99, target_modules=TARGETS,
+                      expert_adapters="shared" if shared else "per_expert")
 
 
 def moe_config(sp=False, dispatcher="alltoall", aux=True):
@@ -176,11 +178,13 @@ def _loss(model, inputs, labels):
 # ---------------------------------------------------------------------------------------- training
 
 
-def plain_train(model, probe, steps, lr):
+def plain_train(model, probe, steps, lr, shared=False):
     """AdamW on the factors; gradients reduced the way the layout needs them, by hand: dense
     factors averaged over the data-parallel group, expert factors summed over the expert-data-
     parallel group and divided by the data-parallel size (each rank sent its own copy of the
-    batch). TP = 1 only (under SP replicated factors need finalize_model_grads' sum)."""
+    batch). ``shared``: the experts share one adapter, replicated over expert-parallel ranks too:
+    summed over the whole data-parallel group (EP x expert-DP at TP = 1) like a dense factor.
+    TP = 1 only (under SP replicated factors need finalize_model_grads' sum)."""
     from megatron.core import parallel_state as ps
 
     from megatron_lora import lora_parameters
@@ -188,7 +192,7 @@ def plain_train(model, probe, steps, lr):
     if ps.get_tensor_model_parallel_world_size() > 1:
         raise ValueError("the plain loop is for TP = 1 layouts; use loop='ddp'")
     params = lora_parameters(model)
-    experts = {id(p) for n, p in model.named_parameters() if ".experts." in n}
+    experts = set() if shared else {id(p) for n, p in model.named_parameters() if ".experts." in n}
     dp = ps.get_data_parallel_world_size()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     losses = []
@@ -207,7 +211,7 @@ def plain_train(model, probe, steps, lr):
     return losses
 
 
-def ddp_train(model, probe, steps, lr):
+def ddp_train(model, probe, steps, lr, shared=False):
     """Megatron's DDP + finalize_model_grads + get_megatron_optimizer, one micro-batch a step."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
@@ -238,7 +242,7 @@ def run_worker(base_dir, options):
     from megatron_lora import apply_lora
 
     opts = dict(sp=False, dispatcher="alltoall", aux=True, loop="plain", steps=4, lr=1e-2, save=None,
-                unmark_expert_sp=False)
+                unmark_expert_sp=False, shared=False)
     opts.update(options)
     model = build_tiny_gpt(moe_config(opts["sp"], opts["dispatcher"], opts["aux"]))
     load_base(model, base_dir)
@@ -247,7 +251,7 @@ def run_worker(base_dir, options):
     with torch.no_grad():
         frozen_loss = _loss(model, inputs, labels).item()
     frozen_logits = full_logits(model, inputs)
-    apply_lora(model, lora_cfg())
+    apply_lora(model, lora_cfg(opts["shared"]))
     unmarked = 0
     if opts["unmark_expert_sp"]:  # the harness test: finalize_model_grads no longer sums them
         for name, p in model.named_parameters():
@@ -257,8 +261,9 @@ def run_worker(base_dir, options):
     init, names = local_adapter(model)
     train = plain_train if opts["loop"] == "plain" else ddp_train
     probe.tokens.clear()
-    losses = train(model, probe, opts["steps"], opts["lr"])
+    losses = train(model, probe, opts["steps"], opts["lr"], opts["shared"])
     tokens = list(probe.tokens)
+    sharing = shared_factor_objects(model)
     adapter, _ = local_adapter(model)
     if opts["save"]:
         from megatron_lora.core.checkpoint.adapter import save_adapter
@@ -266,7 +271,7 @@ def run_worker(base_dir, options):
         save_adapter(model, opts["save"], iteration=opts["steps"])
     return dict(frozen_loss=frozen_loss, frozen_logits=frozen_logits, init=init, names=names,
                 losses=losses, adapter=adapter, logits=full_logits(model, inputs), tokens=tokens,
-                unmarked=unmarked)
+                unmarked=unmarked, sharing=sharing)
 
 
 def load_worker(base_dir, adapter_root, options):
@@ -275,15 +280,98 @@ def load_worker(base_dir, adapter_root, options):
     from megatron_lora import apply_lora
     from megatron_lora.core.checkpoint.adapter import load_adapter
 
-    opts = dict(sp=False, dispatcher="alltoall", aux=True)
+    opts = dict(sp=False, dispatcher="alltoall", aux=True, shared=False, full=False)
     opts.update(options)
     model = build_tiny_gpt(moe_config(opts["sp"], opts["dispatcher"], opts["aux"]))
     load_base(model, base_dir)
-    apply_lora(model, lora_cfg())
-    load_adapter(model, adapter_root)
+    apply_lora(model, lora_cfg(opts["shared"]))
+    if opts["full"]:  # a safetensors file
+        from megatron_lora.core.checkpoint.adapter import load_full_adapter
+
+        load_full_adapter(model, adapter_root)
+    else:
+        load_adapter(model, adapter_root)
     inputs, _ = batches(1)[0]
     adapter, _ = local_adapter(model)
     return dict(adapter=adapter, logits=full_logits(model, inputs))
+
+
+def shared_factor_objects(model):
+    """Per (MoE layer, linear, factor) of this rank: how many distinct Parameter objects its
+    local experts hold (1 when shared)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SequentialMLP):
+            for leaf in ("linear_fc1", "linear_fc2"):
+                for f in LORA_FACTORS:
+                    out[f"{name}.{leaf}.{f}"] = len({id(getattr(getattr(e, leaf), f)) for e in m.local_experts})
+    return out
+
+
+def _fill_b(model):
+    """Every lora_B (this rank's shard) set to values drawn from its logical name with the expert
+    index dropped, so all experts of a layer get the same B, and two models the same ones."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora.core.init import name_seed
+    from megatron_lora.core.inject import _LORA_TYPES
+
+    first = ps.get_expert_model_parallel_rank() * (EXPERTS // ps.get_expert_model_parallel_world_size())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, _LORA_TYPES):
+                key = _LOCAL_EXPERT.sub(".local_experts.*.", logical_key(name, first))
+                gen = torch.Generator().manual_seed(name_seed(7, key))
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.1)
+
+
+def shared_gradient_worker(base_dir, options):
+    """One forward + backward of the same batch on two models from one base: the shared layout
+    through Megatron's DDP + finalize_model_grads, and the per-expert layout with every expert's
+    factors set to the shared ones (plain autograd, no reduction). Returns, per (layer, linear,
+    factor), the shared factor's reduced gradient and the per-expert gradients summed over the
+    local experts and then over ALL ranks, divided by the data-parallel size (each data-parallel
+    replica read the same batch). Expert-TP 1 layouts (factors not sharded)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_lora import apply_lora
+
+    sp = options.get("sp", False)
+    inputs, labels = batches(1)[0]
+    models = {}
+    for shared in (True, False):
+        model = build_tiny_gpt(moe_config(sp))
+        load_base(model, base_dir)
+        apply_lora(model, lora_cfg(shared))
+        _fill_b(model)
+        models[shared] = model
+    moes = {s: [m for m in models[s].modules() if isinstance(m, SequentialMLP)] for s in models}
+    with torch.no_grad():  # the per-expert model starts from the shared factors
+        for shared_moe, per_moe in zip(moes[True], moes[False]):
+            for leaf in ("linear_fc1", "linear_fc2"):
+                for e in per_moe.local_experts:
+                    for f in LORA_FACTORS:
+                        getattr(getattr(e, leaf), f).copy_(getattr(getattr(shared_moe.local_experts[0], leaf), f))
+    ddp = DistributedDataParallel(models[True].config, DistributedDataParallelConfig(), module=models[True])
+    ddp.zero_grad_buffer()
+    _loss(ddp, inputs, labels).backward()
+    finalize_model_grads([ddp])
+    _loss(models[False], inputs, labels).backward()
+    dp = ps.get_data_parallel_world_size()
+    out = {}
+    for i, (shared_moe, per_moe) in enumerate(zip(moes[True], moes[False])):
+        for leaf in ("linear_fc1", "linear_fc2"):
+            for f in LORA_FACTORS:
+                got = getattr(getattr(shared_moe.local_experts[0], leaf), f).main_grad.detach().clone()
+                want = sum(getattr(getattr(e, leaf), f).grad for e in per_moe.local_experts).detach().clone()
+                torch.distributed.all_reduce(want)
+                out[f"{i}.{leaf}.{f}"] = (got, want / dp)
+    return out
 
 
 def collectives_worker(base_dir, options):

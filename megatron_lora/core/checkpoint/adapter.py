@@ -33,8 +33,8 @@ from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import atomic_save, dist_ranks, dist_state, gather, orphans
 from megatron_lora.core.checkpoint.errors import CheckpointError
 from megatron_lora.core.checkpoint.files import (
-    ADAPTER_TRACKER, CONFIG_FIELDS_THAT_MUST_MATCH, DESCRIPTOR_FILE, FORMAT, FORMAT_VERSION, FULL_ADAPTER_FILE,
-    read_descriptor, saved_config_value,
+    ADAPTER_TRACKER, CONFIG_FIELDS_THAT_MUST_MATCH, DESCRIPTOR_FILE, FIELDS_CHECKED_BY_VALUE, FORMAT, FORMAT_VERSION,
+    FULL_ADAPTER_FILE, read_descriptor, saved_config_value,
 )
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
@@ -80,8 +80,9 @@ def _logical_shapes(model) -> Dict[str, List[int]]:
 
 def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
     expected = cfg.to_dict()
-    found = {k: saved_config_value(found, k) for k in CONFIG_FIELDS_THAT_MUST_MATCH}
-    bad = {k: (expected[k], found[k]) for k in CONFIG_FIELDS_THAT_MUST_MATCH if found[k] != expected[k]}
+    fields = [k for k in CONFIG_FIELDS_THAT_MUST_MATCH if k not in FIELDS_CHECKED_BY_VALUE]
+    found = {k: saved_config_value(found, k) for k in fields}
+    bad = {k: (expected[k], found[k]) for k in fields if found[k] != expected[k]}
     if bad:
         detail = "; ".join(f"{k}: model has {e!r}, checkpoint has {f!r}" for k, (e, f) in bad.items())
         raise CheckpointError(
@@ -167,11 +168,52 @@ def load_adapter(model, root: str, iteration: Optional[int] = None, optimizer=No
     _check_tensors(_logical_shapes(model), descriptor["tensors"], ckpt_dir)
     dist_state.check_saved_state(descriptor, ckpt_dir, optimizer, load_rng)
     sharded = lora_sharded_state_dict(model)
+    copies = _load_shared_factors_apart(sharded)
     loaded = dist_state.load_dist(dist_state.training_state(sharded, optimizer, load_rng, is_loading=True), ckpt_dir,
                           "Load an earlier checkpoint (load_adapter(..., iteration=N)).")
     dist_state.restore_training_state(sharded, loaded, optimizer, load_rng)
+    _check_shared_copies_equal(copies, ckpt_dir)
     _check_loaded_factors(model, ckpt_dir)
     return iteration
+
+
+def _entry_name(key: str, entry) -> str:
+    """An entry's checkpoint key with its global offsets (an expert's index is one of them)."""
+    offsets = getattr(entry, "global_offset", None) or getattr(getattr(entry, "data", None), "global_offset", None)
+    return f"{getattr(entry, 'key', key)} at offset {tuple(offsets)}" if offsets else str(getattr(entry, "key", key))
+
+
+def _load_shared_factors_apart(sharded: dict) -> list:
+    """Entries that read into one Parameter (a shared expert adapter, ``core/expert_sharing.py``)
+    load into their own buffers, all but the last one of each Parameter (Megatron's optimizer
+    maps a Parameter to its last entry, as at save), so ``_check_shared_copies_equal`` can
+    compare what the checkpoint holds for each expert. Returns [(key, entry, key, last entry)]."""
+    by_param: Dict[int, list] = {}
+    for key, entry in sharded.items():
+        by_param.setdefault(entry.data.data_ptr(), []).append((key, entry))
+    copies = []
+    for entries in by_param.values():
+        last_key, last = entries[-1]
+        for key, entry in entries[:-1]:
+            entry.data = torch.empty_like(entry.data)
+            copies.append((key, entry, last_key, last))
+    return copies
+
+
+def _check_shared_copies_equal(copies: list, where: str) -> None:
+    """A shared adapter loads only from a checkpoint whose experts agree; the lowest rank's first
+    difference is raised on all ranks."""
+    problem = None
+    for key, entry, last_key, last in copies:
+        if not torch.equal(entry.data, last.data):
+            problem = (f"{where}: the experts' adapters differ ({_entry_name(key, entry)} is not "
+                       f"{_entry_name(last_key, last)}), so they cannot load into a model whose experts share "
+                       "one adapter (--lora-expert-adapters shared). Load it with --lora-expert-adapters "
+                       "per_expert, or load an adapter saved from a shared model.")
+            break
+    found = gather.first_message(problem)
+    if found is not None:
+        raise CheckpointError(found)
 
 
 def _check_loaded_factors(model, where: str) -> None:
@@ -262,6 +304,8 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
     else:
         tensors = source
     named = _named_factors(model)
+    if _model_config(model).expert_adapters == "shared":
+        _check_experts_agree(tensors, where)
     if strict:
         known = set(_logical_shapes(model))  # every stage's names
         unexpected = sorted(set(tensors) - known)
@@ -287,6 +331,24 @@ def load_full_adapter(model, source: Union[str, Dict[str, torch.Tensor]], strict
             _check_full_tensor(name, full, m, factor, where)
             rank, world = C.group_rank(m.lora_group), C.group_size(m.lora_group)
             getattr(m, factor).copy_(m.lora_layout.shard(factor, full, rank, world))
+
+
+def _check_experts_agree(tensors: Dict[str, torch.Tensor], where: str) -> None:
+    """For a model whose experts share one adapter: every expert of a layer has the same tensors
+    in ``tensors`` (checked over the whole file, so every rank raises alike)."""
+    import re
+
+    first: Dict[str, str] = {}
+    for name in sorted(tensors):
+        group = re.sub(r"\.local_experts\.\d+\.", ".local_experts.*.", name)
+        if group == name:
+            continue
+        seen = first.setdefault(group, name)
+        if seen != name and not torch.equal(tensors[seen], tensors[name]):
+            raise CheckpointError(
+                f"{where}: the experts' adapters differ ({name} is not {seen}), so they cannot load into "
+                "a model whose experts share one adapter (--lora-expert-adapters shared). Load it with "
+                "--lora-expert-adapters per_expert, or load an adapter saved from a shared model.")
 
 
 def check_finite_float(name: str, tensor: torch.Tensor, where: str) -> None:
