@@ -39,7 +39,6 @@ not be the sequential ones), per-projection LoRA, GTP-sharded weights.
 
 from __future__ import annotations
 
-import importlib
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -54,24 +53,14 @@ from megatron_lora.core.layers import LoRALayerMixin, _finalize_sums_over, is_ga
 from megatron_lora.core.layout import AdapterLayout
 from megatron_lora.core.shard_merge import fp32_lora_delta
 from megatron_lora.core.sharded_state import LORA_FACTORS
+from megatron_lora.core.te_import import require_te
 
-try:
-    importlib.import_module("transformer_engine")
-    from megatron.core.extensions.transformer_engine import (
-        HAVE_TE,
-        TEColumnParallelGroupedLinear,
-        TERowParallelGroupedLinear,
-    )
-except ImportError as error:  # pragma: no cover - depends on the install
-    HAVE_TE, _IMPORT_ERROR = False, error
-else:
-    _IMPORT_ERROR = None
+require_te("megatron_lora.core.grouped_experts", "build MoE experts without moe_grouped_gemm (SequentialMLP)")
 
-if not HAVE_TE:
-    raise ImportError(
-        "megatron_lora.core.grouped_experts needs Transformer Engine (CUDA only): install it with "
-        "pip install 'megatron_lora[te]' on a CUDA machine, or build MoE experts without "
-        f"moe_grouped_gemm (SequentialMLP). Import failed with: {_IMPORT_ERROR}")
+from megatron.core.extensions.transformer_engine import (  # noqa: E402
+    TEColumnParallelGroupedLinear,
+    TERowParallelGroupedLinear,
+)
 
 
 def grouped_lora_branch(x: torch.Tensor, m_splits: Sequence[int], lora_a: torch.Tensor,

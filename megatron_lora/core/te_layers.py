@@ -1,6 +1,7 @@
 """LoRA on Megatron-Core's Transformer Engine linears (the TE GPT spec). Needs CUDA and TE.
 
-Only this module imports Transformer Engine; nothing on the local / CPU path imports it.
+Only this module and grouped_experts.py import Transformer Engine (through te_import.py); nothing
+on the local / CPU path imports them.
 
 Each class is Megatron's TE wrapper, built exactly as Megatron builds it (same parameters,
 initialisation, TP attributes, FP8 metadata), whose TE module is then made communication-free
@@ -22,31 +23,19 @@ move freely between local-spec and TE-spec models. FP8: TE's base GEMM stays FP8
 
 from __future__ import annotations
 
-import importlib
-
 from megatron_lora.core import collectives as C
 from megatron_lora.core import compat
 from megatron_lora.core.external_gemm import ExternalGEMMLoRA
 from megatron_lora.core.layers import is_gated_fc1, is_qkv
+from megatron_lora.core.te_import import require_te
 
-try:
-    importlib.import_module("transformer_engine")
-    from megatron.core.extensions.transformer_engine import (
-        HAVE_TE,
-        TEColumnParallelLinear,
-        TELayerNormColumnParallelLinear,
-        TERowParallelLinear,
-    )
-except ImportError as error:  # pragma: no cover - depends on the install
-    HAVE_TE, _IMPORT_ERROR = False, error
-else:
-    _IMPORT_ERROR = None
+require_te("megatron_lora.core.te_layers", "use the local spec (--transformer-impl local)")
 
-if not HAVE_TE:
-    raise ImportError(
-        "megatron_lora.core.te_layers needs Transformer Engine (CUDA only): install it with "
-        "pip install 'megatron_lora[te]' on a CUDA machine, or use the local spec "
-        f"(--transformer-impl local). Import failed with: {_IMPORT_ERROR}")
+from megatron.core.extensions.transformer_engine import (  # noqa: E402
+    TEColumnParallelLinear,
+    TELayerNormColumnParallelLinear,
+    TERowParallelLinear,
+)
 
 # The TE module attributes that decide its communication (TE 1.x-2.x names); checked, not assumed.
 _TE_COMM_ATTRIBUTES = ("parallel_mode", "tp_size", "sequence_parallel", "return_bias", "apply_bias")
