@@ -381,6 +381,10 @@ def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} weighs a load-balancing loss, but "
               "--moe-router-load-balancing-type is none; choose aux_loss or seq_aux_loss, or set the "
               "coefficient to 0.")
+    if args.moe_grouped_gemm and args.lora_rank and args.save and not args.no_save_optim:
+        _fail("--moe-grouped-gemm with --lora-rank: the optimizer state of grouped-expert adapters cannot "
+              "be checkpointed yet (docs/moe.md); add --no-save-optim (the adapter alone is saved; a "
+              "resume restarts Adam's moments), or drop --moe-grouped-gemm (SequentialMLP experts).")
     if args.moe_grouped_gemm and args.transformer_impl == "local":
         _fail("--moe-grouped-gemm needs --transformer-impl transformer_engine (grouped experts are TE's "
               "TEGroupedMLP; Megatron's local spec builds the legacy GroupedMLP, which LoRA cannot adapt, "

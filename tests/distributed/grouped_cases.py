@@ -263,3 +263,27 @@ def model_worker(full_state, ep, grouped_path, root):
     load_adapter(sequential, os.path.join(root, "grouped"))
     out["dist_grouped_to_sequential"] = logits_gap()
     return out
+
+
+def optimizer_state_worker(full_state, root):
+    """save_adapter / load_adapter with Megatron's optimizer on a grouped model: the refusal's
+    message (each call), then the adapter alone saves and loads."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_lora.core.checkpoint.adapter import load_adapter, save_adapter
+    from megatron_lora.core.checkpoint.errors import CheckpointError
+
+    _, grouped = _models(full_state, 1, "apply")
+    ddp = DistributedDataParallel(grouped.config, DistributedDataParallelConfig(), module=grouped)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0), [ddp])
+    messages = []
+    for call in (lambda: save_adapter(grouped, root, 1, optimizer=opt),
+                 lambda: load_adapter(grouped, root, optimizer=opt)):
+        try:
+            call()
+        except CheckpointError as err:
+            messages.append(str(err))
+    save_adapter(grouped, root, 1)
+    load_adapter(grouped, root)
+    return messages

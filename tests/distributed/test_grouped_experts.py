@@ -83,3 +83,13 @@ def test_grouped_experts_match_sequential_experts(moe_base_state, ep, path, tmp_
         assert r["grad_scale"] > 1e-6 and r["grouped_branch_off"] > 1e-4, r  # what is compared matters
         assert max(r["sequential_to_grouped"], r["grouped_to_sequential"], r["grads"]) < 1e-5, r
         assert max(r["merged"], r["unmerged"], r["dist_grouped_to_sequential"]) < 1e-5, r
+
+
+def test_optimizer_state_of_grouped_adapters_is_refused_by_name(moe_base_state, tmp_path):
+    """Megatron's optimizer checkpoint maps a parameter to one entry; the stacked factors are
+    saved per expert, so their optimizer state is refused before Megatron fails inside."""
+    messages = run_distributed(GC.optimizer_state_worker, 1, moe_base_state, str(tmp_path), te_double=True)[0]
+    assert len(messages) == 2, messages
+    for message in messages:
+        assert "optimizer state of grouped-expert adapters (LoRATEColumnParallelGroupedLinear, " in message
+        assert "--no-save-optim" in message

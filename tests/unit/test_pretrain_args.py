@@ -138,6 +138,9 @@ def test_expert_tensor_parallel_size_defaults_to_tp_and_a_dense_config_has_no_ex
     # LoRA adapts TE's grouped experts: the MoE checks pass, only CUDA is missing here
     (["--moe-grouped-gemm", "--transformer-impl", "transformer_engine", "--lora-rank", "4", "--device", "cpu"], 1,
      "--transformer-impl transformer_engine needs CUDA"),
+    (["--moe-grouped-gemm", "--transformer-impl", "transformer_engine", "--lora-rank", "4", "--save", "ckpt"], 1,
+     "--moe-grouped-gemm with --lora-rank: the optimizer state of grouped-expert adapters cannot be "
+     "checkpointed yet .*add --no-save-optim"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
      "experts have biases only at --expert-tensor-parallel-size 1, found ETP=2 .*--disable-bias-linear"),
     (["--expert-tensor-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
