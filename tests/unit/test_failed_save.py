@@ -25,6 +25,7 @@ def test_full_disk_names_the_reason_and_the_intact_checkpoint(tmp_path, monkeypa
     save.mkdir()
     (save / "latest_adapter_iteration.txt").write_text("4")
     monkeypatch.setattr(adapter, "save_adapter", _full_disk)
+    monkeypatch.setattr(loop, "model_args", lambda args: {})  # the record of the architecture: not under test
     with pytest.raises(CheckpointError) as err:
         loop.save(_args(save), None, None, iteration=6, consumed_samples=24, final=False)
     assert str(err.value) == (f"--save {save}: saving iteration 6 failed (No space left on device); "
@@ -33,5 +34,6 @@ def test_full_disk_names_the_reason_and_the_intact_checkpoint(tmp_path, monkeypa
 
 def test_first_save_failing_says_there_was_nothing_before(tmp_path, monkeypatch):
     monkeypatch.setattr(adapter, "save_adapter", _full_disk)
+    monkeypatch.setattr(loop, "model_args", lambda args: {})  # the record of the architecture: not under test
     with pytest.raises(CheckpointError, match="failed \\(No space left on device\\); no earlier checkpoint"):
         loop.save(_args(tmp_path / "new"), None, None, iteration=2, consumed_samples=8, final=False)
