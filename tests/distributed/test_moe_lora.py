@@ -29,6 +29,9 @@ LAYOUTS = {
     "tp2-sp-etp1-ep2": (4, dict(tp=2, ep=2), dict(sp=True, loop="ddp")),
     "tp2-sp-etp2": (2, dict(tp=2, etp=2), dict(sp=True, loop="ddp")),
     "tp2-sp-etp2-ep2": (4, dict(tp=2, etp=2, ep=2), dict(sp=True, loop="ddp")),
+    # expert-TP 2 at TP 1: no per-step sum over the expert-TP group exists, so each expert linear's
+    # rider gets its own small all-reduce ("rider_only"); exact all the same
+    "tp1-etp2": (2, dict(etp=2), {}),
     "ep2-allgather": (2, dict(ep=2), dict(dispatcher="allgather")),
     "tp2-sp-etp2-ep2-allgather": (4, dict(tp=2, etp=2, ep=2), dict(sp=True, loop="ddp", dispatcher="allgather")),
     "ref-noaux": (1, {}, dict(aux=False)),
