@@ -408,3 +408,9 @@ def collectives_worker(base_dir, options):
     with adapters_disabled(model):
         base = calls()
     return dict(lora=lora, base=base)
+
+
+def dist_kwargs(layout: dict) -> dict:
+    """``run_distributed``'s parallel-state keywords for a layout ``dict(tp=, ep=, etp=)``."""
+    return dict(tp=layout.get("tp", 1), expert_model_parallel_size=layout.get("ep", 1),
+                expert_tensor_parallel_size=layout.get("etp", 1))

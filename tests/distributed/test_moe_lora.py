@@ -54,11 +54,6 @@ ADAPTER_TENSORS = 2 * (2 + 2 * M.EXPERTS) * 2  # layers x (qkv, proj, experts x 
 _runs = {}
 
 
-def _dist_kwargs(layout):
-    return dict(tp=layout.get("tp", 1), expert_model_parallel_size=layout.get("ep", 1),
-                expert_tensor_parallel_size=layout.get("etp", 1))
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
@@ -72,7 +67,7 @@ def run(dirs, name):
     if name not in _runs:
         world, layout, options = LAYOUTS[name]
         options = dict(options, save=dirs["adapter"] if name == SAVER else None)
-        _runs[name] = run_distributed(M.run_worker, world, dirs["base"], options, **_dist_kwargs(layout))
+        _runs[name] = run_distributed(M.run_worker, world, dirs["base"], options, **M.dist_kwargs(layout))
     return _runs[name]
 
 
@@ -223,7 +218,7 @@ def test_collectives_are_the_frozen_bases(dirs, layout):
     and all-to-alls carry the same bytes, reductions at most r / hidden more."""
     world = 4 if layout.get("tp", 1) > 1 else 2
     ranks = run_distributed(M.collectives_worker, world, dirs["base"], dict(sp=layout.get("tp", 1) > 1),
-                            **_dist_kwargs(layout))
+                            **M.dist_kwargs(layout))
     hidden = 32
     for r in ranks:
         lora, base = r["lora"], r["base"]
@@ -241,7 +236,7 @@ def test_collectives_are_the_frozen_bases(dirs, layout):
 @pytest.mark.parametrize("world,layout", [(1, {}), (4, dict(ep=4))], ids=["ep1", "ep4"])
 def test_adapter_checkpoint_from_tp2_etp2_ep2_loads_at(dirs, world, layout):
     saver = run(dirs, SAVER)
-    ranks = run_distributed(M.load_worker, world, dirs["base"], dirs["adapter"], {}, **_dist_kwargs(layout))
+    ranks = run_distributed(M.load_worker, world, dirs["base"], dirs["adapter"], {}, **M.dist_kwargs(layout))
     got, want = logical(ranks), logical(saver)
     assert got.keys() == want.keys() and len(want) == ADAPTER_TENSORS
     assert [k for k in want if not torch.equal(got[k], want[k])] == []

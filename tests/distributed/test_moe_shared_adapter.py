@@ -31,11 +31,6 @@ OTHERS = [n for n in LAYOUTS if n != "ref"]
 _runs = {}
 
 
-def _dist_kwargs(layout):
-    return dict(tp=layout.get("tp", 1), expert_model_parallel_size=layout.get("ep", 1),
-                expert_tensor_parallel_size=layout.get("etp", 1))
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_shared")
@@ -49,7 +44,7 @@ def run(dirs, name, save=None):
     if name not in _runs:
         world, layout, options = LAYOUTS[name]
         _runs[name] = run_distributed(M.run_worker, world, dirs["base"], dict(options, save=save),
-                                      **_dist_kwargs(layout))
+                                      **M.dist_kwargs(layout))
     return _runs[name]
 
 
@@ -103,7 +98,7 @@ def test_shared_adapter_differs_from_per_expert_training(dirs):
 def test_shared_gradient_is_sum_of_per_expert_gradients(dirs, layout):
     world = 4 if layout.get("tp", 1) > 1 else 2
     ranks = run_distributed(M.shared_gradient_worker, world, dirs["base"], dict(sp=layout.get("tp", 1) > 1),
-                            **_dist_kwargs(layout))
+                            **M.dist_kwargs(layout))
     for r in ranks:
         assert len(r) == 2 * 2 * 2
         for key, (got, want) in r.items():
@@ -113,7 +108,7 @@ def test_shared_gradient_is_sum_of_per_expert_gradients(dirs, layout):
 
 def test_shared_checkpoint_loads_into_per_expert_model(dirs):
     """Saved at EP=2 (each expert's keys hold the shared tensors), loaded at EP=1 per-expert."""
-    saver = run_distributed(M.run_worker, 2, dirs["base"], dict(SHARED, save=dirs["shared"]), **_dist_kwargs(dict(ep=2)))
+    saver = run_distributed(M.run_worker, 2, dirs["base"], dict(SHARED, save=dirs["shared"]), **M.dist_kwargs(dict(ep=2)))
     ranks = run_distributed(M.load_worker, 1, dirs["base"], dirs["shared"], {})
     got, want = logical(ranks), logical(saver)
     assert got.keys() == want.keys() and [k for k in want if not torch.equal(got[k], want[k])] == []
@@ -123,7 +118,7 @@ def test_shared_checkpoint_loads_into_per_expert_model(dirs):
 def test_shared_model_refuses_checkpoint_whose_experts_differ(dirs):
     run_distributed(M.run_worker, 1, dirs["base"], dict(save=dirs["per_expert"], steps=2))
     with pytest.raises(Exception) as err:
-        run_distributed(M.load_worker, 2, dirs["base"], dirs["per_expert"], SHARED, **_dist_kwargs(dict(ep=2)))
+        run_distributed(M.load_worker, 2, dirs["base"], dirs["per_expert"], SHARED, **M.dist_kwargs(dict(ep=2)))
     assert "experts' adapters differ" in str(err.value) and "at offset" in str(err.value), str(err.value)
 
 
