@@ -68,6 +68,18 @@ class Arch:
     vocab_size: int
     tied: bool
     qkv_bias: bool
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on queries and keys (Megatron --qk-layernorm)
+    num_experts: int = 0  # 0: a dense MLP; else every layer's MLP is a mixture of experts
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0  # one expert's intermediate size
+    moe_pre_softmax: bool = False  # softmax over all experts, then top-k, not renormalised
+
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face family this architecture is: the one ``megatron-to-hf`` writes."""
+        if self.num_experts:
+            return "qwen3_moe" if self.qk_norm else "mixtral"
+        return "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
 
     def part_shapes(self) -> Dict[str, Tuple[int, int]]:
         """[out, in] of every HF projection of one layer."""
