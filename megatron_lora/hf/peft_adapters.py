@@ -222,12 +222,15 @@ def megatron_from_peft(tensors: Dict[str, torch.Tensor], peft_config: dict, arch
                 parts = [factors.get((layer, p)) for p in module.parts]
                 module_factors[(layer, module.name)] = join(module, parts, arch, shapes, r)
     rank = max(b.shape[1] for _, b in module_factors.values())  # per-projection: r (A stacks r rows per projection)
-    for module in modules:
+    for module in modules:  # a Megatron LoRA layer takes a rank up to its smaller side
         side = min(sum(shapes[p][0] for p in module.parts), shapes[module.parts[0]][1])
         if module.target in targets and rank > side:
-            raise ConversionError(f"{where} imports at rank {rank}, more than {module.name} can hold (its smaller "
-                                  f"side is {side}); retrain the PEFT adapter with r <= {side}"
-                                  f"{', or import it with --per-projection' if not per_projection else ''}.")
+            fix = " or without the router" if module.target == peft_experts.ROUTER else \
+                "" if per_projection else ", or import it with --per-projection"
+            how = f" (r={r}, distinct A's stacked)" if rank > r else ""
+            raise ConversionError(f"{where} imports at rank {rank}{how}, more than {module.name} "
+                                  f"can hold (its smaller side is {side}); retrain the PEFT adapter with a rank "
+                                  f"that fits{fix}.")
     out = {}
     for (layer, module), (a, b) in module_factors.items():
         pad = rank - b.shape[1]
