@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep the Megatron rank even where rank components contribute nothing.")
     c.add_argument("--base-model-name-or-path", default=None,
                    help="Written into adapter_config.json (default: --base when it is a Hugging Face directory).")
+    c.add_argument("--expert-layout", choices=("fused", "per-expert"), default="fused",
+                   help="Mixture-of-experts models: 'fused', transformers 5 / peft's target_parameters on "
+                        "mlp.experts.gate_up_proj and down_proj, or 'per-expert', one LoRA per expert projection "
+                        "(mlp.experts.E.gate_proj ..., Mixtral block_sparse_moe.experts.E.w1 ...) as inference "
+                        "engines and transformers 4 load it.")
 
     for name, text in (("merge", "Fold an adapter into the base; write a Megatron or Hugging Face checkpoint."),
                        ("megatron-to-hf", "Megatron base checkpoint -> Hugging Face checkpoint.")):
@@ -93,7 +98,7 @@ def run(args) -> None:
         peft_to_megatron(args.peft_dir, args.output, args.base, log, args.per_projection)
     elif args.command == "megatron-to-peft":
         megatron_to_peft(args.adapter, args.output, args.base, args.iteration, not args.keep_rank,
-                         args.base_model_name_or_path, log)
+                         args.base_model_name_or_path, log, args.expert_layout.replace("-", "_"))
     elif args.command == "merge":
         merge(args.base, args.adapter, args.output, args.to, args.hf_config_dir, args.dtype, args.iteration, log)
     else:

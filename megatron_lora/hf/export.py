@@ -47,6 +47,7 @@ from megatron_lora.hf.mapping import (
     hf_shapes, megatron_names,
 )
 from megatron_lora.hf.peft_adapters import peft_from_megatron
+from megatron_lora.hf.peft_experts import LAYOUTS
 
 WHERE = "the model's adapter"
 
@@ -104,22 +105,26 @@ def _receives(dst: Optional[int]) -> bool:
 # -------------------------------------------------------------------------------------- PEFT
 
 def export_peft(model, hf_config: Optional[dict] = None, dst: Optional[int] = 0, compact: bool = True,
-                base_model_name_or_path: Optional[str] = None) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
+                base_model_name_or_path: Optional[str] = None,
+                expert_layout: str = "fused") -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
     """The adapter as PEFT tensors (``base_model.model.model.layers.N...lora_A.weight``, on the
     CPU) and its ``adapter_config.json`` dict, on rank ``dst`` (every rank with None); None on
     the others. Collective: every rank calls it. The same bits as ``megatron-to-peft``
-    (``compact`` = not ``--keep-rank``); a non-finite factor raises on every rank.
+    (``compact`` = not ``--keep-rank``, ``expert_layout`` = ``--expert-layout`` with "_": "fused" or
+    "per_expert", for mixture-of-experts models); a non-finite factor raises on every rank.
 
     Only ``dst`` receives the adapter (once); the other ranks send at most their stage's factors
     and one data-parallel replica takes part (``gather_full_adapter``, docs/design.md §16)."""
     _check_dst(dst)
+    if expert_layout not in LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {LAYOUTS}, got {expert_layout!r}.")
     arch = arch_from_model(model, hf_config)
     cfg = _model_config(model)
     _check_loaded_factors(model, WHERE)  # each rank its shards, so that every rank raises
     tensors = gather_full_adapter(model, dst=dst)
     if not _receives(dst):
         return None
-    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE)
+    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE, expert_layout)
     live = {p.untyped_storage().data_ptr() for m in lora_modules(model) for p in (m.lora_A, m.lora_B)}
     # With TP=1 on the CPU a gathered factor IS the parameter: never hand it out.
     return {k: t.clone() if t.untyped_storage().data_ptr() in live else t for k, t in peft_tensors.items()}, config
