@@ -124,7 +124,8 @@ def export_peft(model, hf_config: Optional[dict] = None, dst: Optional[int] = 0,
     tensors = gather_full_adapter(model, dst=dst)
     if not _receives(dst):
         return None
-    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE, expert_layout)
+    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE,
+                                              expert_layout)
     live = {p.untyped_storage().data_ptr() for m in lora_modules(model) for p in (m.lora_A, m.lora_B)}
     # With TP=1 on the CPU a gathered factor IS the parameter: never hand it out.
     return {k: t.clone() if t.untyped_storage().data_ptr() in live else t for k, t in peft_tensors.items()}, config

@@ -250,8 +250,9 @@ def _per_projection(module: AdapterModule, parts: List[Optional[Tuple[torch.Tens
     """(A, B) of one per-projection layer: the parts' A's stacked, their B's fused (compact, rank r);
     an absent part is zero. Every part has rank r (``_peft_factors`` checked the shapes)."""
     dtype = next((p[1].dtype for p in parts if p is not None), torch.float32)
-    a_blocks = [p[0] if p is not None else torch.zeros(r, shapes[n][1], dtype=dtype) for n, p in zip(module.parts, parts)]
-    b_parts = [p[1] if p is not None else torch.zeros(shapes[n][0], r, dtype=dtype) for n, p in zip(module.parts, parts)]
+    named = list(zip(module.parts, parts))
+    a_blocks = [p[0] if p is not None else torch.zeros(r, shapes[n][1], dtype=dtype) for n, p in named]
+    b_parts = [p[1] if p is not None else torch.zeros(shapes[n][0], r, dtype=dtype) for n, p in named]
     return torch.cat(a_blocks), _fuse(arch, module, b_parts)
 
 

@@ -219,7 +219,8 @@ def fused_tensors(layer: int, name: str, experts: Sequence[Tuple[torch.Tensor, t
     """PEFT's two tensors of fused parameter ``name`` from every expert's (A [r, in], B [out, r]),
     all of one r; ``targeted``: the fused parameters the adapter has (they fix the nesting)."""
     order = [p for p in FUSED if p in targeted]
-    prefix = f"base_model.model.model.layers.{layer}.mlp.experts." + "base_layer." * (len(order) - 1 - order.index(name))
+    inner = "base_layer." * (len(order) - 1 - order.index(name))
+    prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{inner}"
     a = torch.cat([a for a, _ in experts])  # expert-major rows
     b = torch.stack([b for _, b in experts], dim=2).flatten(1)  # [out, r, E] -> rank-major columns
     return {prefix + "lora_A.weight": a.contiguous(), prefix + "lora_B.weight": b.contiguous()}

@@ -17,76 +17,23 @@ import pytest
 import torch
 
 from megatron_lora.core.config import LoRAConfig
-from megatron_lora.hf import peft_experts
-from megatron_lora.hf.mapping import Arch, ConversionError
+from megatron_lora.hf.mapping import ConversionError
 from megatron_lora.hf.peft_adapters import megatron_from_peft, peft_from_megatron
 
 transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install -e '.[hf]'")
 peft = pytest.importorskip("peft", reason="needs the hf extra: pip install -e '.[hf]'")
 
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-ROUTER = "mlp.gate.weight"
-R, ALPHA = 2, 6
-TOKENS = torch.tensor([[3, 17, 42, 5, 9, 33, 61, 0, 12, 28, 7, 50]])
-COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation="eager")
-
-
-def _hf(model_type):
-    torch.manual_seed({"qwen3": 0, "qwen3_moe": 1, "mixtral": 2}[model_type])
-    if model_type == "qwen3":  # head_dim 16 != hidden / heads
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, intermediate_size=48, head_dim=16))
-    elif model_type == "qwen3_moe":  # 2 * moe_intermediate_size == hidden_size
-        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            **COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]))
-    else:
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            **COMMON, head_dim=8, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(1.0, 0.2) if "norm" in name else param.normal_(0.0, 0.1)
-    return model.eval()
-
-
-def _arch(model):
-    c = model.config
-    moe = c.model_type != "qwen3"
-    return Arch(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, ffn_hidden_size=c.intermediate_size,
-                num_heads=c.num_attention_heads, num_groups=c.num_key_value_heads, head_dim=c.head_dim,
-                vocab_size=c.vocab_size, tied=False, qkv_bias=False, qk_norm=c.model_type != "mixtral",
-                num_experts=(c.num_local_experts if c.model_type == "mixtral" else c.num_experts) if moe else 0,
-                moe_topk=c.num_experts_per_tok if moe else 0,
-                moe_ffn_hidden_size=getattr(c, "moe_intermediate_size", c.intermediate_size) if moe else 0)
-
-
-def _peft_model(base, target_modules=ATTENTION, target_parameters=(*EXPERTS, ROUTER), seed=5, one_qkv_a=False,
-                **kwargs):
-    """``base`` (copied) with a PEFT adapter whose every factor is random and non-zero; with
-    ``one_qkv_a`` q, k and v share one A per layer (as our exports write), so it imports at rank r:
-    a 4-expert router takes rank 4 at most."""
-    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(target_modules),
-                             target_parameters=list(target_parameters) or None, **kwargs)
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
-        if one_qkv_a:
-            for layer in model.base_model.model.model.layers:
-                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.lora_A["default"].weight.copy_(layer.self_attn.q_proj.lora_A["default"].weight)
-    return model.eval()
-
+from tests.hf_moe import (  # noqa: E402
+    ALPHA, ATTENTION, EXPERTS, R, ROUTER, TOKENS, arch_of as _arch, random_peft_model as _peft_model, tiny_hf as _hf,
+)
 
 def _saved(model, path):
     """(tensors, adapter_config dict) as ``save_pretrained`` writes them."""
     from safetensors.torch import load_file
 
     model.save_pretrained(path)
-    return load_file(os.path.join(path, "adapter_model.safetensors")), json.load(open(os.path.join(path, "adapter_config.json")))
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        return load_file(os.path.join(path, "adapter_model.safetensors")), json.load(f)
 
 
 def _write(path, tensors, config):
@@ -269,8 +216,8 @@ def test_export_round_trip_is_bitwise_and_peft_loads_it(case, tmp_path):
 def test_distinct_attention_a_round_trip_is_bitwise(distinct):
     _, arch, _, tensors, config = distinct
     for per_projection in (False, True):
-        back, back_config = peft_from_megatron(*megatron_from_peft(tensors, config, arch, per_projection=per_projection),
-                                               arch)
+        full, cfg = megatron_from_peft(tensors, config, arch, per_projection=per_projection)
+        back, back_config = peft_from_megatron(full, cfg, arch)
         _equal(back, tensors)
         assert back_config["r"] == R
 
@@ -283,7 +230,8 @@ def test_per_expert_layout_loads_in_peft_and_imports_like_the_fused_one(moe_case
                                 "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}[model_type]
     p = f"base_model.model.model.layers.1.{parent}."
     assert per_expert[p + f"experts.3.{gate}.lora_A.weight"].shape == (R, 32)
-    assert torch.equal(per_expert[p + f"experts.3.{gate}.lora_A.weight"], per_expert[p + f"experts.3.{up}.lora_A.weight"])
+    assert torch.equal(per_expert[p + f"experts.3.{gate}.lora_A.weight"],
+                       per_expert[p + f"experts.3.{up}.lora_A.weight"])
     assert per_expert[p + f"experts.3.{down}.lora_B.weight"].shape == (32, R)
     assert per_expert[p + "gate.lora_B.weight"].shape == (4, R)
     assert not any("base_layer" in k or k.endswith("experts.lora_A.weight") for k in per_expert)
