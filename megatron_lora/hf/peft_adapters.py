@@ -361,11 +361,14 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
         alpha, rslora = cfg.scaling * r_out, False
     dense_parts = [p for m in rows for p in m.parts if p in PARENT_OF_PART]
     expert_projections = [q for q in peft_experts.PROJECTIONS if (0, peft_experts.part(0, q)) in per_part]
-    modules_more, parameters = peft_experts.config_targets(
-        arch, expert_projections, (0, peft_experts.ROUTER) in per_part, expert_layout) if arch.num_experts else ([], [])
+    router = (0, peft_experts.ROUTER) in per_part
+    modules_more, parameters = peft_experts.config_targets(arch, expert_projections, router, expert_layout) \
+        if arch.num_experts else ([], [])
+    # peft's parameter LoRA (experts, router; per-expert adapters become it on load) refuses dropout
+    dropout = 0.0 if expert_projections or router else cfg.dropout
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r_out,
                   lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-                  lora_dropout=cfg.dropout, use_rslora=rslora, target_modules=dense_parts + modules_more, bias="none",
+                  lora_dropout=dropout, use_rslora=rslora, target_modules=dense_parts + modules_more, bias="none",
                   fan_in_fan_out=False, use_dora=False, modules_to_save=None, init_lora_weights=True,
                   rank_pattern={}, alpha_pattern={}, layers_to_transform=None, layers_pattern=None,
                   inference_mode=True, base_model_name_or_path=base_model_name_or_path)

@@ -285,7 +285,7 @@ def _export_megatron_adapter(case, kind, tmp_path):
                 parts = k.split(".")
                 megatron[k] = megatron[".".join(parts[:6] + ["0"] + parts[7:])]
     targets = cfg.target_modules if kind != "per_projection" else tuple(t for t in cfg.target_modules if t != "router")
-    mcfg = LoRAConfig(rank=rank, alpha=8, target_modules=targets, per_projection=kind == "per_projection",
+    mcfg = LoRAConfig(rank=rank, alpha=8, target_modules=targets, per_projection=kind == "per_projection", dropout=0.1,
                       expert_adapters="shared" if kind == "shared" else "per_expert")
     want = _megatron_deltas(megatron, mcfg, arch)
     layouts = ["fused", "per_expert"] if model_type != "qwen3" else ["fused"]
@@ -299,6 +299,8 @@ def _export_megatron_adapter(case, kind, tmp_path):
         assert exported_config["r"] == r_expected, layout
         s = exported_config["lora_alpha"] / exported_config["r"]
         assert s == pytest.approx(mcfg.scaling, rel=1e-15) and not exported_config["use_rslora"]
+        # peft refuses dropout on parameter LoRA (its form of the experts, per-expert ones included)
+        assert exported_config["lora_dropout"] == (0.1 if model_type == "qwen3" else 0.0)
         if kind == "shared" and layout == "fused":  # each expert's block equals expert 0's
             a = exported["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"]
             assert all(torch.equal(a[e * rank:(e + 1) * rank], a[:rank]) for e in range(4))
