@@ -39,9 +39,13 @@ def peft_to_megatron(peft_dir: str, output: str, base: str, log: Log = silent,
         f"LoRA flags for pretrain_gpt_lora.py:\n  {shlex.join(['--lora-load', output, *lora_flags(cfg)])}")
     peft_rank = read_json(os.path.join(peft_dir, PEFT_CONFIG), "")["r"]
     if cfg.rank != peft_rank:
+        if "router" in cfg.target_modules:
+            instead = "--per-projection would keep r, but the router's adapter has no per-projection form"
+        else:
+            instead = (f"--per-projection imports it at r={peft_rank} per projection instead (its flags then "
+                       "include --lora-per-projection)")
         log(f"note: the PEFT adapter has r={peft_rank}; its distinct q/k/v (gate/up) A's were stacked into "
-            f"rank {cfg.rank}. --per-projection imports it at r={peft_rank} per projection instead "
-            "(its flags then include --lora-per-projection).")
+            f"rank {cfg.rank}. {instead}.")
     return cfg
 
 
