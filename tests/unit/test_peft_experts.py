@@ -398,3 +398,14 @@ def test_export_refuses_unknown_targets_and_layouts(moe_case):
     with pytest.raises(ValueError, match="expert_layout must be one of"):
         peft_from_megatron(full, cfg, arch, expert_layout="per-expert")
     _refused(lambda: peft_from_megatron(full, cfg, _arch(_hf("qwen3"))), "['router']", "no qwen3 projection")
+
+
+def test_target_parameters_read_in_every_spelling_peft_matches(moe_case):
+    """peft matches a target parameter by suffix; its own v4 -> v5 conversion writes bare names."""
+    _, _, arch, _, tensors, config = moe_case
+    want = megatron_from_peft(tensors, config, arch)
+    for spelling in (["gate_up_proj", "down_proj", "gate.weight"], ["experts.down_proj", "experts.gate_up_proj",
+                                                                     "mlp.gate.weight"]):
+        got = megatron_from_peft(tensors, dict(config, target_parameters=spelling), arch)
+        _equal(got[0], want[0])
+        assert got[1] == want[1]
