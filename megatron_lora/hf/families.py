@@ -74,7 +74,7 @@ def unsupported_family(cfg: dict) -> str:
     if cfg.get("hidden_act", "silu") not in ("silu", None):
         features.append(f"hidden_act {cfg['hidden_act']!r} (not SwiGLU)")
     why = f" ({'; '.join(features)})" if features else ""
-    return f"model_type {cfg.get('model_type')!r} is not supported{why}; supported: {supported()}"
+    return f"model_type {cfg.get('model_type')!r} is not supported{why}"
 
 
 def missing_sizes(cfg: dict) -> List[str]:

@@ -212,8 +212,9 @@ def test_the_first_unsupported_tensor_is_named_when_the_checkpoint_is_given():
     shared = dict(QWEN3_MOE, model_type="qwen2_moe", shared_expert_intermediate_size=64)
     names = list(hf_shapes(arch_from_hf_config(QWEN3_MOE))) + [
         f"model.layers.{i}.mlp.shared_expert.{p}.weight" for i in (10, 2) for p in ("gate_proj", "up_proj")]
-    with pytest.raises(ConversionError, match="; first unsupported tensor model.layers.2.mlp.shared_expert.gate_proj"
-                                              ".weight; supported: llama"):
+    with pytest.raises(ConversionError, match="^cfg: model_type 'qwen2_moe' is not supported \\(shared experts\\); "
+                                              "first unsupported tensor model.layers.2.mlp.shared_expert.gate_proj"
+                                              ".weight; supported: llama \\(LlamaForCausalLM\\), qwen2"):
         check_hf_config(shared, "cfg", names)
     dense_layer = list(hf_shapes(arch_from_hf_config(QWEN3_MOE))) + ["model.layers.1.mlp.down_proj.weight"]
     with pytest.raises(ConversionError, match=r"mlp_only_layers \[1\].*; first unsupported tensor "
