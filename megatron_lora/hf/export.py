@@ -94,7 +94,8 @@ def arch_from_model(model, hf_config: Optional[dict] = None) -> Arch:
         num_query_groups=c.num_query_groups, kv_channels=c.kv_channels, padded_vocab_size=chunk.vocab_size,
         untie_embeddings_and_output_weights=not chunk.share_embeddings_and_output_weights,
         qk_layernorm=bool(getattr(c, "qk_layernorm", False)), num_experts=experts,
-        moe_router_topk=getattr(c, "moe_router_topk", None), moe_ffn_hidden_size=getattr(c, "moe_ffn_hidden_size", None),
+        moe_router_topk=getattr(c, "moe_router_topk", None),
+        moe_ffn_hidden_size=getattr(c, "moe_ffn_hidden_size", None),
         moe_router_pre_softmax=bool(getattr(c, "moe_router_pre_softmax", False)),
         moe_shared_expert_intermediate_size=getattr(c, "moe_shared_expert_intermediate_size", None))
     arch = arch_from_model_args(model_args, "the model (its TransformerConfig)")

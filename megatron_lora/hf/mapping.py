@@ -243,11 +243,13 @@ def check_parallel_layout(arch: Arch, tp: int, pp: int, ep: int = 1, etp: Option
     if not arch.num_experts and (ep > 1 or etp != tp):
         raise ConversionError(f"EP={ep} / ETP={etp} lay out experts, and this {arch.model_type} model is dense; "
                               "drop the expert-parallel sizes.")
-    sizes = [("attention heads", arch.num_heads, "TP", tp), ("key/value heads (query groups)", arch.num_groups, "TP", tp),
+    sizes = [("attention heads", arch.num_heads, "TP", tp),
+             ("key/value heads (query groups)", arch.num_groups, "TP", tp),
              ("ffn hidden size", arch.ffn_hidden_size, "TP", tp), ("vocabulary", arch.vocab_size, "TP", tp),
              ("layers", arch.num_layers, "PP", pp)]
     if arch.num_experts:
-        sizes += [("experts", arch.num_experts, "EP", ep), ("expert ffn hidden size", arch.moe_ffn_hidden_size, "ETP", etp)]
+        sizes += [("experts", arch.num_experts, "EP", ep),
+                  ("expert ffn hidden size", arch.moe_ffn_hidden_size, "ETP", etp)]
     problems = [f"{what} {n} does not divide by {kind}={size}" for what, n, kind, size in sizes if n % size]
     if problems:
         layout = f"TP={tp} PP={pp}" + (f" EP={ep} ETP={etp}" if arch.num_experts else "")

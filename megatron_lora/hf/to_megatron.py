@@ -80,4 +80,5 @@ def hf_to_megatron(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dtype: st
 def _layer_ends(names) -> dict:
     """{the last name of each layer: its layer index}, for the progress lines."""
     layer = lambda n: int(n.split(".")[2]) if n.startswith("decoder.layers.") else None  # noqa: E731
-    return {n: layer(n) for n, after in zip(names, names[1:] + [""]) if layer(n) is not None and layer(after) != layer(n)}
+    return {n: layer(n) for n, after in zip(names, names[1:] + [""])
+            if layer(n) is not None and layer(after) != layer(n)}

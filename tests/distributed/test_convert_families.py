@@ -99,7 +99,8 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     paths, refs, models = {}, {}, {}
     for kind in MODELS:
-        paths[kind], paths[f"mg_{kind}"], paths[f"back_{kind}"] = (str(root / p) for p in (kind, f"mg_{kind}", f"back_{kind}"))
+        for prefix in ("", "mg_", "back_"):
+            paths[f"{prefix}{kind}"] = str(root / f"{prefix}{kind}")
     for i, kind in enumerate(("qwen3", "qwen3_moe", "mixtral")):
         models[kind] = _random_model(kind, seed=i)
     models["qwen3_moe_norm"] = _cls("qwen3_moe")(_config("qwen3_moe_norm")).eval()
@@ -277,10 +278,11 @@ def _unsupported(paths, tmp):
                                         num_experts=4, num_experts_per_tok=2))), [],
             "model_type 'qwen2_moe' is not supported (shared experts); first unsupported tensor "
             "model.layers.0.mlp.shared_expert.down_proj.weight; supported: llama"),
-        "MLA (deepseek_v3)": lambda: (_saved(tmp, "ds", transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
-            **{**SIZES, "num_key_value_heads": 4}, moe_intermediate_size=16, n_routed_experts=4,
-            num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1))), [],
+        "MLA (deepseek_v3)": lambda: (_saved(tmp, "ds", transformers.DeepseekV3ForCausalLM(
+            transformers.DeepseekV3Config(**{**SIZES, "num_key_value_heads": 4}, moe_intermediate_size=16,
+                                          n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                          kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                          v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1))), [],
             "model_type 'deepseek_v3' is not supported (multi-latent attention (MLA); shared experts); first "
             "unsupported tensor model.layers.0.self_attn.kv_a_layernorm.weight"),
         "GeLU": lambda: (_edited(paths, tmp, "qwen3", hidden_act="gelu_pytorch_tanh"), [],

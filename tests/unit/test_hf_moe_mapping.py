@@ -48,7 +48,8 @@ def test_sizes_are_read_in_each_familys_spelling():
     published = {k: v for k, v in QWEN3_MOE.items() if k != "num_local_experts"}  # Qwen's own spelling
     assert arch_from_hf_config({**published, "num_experts": 4}) == moe
     mixtral = arch_from_hf_config(MIXTRAL)
-    assert (mixtral.model_type, mixtral.qk_norm, mixtral.head_dim, mixtral.moe_ffn_hidden_size) == ("mixtral", False, 8, 64)
+    assert (mixtral.model_type, mixtral.qk_norm, mixtral.moe_ffn_hidden_size) == ("mixtral", False, 64)
+    assert mixtral.head_dim == 8  # head_dim null: hidden / heads
     assert not mixtral.moe_pre_softmax  # Mixtral always renormalises its top-k weights
     no_head_dim = {k: v for k, v in QWEN3.items() if k != "head_dim"}
     assert arch_from_hf_config(no_head_dim).head_dim == 128  # Qwen3Config's default, not hidden / heads
@@ -63,7 +64,8 @@ def test_flags_carry_qk_norm_and_experts():
                  "--moe-router-pre-softmax", "--ffn-hidden-size 64"):
         assert part in moe, part
     assert "--moe-router-pre-softmax" not in " ".join(megatron_flags({**QWEN3_MOE, "norm_topk_prob": True}, "/m"))
-    mixtral = " ".join(megatron_flags({k: v for k, v in MIXTRAL.items() if k not in ("rope_parameters", "rms_norm_eps")}, "/m"))
+    bare = {k: v for k, v in MIXTRAL.items() if k not in ("rope_parameters", "rms_norm_eps")}
+    mixtral = " ".join(megatron_flags(bare, "/m"))
     for part in ("--num-experts 4", "--moe-ffn-hidden-size 64", "--rotary-base 1000000", "--norm-epsilon 1e-05"):
         assert part in mixtral, part  # the last two: MixtralConfig's defaults
     assert "--qk-layernorm" not in mixtral and "--moe-router-pre-softmax" not in mixtral
@@ -80,7 +82,8 @@ def test_written_config_reads_back_as_the_same_model(family):
 def test_written_moe_configs_spell_routing_as_transformers_does():
     qwen = hf_config_for(arch_from_hf_config(QWEN3_MOE), MODEL_ARGS, "float32")
     assert (qwen["norm_topk_prob"], qwen["num_experts"], qwen["moe_intermediate_size"]) == (False, 4, 24)
-    assert (qwen["decoder_sparse_step"], qwen["mlp_only_layers"], qwen["architectures"]) == (1, [], ["Qwen3MoeForCausalLM"])
+    assert (qwen["decoder_sparse_step"], qwen["mlp_only_layers"]) == (1, [])
+    assert qwen["architectures"] == ["Qwen3MoeForCausalLM"]
     mixtral = hf_config_for(arch_from_hf_config(MIXTRAL), MODEL_ARGS, "float32")
     assert (mixtral["num_local_experts"], mixtral["intermediate_size"], mixtral["router_jitter_noise"]) == (4, 64, 0.0)
 
@@ -121,8 +124,9 @@ def test_expert_tensors_map_to_per_expert_names(family, prefix, parts):
 
 
 def test_qk_norms_map_without_the_architecture():
-    assert hf_names_of("decoder.layers.0.self_attention.q_layernorm.weight") == ["model.layers.0.self_attn.q_norm.weight"]
-    assert hf_names_of("decoder.layers.0.self_attention.k_layernorm.weight") == ["model.layers.0.self_attn.k_norm.weight"]
+    for megatron, hf in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm")):
+        assert hf_names_of(f"decoder.layers.0.self_attention.{megatron}.weight") == \
+            [f"model.layers.0.self_attn.{hf}.weight"]
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -137,7 +141,8 @@ def test_hf_to_megatron_to_hf_round_trip(family):
         assert torch.equal(megatron["decoder.layers.0.self_attention.k_layernorm.weight"],
                            hf["model.layers.0.self_attn.k_norm.weight"])
     if arch.num_experts:
-        parent, gate, up = ("mlp", "gate_proj", "up_proj") if family == "qwen3_moe" else ("block_sparse_moe", "w1", "w3")
+        parent, gate, up = (("mlp", "gate_proj", "up_proj") if family == "qwen3_moe"
+                            else ("block_sparse_moe", "w1", "w3"))
         fc1 = megatron["decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"]
         want = torch.cat([hf[f"model.layers.1.{parent}.experts.2.{gate}.weight"],
                           hf[f"model.layers.1.{parent}.experts.2.{up}.weight"]])
