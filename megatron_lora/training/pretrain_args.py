@@ -304,8 +304,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             _fail(f"--lora-rank {args.lora.rank} exceeds the smallest side of the adapted layers ({smallest}: "
                   "hidden size, heads x kv channels, (expert) ffn hidden size); a rank above it adds nothing. "
                   f"Choose --lora-rank <= {smallest}.")
-    elif args.lora_load or args.lora_save_merged:
-        _fail("--lora-load / --lora-save-merged need --lora-rank (the adapter's rank).")
+    elif args.lora_load or args.lora_save_merged or args.lora_plus_ratio is not None:
+        _fail("--lora-load / --lora-save-merged / --lora-plus-ratio need --lora-rank (the adapter's rank).")
+    if args.lora_plus_ratio is not None and not args.lora_plus_ratio > 0:
+        _fail(f"--lora-plus-ratio {args.lora_plus_ratio:g}: B's learning rate / A's must be > 0 "
+              "(16 is the LoRA+ paper's suggestion; 1 is plain LoRA).")
     from megatron_lora.training.data import build_tokenizer
 
     try:

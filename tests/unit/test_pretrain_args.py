@@ -38,6 +38,8 @@ def test_defaults_are_derived_like_megatron_lm(data):
     (["--num-query-groups", "3"], 1, "--num-query-groups 3"),
     (["--lora-save-merged", "x"], 1, "need --lora-rank"),
     (["--lora-rank", "0"], 1, "--lora-rank must be a positive integer"),
+    (["--lora-plus-ratio", "16"], 1, "--lora-plus-ratio need --lora-rank"),
+    (["--lora-rank", "4", "--lora-plus-ratio", "0"], 1, "--lora-plus-ratio 0: B's learning rate / A's must be > 0"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 exclude each other"),
     (["--lr-warmup-iters", "3"], 1, "--lr-warmup-iters 3 must be below --lr-decay-iters 3"),
     (["--transformer-impl", "transformer_engine", "--device", "cpu"], 1,
