@@ -1,6 +1,7 @@
 """Convert between Hugging Face / PEFT checkpoints and Megatron-Core (megatron_lora) checkpoints.
 
-    # HF Llama / Qwen2 (safetensors) -> Megatron dist checkpoint + model_args.json + model_flags.txt
+    # HF Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral (safetensors) -> Megatron dist checkpoint
+    # + model_args.json + model_flags.txt
     python scripts/convert_checkpoint.py hf-to-megatron --hf-dir Llama-3.2-1B --output ckpt/base \
         --target-tensor-parallel-size 2
     # PEFT adapter -> full adapter for pretrain_gpt_lora.py --lora-load (any TP)
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TP size you will load at: checked now (heads, query groups, ffn, vocab divide).")
     c.add_argument("--target-pipeline-parallel-size", type=int, default=1,
                    help="PP size you will load at: checked now (layers divide).")
+    c.add_argument("--target-expert-model-parallel-size", type=int, default=1,
+                   help="EP size you will load a mixture of experts at: checked now (experts divide).")
+    c.add_argument("--target-expert-tensor-parallel-size", type=int, default=None,
+                   help="ETP size you will load a mixture of experts at: checked now (an expert's FFN "
+                        "size divides). Default: the TP size.")
     c.add_argument("--dtype", **dtype)
 
     c = sub.add_parser("peft-to-megatron", help="PEFT LoRA adapter -> full adapter (.safetensors) for --lora-load.")
@@ -93,7 +99,8 @@ def run(args) -> None:
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.command == "hf-to-megatron":
         hf_to_megatron(args.hf_dir, args.output, args.target_tensor_parallel_size,
-                       args.target_pipeline_parallel_size, args.dtype, log)
+                       args.target_pipeline_parallel_size, args.dtype, log, args.target_expert_model_parallel_size,
+                       args.target_expert_tensor_parallel_size)
     elif args.command == "peft-to-megatron":
         peft_to_megatron(args.peft_dir, args.output, args.base, log, args.per_projection)
     elif args.command == "megatron-to-peft":
