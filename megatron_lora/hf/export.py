@@ -1,5 +1,6 @@
 """In-memory export for RL loops: the adapter as PEFT tensors, or the merged model as Hugging
-Face tensors streamed one at a time, straight from a training model at any TP / PP layout.
+Face tensors streamed one at a time, straight from a training model at any TP / PP / EP / ETP
+layout.
 
 An RL loop (verl, NeMo-RL, ...) hands the policy to a vLLM / SGLang engine after every update.
 Writing a checkpoint and converting it costs minutes of disk I/O; these functions give the
@@ -16,9 +17,12 @@ the training model (every result is a fresh tensor, no parameter is written).
   formula ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once,
   splits fused rows per shard into Hugging Face projections (``hf_from_megatron_tensor``, the
   converter's mapping), gathers each projection in the target dtype onto the one rank that sends
-  and sends it to the destination over the pipeline group. Peak extra memory is about one copy
-  of the largest single tensor (``linear_fc1`` or the embedding) in the target dtype, plus
-  shard-sized buffers (the bound is in its docstring), never the model.
+  and sends it to the destination over the pipeline group. A mixture-of-experts model's expert
+  tensors at EP > 1 (or an expert-TP group that is not the TP group) live outside ``dst``'s
+  pipeline group: each is merged by its EP rank's expert-TP group, gathered onto that position's
+  rank with ``dst``'s expert-TP rank and sent from there (:class:`_ExpertRoutes`). Peak extra
+  memory is about one copy of the largest single tensor (``linear_fc1`` or the embedding) in the
+  target dtype, plus shard-sized buffers (the bound is in its docstring), never the model.
   :func:`export_merged_to` hands the stream to a callback and keeps the collective schedule if
   the callback raises.
 
@@ -173,13 +177,20 @@ def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch
     Memory: each TP rank of the stage that holds a tensor merges ITS shard, ``W_i + s·B_i·A``
     (column) or ``W_i + s·B·A_i`` (row), in fp32 from its own factors (docs/design.md §1), casts
     once, splits fused rows into its share of each projection and gathers those onto the one
-    rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. With N the
-    elements of the largest logical tensor (``linear_fc1``, or the embedding of a large
-    vocabulary), S = N/t its shard and d the bytes per element of ``dtype``, the extra memory a
-    rank holds peaks at ``max((4 + d)·S, d·(N + 2·S))`` bytes plus the largest layer's local
-    factors in fp32: the fp32 shard delta and its cast, then the gathered projection, its shard
-    and (row layers) one row block of the gather. Ranks that only contribute a shard stay under
-    ``(4 + d)·S``; with ``dst`` set only the data-parallel replica of ``dst`` takes part.
+    rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. An expert tensor
+    at EP > 1 (or an expert-TP group other than the TP group) is merged the same way by the
+    expert-TP group of the EP rank that holds it, gathered onto that group's rank with ``dst``'s
+    expert-TP rank (expert-TP rank 0 with ``dst=None``, which then broadcasts it over the expert
+    tensor-model-pipeline group); with ``dst`` set only ``dst``'s expert-data-parallel replica
+    takes part in those. With N the elements of a logical tensor, S this rank's shard of it
+    (N/t over TP; N/ETP for an expert on its EP rank; N when replicated; 0 where the rank holds
+    none) and d the bytes per element of ``dtype``, the extra memory a rank holds while the
+    stream makes that tensor peaks at ``max((4 + d)·S, d·(N + 2·S))`` bytes plus the largest
+    layer's local factors in fp32 (so at most that bound for the largest tensor, ``linear_fc1``
+    or the embedding of a large vocabulary): the fp32 shard delta and its cast, then the
+    gathered or received projection, its shard and (row layers) one row block of the gather.
+    Ranks that only contribute a shard stay under ``(4 + d)·S``; with ``dst`` set only the
+    data-parallel replica of ``dst`` (for experts: its expert-data-parallel replica) takes part.
     """
     _check_dst(dst)
     if bucket_bytes is not None and not (isinstance(bucket_bytes, int) and bucket_bytes > 0):

@@ -154,3 +154,21 @@ def memory_worker(paths, layout, dst):
             entry["peak"] = max(next(calls) for _ in range(entry["pieces"]))
     return dict(coordinates(), tensors=tensors, factors=factors, peak=max(peaks), param_dtype=str(
         next(model.parameters()).dtype))
+
+
+def misplaced_experts_worker():
+    """``export_merged``'s error on this rank (None if it raises none) when rank 1 names its experts
+    from 0, against Megatron's numbering (EP rank x local experts): what a foreign expert module
+    would hold. The tiny MoE GPT of ``moe_adapter_cases`` at this rank's layout."""
+    from megatron_lora.core import inject
+    from megatron_lora.hf.export import export_merged
+    from tests.distributed.moe_adapter_cases import moe_model
+
+    model = moe_model()
+    if dist.get_rank() == 1:
+        inject._local_expert_offset = lambda experts: 0
+    try:
+        export_merged(model)
+    except ValueError as err:
+        return f"{type(err).__name__}: {err}"
+    return None

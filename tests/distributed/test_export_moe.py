@@ -121,8 +121,9 @@ def _fused_experts(state, num_layers, num_experts):
     out = {k: v for k, v in state.items() if ".mlp.experts." not in k}
     for n in range(num_layers):
         p = f"model.layers.{n}.mlp.experts."
-        out[p + "gate_up_proj"] = torch.stack([torch.cat([state[f"{p}{e}.gate_proj.weight"],
-                                                          state[f"{p}{e}.up_proj.weight"]]) for e in range(num_experts)])
+        gate_up = [torch.cat([state[f"{p}{e}.gate_proj.weight"], state[f"{p}{e}.up_proj.weight"]])
+                   for e in range(num_experts)]
+        out[p + "gate_up_proj"] = torch.stack(gate_up)
         out[p + "down_proj"] = torch.stack([state[f"{p}{e}.down_proj.weight"] for e in range(num_experts)])
     return out
 
@@ -261,3 +262,14 @@ def test_merged_stream_peak_memory_is_the_documented_bound(work, dst):
             assert r["peak"] <= max(_bound(t, r["factors"]) for t in held)
         else:
             assert r["peak"] <= max(6 * t["S"] for t in held) + r["factors"]
+
+
+def test_experts_where_megatron_numbering_does_not_put_them_fail_on_every_rank():
+    """EP=2: rank 1 holds experts named 0 and 1 (Megatron puts them on EP rank 0); both ranks raise
+    the same one-line error before anything moves."""
+    errors = run_distributed(E.misplaced_experts_worker, 2, expert_model_parallel_size=2)
+    assert errors[0] == errors[1] and errors[0] is not None
+    assert errors[0].startswith("ConversionError: rank 1 (EP rank 1, stage 0) holds "
+                                "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight: the export expects "
+                                "Megatron's local spec"), errors[0]
+    assert "grouped experts (TEGroupedMLP) are not supported" in errors[0]
