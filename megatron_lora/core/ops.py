@@ -357,6 +357,7 @@ class RowJoin(torch.autograd.Function):
             return y
         norm_sq = norm_sq.clone()  # a tensor of its own (at TP = 1 it is the input itself)
         ctx.mark_non_differentiable(norm_sq)
+        ctx.set_materialize_grads(False)  # no zeros for the norm's absent gradient
         return y, norm_sq
 
     @staticmethod
