@@ -1,6 +1,7 @@
 """DoRA: a trainable magnitude per output feature on top of the LoRA branch (docs/design.md §18).
 
-Weight-decomposed LoRA (Liu et al. 2024, "DoRA", §4.3 for the detached norm; PEFT's ``use_dora``)::
+Weight-decomposed LoRA (Liu et al. 2024, "DoRA"; PEFT's ``use_dora``), the norm detached as the
+paper proposes to cut its training overhead::
 
     W' = W + s·B·A          n = ‖W'‖ per output feature (over the input dim), DETACHED
     y  = (m / n) ⊙ (X Wᵀ + s·drop(X) Aᵀ Bᵀ) + bias          m: [out], trainable, init ‖W‖
