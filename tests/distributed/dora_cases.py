@@ -210,7 +210,26 @@ def save_worker(full_state, root, steps):
     G.plain_train(model, steps)
     save_adapter(model, os.path.join(root, "dist"), iteration=steps)
     save_full_adapter(model, os.path.join(root, "full.safetensors"))
-    return _outputs(model)
+    out = _outputs(model)
+    out["merge"] = _merge_round_trip(model)
+    return out
+
+
+def _merge_round_trip(model) -> dict:
+    """merge_lora -> the plain base forward's logits against the DoRA forward's; unmerge_lora -> the
+    base weights' bits back."""
+    from megatron_lora import lora_modules, merge_lora, unmerge_lora
+
+    inputs = G.batches(1)[0][0]
+    weights = {id(m): m.weight.detach().clone() for m in lora_modules(model)}
+    before = G.logits(model, inputs)
+    merge_lora(model)
+    merged = G.logits(model, inputs)
+    changed = all(not torch.equal(m.weight, weights[id(m)]) for m in lora_modules(model))
+    unmerge_lora(model)
+    return dict(merged_gap=(merged - before).abs().max().item(), scale=before.abs().max().item(), changed=changed,
+                restored=all(torch.equal(m.weight, weights[id(m)]) for m in lora_modules(model)),
+                after_gap=(G.logits(model, inputs) - before).abs().max().item())
 
 
 def load_worker(full_state, root, how):

@@ -270,6 +270,14 @@ def test_tp2_dora_adapter_loads_at_other_tp(base_state, saved, tp, how):
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
 
 
+def test_merge_folds_the_magnitude_and_unmerge_restores_the_base(saved):
+    """At TP=2: merge writes (m / n) * (W + s B A) per row (a row layer's n summed over TP), so the
+    plain base forward gives the DoRA logits; unmerge gives back the base's bits."""
+    merge = saved[1]["merge"]
+    assert merge["changed"] and merge["restored"] and merge["after_gap"] == 0.0, merge
+    assert merge["merged_gap"] <= 1e-5 * merge["scale"], merge
+
+
 def test_use_dora_must_match_and_old_descriptors_read_as_lora(base_state, saved):
     root, _ = saved
     errors = run_distributed(D.config_mismatch_worker, 1, base_state, root)[0]
