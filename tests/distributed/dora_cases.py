@@ -327,3 +327,29 @@ def refusal_worker():
             "row expert sp": message(lambda: L.build_layer(L.Case("row", sp=True, expert=True), 2, dora_cfg())),
             "moe expert fc2": message(lambda: moe_model("experts.linear_fc2")),
             "router": message(lambda: moe_model("router"))}
+
+
+def bf16_worker(cases, t, lora_config) -> list:
+    """``run_case`` with bf16 parameters, input and dY (outputs and gradients back in fp32)."""
+    from megatron.core import ModelParallelConfig
+
+    from megatron_lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+
+    tp, _ = tp_rank()
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}
+    out = []
+    for case in cases:
+        cfg = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=case.sp, use_cpu_initialization=True,
+                                  perform_initialization=False, params_dtype=torch.bfloat16)
+        common = dict(config=cfg, init_method=torch.nn.init.zeros_, bias=case.bias, skip_bias_add=False,
+                      lora_config=lora_config, lora_init_name="decoder.layers.0.test")
+        layer = (LoRAColumnParallelLinear(H_IN, H_OUT, gather_output=False, **common) if case.kind == "column"
+                 else LoRARowParallelLinear(H_IN, H_OUT, input_is_parallel=True, **common))
+        L.load_shards(layer, bf16)
+        load_magnitude(layer, bf16)
+        x, dy = L.local_input_and_grad(case, bf16)
+        y, _ = layer(x)
+        y.backward(dy)
+        out.append({k: v.float() for k, v in dict(y=y.detach(), dx=x.grad, dA=layer.lora_A.grad, dB=layer.lora_B.grad,
+                                                   dm=layer.lora_magnitude.grad, init=layer.lora_magnitude.detach()).items()})
+    return out
