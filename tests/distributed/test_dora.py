@@ -26,14 +26,14 @@ from tests.distributed import gpt_cases as G
 from tests.distributed import layer_cases as L
 from tests.distributed.launcher import run_distributed
 from tests.distributed.shapes import RANK, TINY_GPT
-from tests.distributed.test_layers_match_unsharded import logical_mask
 
 CFG = LoRAConfig(rank=RANK, alpha=8, use_dora=True)
 CASES = [L.Case("column"), L.Case("column", bias=False, gather_output=True), L.Case("column", sp=True),
          L.Case("column", skip_bias_add=True), L.Case("row"), L.Case("row", input_is_parallel=False),
          L.Case("row", sp=True), L.Case("row", skip_bias_add=True),
          # the dispatcher reduces a column expert layer's dX; its norm needs no communication
-         L.Case("column", bias=False, expert=True), L.Case("column", disable_grad_reduce=True),
+         L.Case("column", bias=False, expert=True), L.Case("column", sp=True, bias=False, expert=True),
+         L.Case("column", disable_grad_reduce=True),
          L.Case("column", dropout=0.5), L.Case("row", sp=True, dropout=0.5)]
 T = D.logical_tensors()
 STEPS = 8
@@ -57,7 +57,7 @@ def layer_results(tp):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_dora_layer_matches_unsharded_reference(case, tp):
     ranks = [r[CASES.index(case)] for r in layer_results(tp)]
-    mask = logical_mask(case.kind, case.dropout, seed=7) if case.dropout else None
+    mask = L.logical_mask(case.kind, case.dropout, seed=7) if case.dropout else None
     got, ref = D.assemble(case, ranks), D.reference(case, T, CFG.scaling, mask)
     for key in ("y", "dx", "dA", "dB", "dm"):
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
