@@ -26,6 +26,7 @@ _HOME = {
     "adapters_disabled": "megatron_lora.core.inject",
     "merge_lora": "megatron_lora.core.inject",
     "unmerge_lora": "megatron_lora.core.inject",
+    "lora_plus_param_groups": "megatron_lora.core.lora_plus",
     "LoRAColumnParallelLinear": "megatron_lora.core.layers",
     "LoRARowParallelLinear": "megatron_lora.core.layers",
     "save_adapter": "megatron_lora.core.checkpoint.adapter",

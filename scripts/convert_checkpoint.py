@@ -1,6 +1,7 @@
 """Convert between Hugging Face / PEFT checkpoints and Megatron-Core (megatron_lora) checkpoints.
 
-    # HF Llama / Qwen2 (safetensors) -> Megatron dist checkpoint + model_args.json + model_flags.txt
+    # HF Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral (safetensors) -> Megatron dist checkpoint
+    # + model_args.json + model_flags.txt
     python scripts/convert_checkpoint.py hf-to-megatron --hf-dir Llama-3.2-1B --output ckpt/base \
         --target-tensor-parallel-size 2
     # PEFT adapter -> full adapter for pretrain_gpt_lora.py --lora-load (any TP)
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TP size you will load at: checked now (heads, query groups, ffn, vocab divide).")
     c.add_argument("--target-pipeline-parallel-size", type=int, default=1,
                    help="PP size you will load at: checked now (layers divide).")
+    c.add_argument("--target-expert-model-parallel-size", type=int, default=1,
+                   help="EP size you will load a mixture of experts at: checked now (experts divide).")
+    c.add_argument("--target-expert-tensor-parallel-size", type=int, default=None,
+                   help="ETP size you will load a mixture of experts at: checked now (an expert's FFN "
+                        "size divides). Default: the TP size.")
     c.add_argument("--dtype", **dtype)
 
     c = sub.add_parser("peft-to-megatron", help="PEFT LoRA adapter -> full adapter (.safetensors) for --lora-load.")
@@ -61,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep the Megatron rank even where rank components contribute nothing.")
     c.add_argument("--base-model-name-or-path", default=None,
                    help="Written into adapter_config.json (default: --base when it is a Hugging Face directory).")
+    c.add_argument("--expert-layout", choices=("fused", "per-expert"), default="fused",
+                   help="Mixture-of-experts models: 'fused', transformers 5 / peft's target_parameters on "
+                        "mlp.experts.gate_up_proj and down_proj, or 'per-expert', one LoRA per expert projection "
+                        "(mlp.experts.E.gate_proj ..., Mixtral block_sparse_moe.experts.E.w1 ...) as inference "
+                        "engines and transformers 4 load it.")
 
     for name, text in (("merge", "Fold an adapter into the base; write a Megatron or Hugging Face checkpoint."),
                        ("megatron-to-hf", "Megatron base checkpoint -> Hugging Face checkpoint.")):
@@ -88,12 +99,13 @@ def run(args) -> None:
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.command == "hf-to-megatron":
         hf_to_megatron(args.hf_dir, args.output, args.target_tensor_parallel_size,
-                       args.target_pipeline_parallel_size, args.dtype, log)
+                       args.target_pipeline_parallel_size, args.dtype, log, args.target_expert_model_parallel_size,
+                       args.target_expert_tensor_parallel_size)
     elif args.command == "peft-to-megatron":
         peft_to_megatron(args.peft_dir, args.output, args.base, log, args.per_projection)
     elif args.command == "megatron-to-peft":
         megatron_to_peft(args.adapter, args.output, args.base, args.iteration, not args.keep_rank,
-                         args.base_model_name_or_path, log)
+                         args.base_model_name_or_path, log, args.expert_layout.replace("-", "_"))
     elif args.command == "merge":
         merge(args.base, args.adapter, args.output, args.to, args.hf_config_dir, args.dtype, args.iteration, log)
     else:

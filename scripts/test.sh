@@ -35,5 +35,6 @@ python -m pytest -q -rs -m "not once" tests/unit \
   tests/distributed/test_gpt_lora_matches_tp1.py tests/distributed/test_checkpoint.py \
   tests/distributed/test_convert.py tests/distributed/test_hybrid_model.py \
   tests/distributed/test_export.py tests/distributed/test_branch_input_recompute.py \
+  tests/distributed/test_lora_plus.py \
   "$@"
 deactivate

@@ -47,7 +47,25 @@ def torch_norm(normalization: str) -> type:
 
 
 def with_torch_norms(layer_spec, normalization: str):
-    """A copy of a GPT layer spec whose two norms are SP-capable torch norms."""
+    """A copy of a GPT layer spec whose norms are SP-capable torch norms: the two per-layer norms
+    and, where the spec has them (``qk_layernorm``), the per-head query and key norms.
+
+    The q / k norms see whole sequences (after ``linear_qkv``) but only this TP rank's heads, so
+    their weight gradients are partial sums over TP; ``finalize_model_grads`` sums the parameters
+    named ``q_layernorm`` / ``k_layernorm`` over TP whenever ``config.qk_layernorm`` is set (and
+    under SP the ``sequence_parallel`` mark selects the same one sum)."""
     norm = torch_norm(normalization)
-    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-        layer_spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm))
+    changes = dict(input_layernorm=norm, pre_mlp_layernorm=norm)
+    attention = layer_spec.submodules.self_attention
+    inner = getattr(attention, "submodules", None)
+    if _is_norm(getattr(inner, "q_layernorm", None)):  # Megatron's WrappedTorchNorm refuses SP
+        changes["self_attention"] = dataclasses.replace(attention, submodules=dataclasses.replace(
+            inner, q_layernorm=norm, k_layernorm=norm))
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, **changes))
+
+
+def _is_norm(module) -> bool:
+    """Whether a spec's q / k norm slot holds a learned norm (not identity, not the weightless L2Norm)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return module is not None and module is not IdentityOp and getattr(module, "__name__", "") != "L2Norm"

@@ -47,6 +47,7 @@ from megatron_lora.hf.mapping import (
     hf_shapes, megatron_names,
 )
 from megatron_lora.hf.peft_adapters import peft_from_megatron
+from megatron_lora.hf.peft_experts import LAYOUTS
 
 WHERE = "the model's adapter"
 
@@ -61,8 +62,9 @@ def _unwrap(chunk):
 
 
 def arch_from_model(model, hf_config: Optional[dict] = None) -> Arch:
-    """The Hugging Face sizes of a Llama-family ``GPTModel`` (or its VPP chunks), checked like a
-    ``model_args.json``; with ``hf_config`` (a config.json dict) also checked against it."""
+    """The Hugging Face sizes of a ``GPTModel`` of a supported family (Llama, Qwen2, Qwen3,
+    Qwen3-MoE, Mixtral), or of its VPP chunks, checked like a ``model_args.json``; with
+    ``hf_config`` (a config.json dict) also checked against it."""
     from megatron.core.models.gpt import GPTModel
 
     chunk = _unwrap(model_chunks(model)[0])
@@ -70,25 +72,43 @@ def arch_from_model(model, hf_config: Optional[dict] = None) -> Arch:
         raise ConversionError(f"the model is a {type(chunk).__name__}; the Hugging Face export reads a "
                               "Megatron-Core GPTModel (Llama / Qwen2 layout). Export a GPTModel.")
     c = chunk.config
+    experts = getattr(c, "num_moe_experts", None)
     unsupported = [what for what, found in (
-        ("qk_layernorm", getattr(c, "qk_layernorm", False)),
-        ("MoE (num_moe_experts)", getattr(c, "num_moe_experts", None)),
         ("multi_latent_attention", getattr(c, "multi_latent_attention", False)),
-        ("rotary_interleaved", getattr(c, "rotary_interleaved", False))) if found]
+        ("rotary_interleaved", getattr(c, "rotary_interleaved", False)),
+        ("qk_l2_norm", getattr(c, "qk_l2_norm", False)),
+        ("moe_layer_freq (dense layers between MoE layers)", experts and not _every_layer_moe(c)),
+        (f"moe_router_score_function {getattr(c, 'moe_router_score_function', 'softmax')!r}",
+         experts and getattr(c, "moe_router_score_function", "softmax") != "softmax"),
+        ("moe_router_enable_expert_bias", experts and getattr(c, "moe_router_enable_expert_bias", False)),
+        ("moe_router_topk_scaling_factor", experts and getattr(c, "moe_router_topk_scaling_factor", None)),
+        ("moe_router_num_groups (group-limited routing)", experts and getattr(c, "moe_router_num_groups", None)),
+    ) if found]
     if unsupported:
-        raise ConversionError(f"the model uses {', '.join(unsupported)}, which Llama / Qwen2 do not have; "
-                              "only those architectures export to Hugging Face names.")
+        raise ConversionError(f"the model uses {', '.join(unsupported)}, which no supported Hugging Face family "
+                              "(Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral) has; only those export to Hugging Face names.")
     model_args = dict(
         swiglu=bool(c.gated_linear_unit) and c.activation_func is torch.nn.functional.silu,
         normalization=c.normalization, position_embedding_type=chunk.position_embedding_type,
         add_bias_linear=c.add_bias_linear, add_qkv_bias=c.add_qkv_bias, num_layers=c.num_layers,
         hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size, num_attention_heads=c.num_attention_heads,
         num_query_groups=c.num_query_groups, kv_channels=c.kv_channels, padded_vocab_size=chunk.vocab_size,
-        untie_embeddings_and_output_weights=not chunk.share_embeddings_and_output_weights)
+        untie_embeddings_and_output_weights=not chunk.share_embeddings_and_output_weights,
+        qk_layernorm=bool(getattr(c, "qk_layernorm", False)), num_experts=experts,
+        moe_router_topk=getattr(c, "moe_router_topk", None),
+        moe_ffn_hidden_size=getattr(c, "moe_ffn_hidden_size", None),
+        moe_router_pre_softmax=bool(getattr(c, "moe_router_pre_softmax", False)),
+        moe_shared_expert_intermediate_size=getattr(c, "moe_shared_expert_intermediate_size", None))
     arch = arch_from_model_args(model_args, "the model (its TransformerConfig)")
     if hf_config is not None:
         check_hf_config_matches(hf_config, arch, "hf_config", other="training model")
     return arch
+
+
+def _every_layer_moe(config) -> bool:
+    """Megatron's ``moe_layer_freq``: 1, or a per-layer list of 1 (MoE) / 0 (dense)."""
+    freq = getattr(config, "moe_layer_freq", 1)
+    return freq == 1 or (isinstance(freq, (list, tuple)) and all(f == 1 for f in freq))
 
 
 def _check_dst(dst: Optional[int]) -> None:
@@ -104,22 +124,27 @@ def _receives(dst: Optional[int]) -> bool:
 # -------------------------------------------------------------------------------------- PEFT
 
 def export_peft(model, hf_config: Optional[dict] = None, dst: Optional[int] = 0, compact: bool = True,
-                base_model_name_or_path: Optional[str] = None) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
+                base_model_name_or_path: Optional[str] = None,
+                expert_layout: str = "fused") -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
     """The adapter as PEFT tensors (``base_model.model.model.layers.N...lora_A.weight``, on the
     CPU) and its ``adapter_config.json`` dict, on rank ``dst`` (every rank with None); None on
     the others. Collective: every rank calls it. The same bits as ``megatron-to-peft``
-    (``compact`` = not ``--keep-rank``); a non-finite factor raises on every rank.
+    (``compact`` = not ``--keep-rank``, ``expert_layout`` = ``--expert-layout`` with "_": "fused" or
+    "per_expert", for mixture-of-experts models); a non-finite factor raises on every rank.
 
     Only ``dst`` receives the adapter (once); the other ranks send at most their stage's factors
     and one data-parallel replica takes part (``gather_full_adapter``, docs/design.md §16)."""
     _check_dst(dst)
+    if expert_layout not in LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {LAYOUTS}, got {expert_layout!r}.")
     arch = arch_from_model(model, hf_config)
     cfg = _model_config(model)
     _check_loaded_factors(model, WHERE)  # each rank its shards, so that every rank raises
     tensors = gather_full_adapter(model, dst=dst)
     if not _receives(dst):
         return None
-    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE)
+    peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path, WHERE,
+                                              expert_layout)
     live = {p.untyped_storage().data_ptr() for m in lora_modules(model) for p in (m.lora_A, m.lora_B)}
     # With TP=1 on the CPU a gathered factor IS the parameter: never hand it out.
     return {k: t.clone() if t.untyped_storage().data_ptr() in live else t for k, t in peft_tensors.items()}, config

@@ -5,8 +5,9 @@
     lora_flags(cfg)                                       # the flags that give cfg back
 
 Each ``LoRAConfig`` field ``x_y`` becomes ``--lora-x-y`` with the field's help text; booleans
-are switches, tuples take several values. Two flags are not config fields: ``--lora-load`` (a
-full adapter to start from) and ``--lora-save-merged`` (write a merged base checkpoint).
+are switches, tuples take several values. Three flags are not config fields: ``--lora-load`` (a
+full adapter to start from), ``--lora-save-merged`` (write a merged base checkpoint) and
+``--lora-plus-ratio`` (an optimizer setting: LoRA+, ``core/lora_plus.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def add_lora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Full adapter (safetensors) to start from; sliced to this TP layout.")
     group.add_argument("--lora-save-merged", default=None,
                        help="Directory for a merged base checkpoint (plain model, no LoRA).")
+    group.add_argument("--lora-plus-ratio", type=float, default=None,
+                       help="LoRA+: lora_B (and DoRA magnitudes) learn at this many times --lr, lora_A at "
+                            "--lr (core/lora_plus.py). Default: off, one rate.")
     return parser
 
 

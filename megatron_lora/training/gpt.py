@@ -5,7 +5,8 @@ every one of them gets the same module tree (and so the same checkpoint keys):
 
 * Megatron's local GPT layer spec (``get_gpt_layer_local_spec``), rewritten by
   ``lora_layer_spec`` when a ``LoRAConfig`` is given;
-* the SP-capable torch norms of ``core/norms.py`` for the two per-layer norms and the final norm;
+* the SP-capable torch norms of ``core/norms.py`` for the two per-layer norms, the per-head q / k
+  norms (``qk_layernorm``) and the final norm;
 * or, with ``transformer_impl="transformer_engine"`` (CUDA), Megatron's TE spec with the LoRA TE
   layers of ``core/te_layers.py``.
 """
@@ -75,8 +76,8 @@ def build_gpt_stage(config, vocab_size: int, max_sequence_length: int,
     from megatron.core.models.gpt import GPTModel
 
     if layer_spec is None:
-        layer_spec = gpt_layer_spec(config.normalization, lora_config, transformer_impl=transformer_impl,
-                                    num_experts=config.num_moe_experts,
+        layer_spec = gpt_layer_spec(config.normalization, lora_config, qk_layernorm=config.qk_layernorm,
+                                    transformer_impl=transformer_impl, num_experts=config.num_moe_experts,
                                     moe_grouped_gemm=config.moe_grouped_gemm)
     else:
         if transformer_impl == "local":  # a TE spec's norms are fused into its linears

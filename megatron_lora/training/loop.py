@@ -155,12 +155,15 @@ def build_optimizer(args, config, ddp):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    from megatron_lora.core.lora_plus import megatron_optimizer_kwargs
+
+    optimizer_config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=model_dtype(args),
-        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer),
-        [ddp])
+        initial_loss_scale=args.initial_loss_scale, use_distributed_optimizer=args.use_distributed_optimizer)
+    plus = {} if args.lora_plus_ratio is None else megatron_optimizer_kwargs(optimizer_config, args.lora_plus_ratio)
+    optimizer = get_megatron_optimizer(optimizer_config, [ddp], **plus)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -235,6 +238,8 @@ def save(args, model, optimizer, iteration: int, consumed_samples: int, final: b
 
     optim = None if args.no_save_optim else optimizer
     record = {"consumed_samples": consumed_samples}
+    if args.lora_plus_ratio is not None:
+        record["lora_plus_ratio"] = args.lora_plus_ratio  # the optimizer's parameter groups (checked on resume)
     try:
         if args.lora is not None:
             record["base"] = base_identity(args.pretrained_checkpoint)
@@ -351,6 +356,12 @@ def _resumable_state(args, record: dict, log: Log):
         raise UsageError(f"--load {args.load} was saved with {saved_dtype} parameters, this run has {dtype} "
                          "(--bf16 / --fp16): its optimizer state does not fit. Resume with the precision "
                          "it was saved with, or pass --no-load-optim to restart the optimizer.")
+    saved_ratio = record.get("lora_plus_ratio")
+    if load_optim and saved_ratio != args.lora_plus_ratio:
+        said = lambda ratio: "without --lora-plus-ratio" if ratio is None else f"with --lora-plus-ratio {ratio:g}"  # noqa: E731
+        raise UsageError(f"--load {args.load} was saved {said(saved_ratio)}, this run is {said(args.lora_plus_ratio)}: "
+                         "its optimizer state has other learning-rate groups. Resume with the same ratio, or "
+                         "pass --no-load-optim to restart the optimizer.")
     load_rng = not args.no_load_rng and bool(record.get("has_rng"))
     saved_layout = record.get("layout")
     same_layout = saved_layout == layout if saved_layout else record.get("world_size") == args.world_size

@@ -181,6 +181,8 @@ def check_supported(args) -> None:
         "use_torch_fsdp2": "LoRA is tested with Megatron's DDP (and distributed optimizer) only",
         "use_megatron_fsdp": "LoRA is tested with Megatron's DDP (and distributed optimizer) only",
         "lora_save_merged": "this wrapper does not write merged checkpoints yet",
+        "lora_plus_ratio": "Megatron-LM builds its own optimizer here; use pretrain_gpt_lora.py, or pass "
+                           "megatron_lora.core.lora_plus.megatron_optimizer_kwargs to get_megatron_optimizer",
     }
     for name, why in refused.items():
         if getattr(args, name, None):

@@ -84,6 +84,7 @@ MEGATRON_LM_ARCH_FIELDS = (
     "rotary_base", "max_position_embeddings", "untie_embeddings_and_output_weights",
     "add_bias_linear", "add_qkv_bias", "padded_vocab_size",
     "num_experts", "moe_router_topk", "moe_shared_expert_intermediate_size",
+    "qk_layernorm", "moe_ffn_hidden_size", "moe_router_pre_softmax",
 )
 _MEGATRON_LM_NAME = {"norm_epsilon": "layernorm_epsilon"}
 

@@ -29,7 +29,10 @@ MODEL_ARG_NAMES = (
     "rotary_base", "max_position_embeddings", "untie_embeddings_and_output_weights",
     "add_bias_linear", "add_qkv_bias", "padded_vocab_size", "tokenizer_type",
     "num_experts", "moe_router_topk", "moe_shared_expert_intermediate_size",
+    "qk_layernorm", "moe_ffn_hidden_size", "moe_router_pre_softmax",
 )
+# A model_args.json written before a field was added lacks it: reading it back (``args_for_model``)
+# gives the flag's default, which is what such a checkpoint's model was (off / dense MLP size).
 # Not architecture, so not in that record: the expert layout (EP / ETP reshard through dist
 # checkpoints, as TP does), the dispatcher and the router's auxiliary loss (how tokens travel and
 # how training is steered, not what the weights mean).
@@ -68,6 +71,9 @@ def build_parser(require_run_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="Per-head norm (--normalization, --norm-epsilon) on queries and keys before RoPE, "
+                        "one weight of --kv-channels per layer for each (Qwen3).")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -91,6 +97,12 @@ def build_parser(require_run_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--num-experts", type=int, default=None,
                    help="Experts per MoE layer; every layer's MLP becomes a router + experts. Default: dense.")
     g.add_argument("--moe-router-topk", type=int, default=2, help="Experts each token is routed to.")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="FFN size of one expert. Default: --ffn-hidden-size.")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="Softmax over all experts, then top-k, the k weights not renormalised (Hugging Face "
+                        "norm_topk_prob=false). Default: top-k of the logits, then softmax over those k "
+                        "(renormalised: norm_topk_prob=true, Mixtral).")
     g.add_argument("--moe-token-dispatcher-type", choices=TOKEN_DISPATCHERS, default="allgather",
                    help="How tokens reach their experts across EP ranks.")
     g.add_argument("--moe-grouped-gemm", action="store_true",
@@ -289,13 +301,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if args.lora.use_dora:  # where DoRA's norm has no reduction of its own (docs/design.md §18)
             _check_dora_targets(args)
         kv_channels = args.kv_channels or args.hidden_size // heads
-        smallest = min(args.hidden_size, heads * kv_channels, args.ffn_hidden_size)
+        smallest = min(args.hidden_size, heads * kv_channels, args.moe_ffn_hidden_size or args.ffn_hidden_size)
         if args.lora.rank > smallest:
             _fail(f"--lora-rank {args.lora.rank} exceeds the smallest side of the adapted layers ({smallest}: "
-                  "hidden size, heads x kv channels, ffn hidden size); a rank above it adds nothing. "
+                  "hidden size, heads x kv channels, (expert) ffn hidden size); a rank above it adds nothing. "
                   f"Choose --lora-rank <= {smallest}.")
-    elif args.lora_load or args.lora_save_merged:
-        _fail("--lora-load / --lora-save-merged need --lora-rank (the adapter's rank).")
+    elif args.lora_load or args.lora_save_merged or args.lora_plus_ratio is not None:
+        _fail("--lora-load / --lora-save-merged / --lora-plus-ratio need --lora-rank (the adapter's rank).")
+    if args.lora_plus_ratio is not None and not args.lora_plus_ratio > 0:
+        _fail(f"--lora-plus-ratio {args.lora_plus_ratio:g}: B's learning rate / A's must be > 0 "
+              "(16 is the LoRA+ paper's suggestion; 1 is plain LoRA).")
     from megatron_lora.training.data import build_tokenizer
 
     try:
@@ -345,7 +360,9 @@ def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
         needs = [flag for flag, used in (
             ("--expert-model-parallel-size", ep > 1), ("--expert-tensor-parallel-size", given_etp is not None),
             ("--moe-grouped-gemm", args.moe_grouped_gemm),
-            ("--moe-shared-expert-intermediate-size", args.moe_shared_expert_intermediate_size is not None))
+            ("--moe-shared-expert-intermediate-size", args.moe_shared_expert_intermediate_size is not None),
+            ("--moe-ffn-hidden-size", args.moe_ffn_hidden_size is not None),
+            ("--moe-router-pre-softmax", args.moe_router_pre_softmax))
             if used]
         if needs:
             _fail(f"{' / '.join(needs)} apply to mixture-of-experts models, and this one is dense (no "
@@ -364,8 +381,11 @@ def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
               f"start a multiple of {etp * ep * pp} ranks, or change --expert-model-parallel-size / "
               "--expert-tensor-parallel-size.")
     args.expert_data_parallel_size = world_size // (etp * ep * pp)
-    if args.ffn_hidden_size % etp:
-        _fail(f"--ffn-hidden-size {args.ffn_hidden_size} (each expert's) does not divide by "
+    if args.moe_ffn_hidden_size < 1:
+        _fail(f"--moe-ffn-hidden-size must be >= 1, found {args.moe_ffn_hidden_size}.")
+    if args.moe_ffn_hidden_size % etp:
+        flag = "--ffn-hidden-size" if args.moe_ffn_hidden_size == args.ffn_hidden_size else "--moe-ffn-hidden-size"
+        _fail(f"{flag} {args.moe_ffn_hidden_size} (each expert's) does not divide by "
               f"--expert-tensor-parallel-size {etp}.")
     shared = args.moe_shared_expert_intermediate_size
     if shared is not None and (shared < 1 or shared % tp):
@@ -411,6 +431,8 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
     """The architecture values the flags leave to defaults (Megatron-LM's rules)."""
     args.num_query_groups = args.num_query_groups or args.num_attention_heads
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    if args.num_experts is not None and args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
 
 
@@ -463,7 +485,8 @@ def transformer_config_from_args(args: argparse.Namespace):
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
+        sequence_parallel=args.sequence_parallel, qk_layernorm=args.qk_layernorm, bf16=args.bf16, fp16=args.fp16,
+        params_dtype=dtype,
         pipeline_dtype=dtype, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         bias_activation_fusion=cuda_fusions and args.add_bias_linear, persist_layer_norm=False,
@@ -476,6 +499,8 @@ def moe_config_from_args(args: argparse.Namespace) -> dict:
         return {}
     return dict(
         num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,  # unset in older records
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type, moe_grouped_gemm=args.moe_grouped_gemm,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,

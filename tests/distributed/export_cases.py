@@ -329,12 +329,13 @@ def errors_worker():
     lora = LoRAConfig(rank=4, alpha=8)
     llama = apply_lora(build_tiny_gpt(tiny_gpt_config()), lora)
     gelu = apply_lora(build_tiny_gpt(tiny_gpt_config(gated_linear_unit=False, activation_func=F.gelu)), lora)
-    qk_norm = apply_lora(build_tiny_gpt(tiny_gpt_config(qk_layernorm=True)), lora)
+    shared_expert = apply_lora(build_tiny_gpt(tiny_gpt_config(
+        num_moe_experts=4, moe_router_topk=2, moe_shared_expert_intermediate_size=64)), lora)
     other_vocab = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=32000)
     out = {
         "gelu": message(lambda: export_peft(gelu)),
-        "qk_layernorm": message(lambda: export_merged(qk_norm)),
+        "shared expert": message(lambda: export_merged(shared_expert)),
         "hf_config of another model": message(lambda: export_merged(llama, other_vocab)),
         "bad dst": message(lambda: export_peft(llama, dst=3)),
     }

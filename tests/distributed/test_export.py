@@ -267,7 +267,8 @@ def test_unsupported_models_fail_early_with_what_to_do():
     errors = run_distributed(E.errors_worker, 1)[0]
     expected = {
         "gelu": "ConversionError: the model (its TransformerConfig): not a Llama-family model (--swiglu False",
-        "qk_layernorm": "ConversionError: the model uses qk_layernorm, which Llama / Qwen2 do not have",
+        "shared expert": "ConversionError: the model (its TransformerConfig): not a Llama-family model "
+                         "(--moe-shared-expert-intermediate-size (a shared expert) 64 (need None)",
         "hf_config of another model":
             "hf_config describes another model than the training model (vocab_size 32000 vs 64",
         "bad dst": "ValueError: dst must be a global rank in [0, 1) or None (every rank), got 3.",

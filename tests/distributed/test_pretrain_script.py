@@ -340,3 +340,22 @@ def test_half_precision_lora_run_tracks_the_fp32_trajectory(workdir, data, base,
     for it in got:
         assert math.isclose(got[it], ref_losses[it], rel_tol=2e-2), (it, got[it], ref_losses[it])
     assert "replicated LoRA factors bitwise identical across TP ranks: 8/8" in run.stdout
+
+
+def test_lora_plus_run_resumes_bitwise(workdir, data, base, tp1):
+    """--lora-plus-ratio: a run interrupted at 3 and resumed follows the uninterrupted one
+    bitwise (the B groups' rates come back with the optimizer), and differs from plain LoRA."""
+    plus = ["--lora-plus-ratio", "4", "--lr-warmup-iters", "2"]
+    full, _ = lora_run(workdir, data, base, "plus_full", extra=plus, iters=6)
+    first, part_save = lora_run(workdir, data, base, "plus_part", extra=[*plus, "--exit-interval", "3"], iters=6)
+    second, _ = lora_run(workdir, data, base, "plus_part", extra=[*plus, "--load", part_save], iters=6)
+    expected = S.losses(full.stdout)
+    assert sorted(expected) == list(range(1, 7))
+    assert {**S.losses(first.stdout), **S.losses(second.stdout)} == expected
+    plain, _ = lora_run(workdir, data, base, "plus_plain", extra=["--lr-warmup-iters", "2"], iters=6)
+    assert S.losses(plain.stdout)[4] != expected[4]  # B's rate changed the trajectory
+    other = S.run_script([*S.MODEL_FLAGS, *TRAIN, *S.LORA_FLAGS, "--train-iters", 6, "--data-path", data,
+                          "--pretrained-checkpoint", base, "--save", part_save, "--load", part_save,
+                          "--lora-plus-ratio", "8", "--lr-warmup-iters", "2"], check=False)
+    assert other.returncode != 0 and "Traceback" not in other.stderr, other.stderr
+    assert "was saved with --lora-plus-ratio 4, this run is with --lora-plus-ratio 8" in other.stderr, other.stderr

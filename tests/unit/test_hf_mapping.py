@@ -169,8 +169,9 @@ def test_non_llama_megatron_models_are_refused_for_export():
     arch = arch_from_model_args({**args, "swiglu": True, "normalization": "RMSNorm", "add_bias_linear": False})
     assert arch == Arch(2, 64, 128, 4, 2, 16, 256, tied=True, qkv_bias=False)
     llama = {**args, "swiglu": True, "normalization": "RMSNorm", "add_bias_linear": False}
-    with pytest.raises(ConversionError, match="--num-experts 4 \\(need None\\).*only dense"):
-        arch_from_model_args({**llama, "num_experts": 4, "moe_router_topk": 2})  # a mixture of experts
+    with pytest.raises(ConversionError, match="\\(a shared expert\\) 64 \\(need None\\).*without a shared expert"):
+        arch_from_model_args({**llama, "num_experts": 4, "moe_router_topk": 2,
+                              "moe_shared_expert_intermediate_size": 64})
 
 
 # ---------------------------------------------------------------------------- PEFT adapters

@@ -349,6 +349,7 @@ def test_lora_load_starts_from_a_full_adapter(megatron_lm, base_checkpoint, tmp_
 @pytest.mark.parametrize("flags, message", [
     (("--ckpt-format", "torch"), "--ckpt-format torch: adapter-only checkpoints need torch_dist"),
     (("--lora-save-merged", "merged"), "--lora-save-merged is not supported with --lora-rank"),
+    (("--lora-plus-ratio", "16"), "--lora-plus-ratio is not supported with --lora-rank: Megatron-LM builds"),
 ])
 def test_unsupported_flags_are_refused_by_name(megatron_lm, flags, message):
     with pytest.raises(ValueError, match=message):

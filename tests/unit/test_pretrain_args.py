@@ -38,6 +38,8 @@ def test_defaults_are_derived_like_megatron_lm(data):
     (["--num-query-groups", "3"], 1, "--num-query-groups 3"),
     (["--lora-save-merged", "x"], 1, "need --lora-rank"),
     (["--lora-rank", "0"], 1, "--lora-rank must be a positive integer"),
+    (["--lora-plus-ratio", "16"], 1, "--lora-plus-ratio need --lora-rank"),
+    (["--lora-rank", "4", "--lora-plus-ratio", "0"], 1, "--lora-plus-ratio 0: B's learning rate / A's must be > 0"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 exclude each other"),
     (["--lr-warmup-iters", "3"], 1, "--lr-warmup-iters 3 must be below --lr-decay-iters 3"),
     (["--transformer-impl", "transformer_engine", "--device", "cpu"], 1,
@@ -116,6 +118,44 @@ def test_moe_flags_reach_the_transformer_config_and_the_expert_layout(data):
                        expert_model_parallel_size=2, expert_tensor_parallel_size=1)
 
 
+def test_qk_norm_and_expert_size_flags_reach_the_config_and_the_checkpoint_record(data):
+    """--qk-layernorm, --moe-ffn-hidden-size and --moe-router-pre-softmax are architecture: they
+    reach Megatron's TransformerConfig and the model_args.json record."""
+    from megatron_lora.training.pretrain_args import model_args, transformer_config_from_args
+
+    args = check(data + MOE + ["--qk-layernorm", "--moe-ffn-hidden-size", "48", "--moe-router-pre-softmax",
+                               "--norm-epsilon", "1e-6", "--device", "cpu"])
+    config = transformer_config_from_args(args)
+    assert (config.qk_layernorm, config.moe_ffn_hidden_size, config.moe_router_pre_softmax) == (True, 48, True)
+    assert (config.ffn_hidden_size, config.layernorm_epsilon) == (128, 1e-6)  # q/k norms use --norm-epsilon
+    record = model_args(args)
+    assert (record["qk_layernorm"], record["moe_ffn_hidden_size"], record["moe_router_pre_softmax"]) == (True, 48, True)
+    default = check(data + MOE + ["--device", "cpu"])  # an expert's FFN defaults to --ffn-hidden-size
+    assert default.moe_ffn_hidden_size == 128 and transformer_config_from_args(default).moe_router_pre_softmax is False
+    dense = check(data + ["--device", "cpu"])
+    assert (dense.qk_layernorm, dense.moe_ffn_hidden_size, dense.moe_router_pre_softmax) == (False, None, False)
+
+
+def test_a_record_written_before_the_qk_norm_and_expert_size_fields_reads_as_off(data):
+    """model_args.json of older checkpoints lacks the new fields: the model they describe is the
+    flags' defaults (no q/k norm, experts of --ffn-hidden-size, renormalised top-k)."""
+    from megatron_lora.training.pretrain_args import args_for_model, model_args, transformer_config_from_args
+
+    record = model_args(check(data + MOE + ["--device", "cpu"]))
+    old = {k: v for k, v in record.items() if k not in ("qk_layernorm", "moe_ffn_hidden_size", "moe_router_pre_softmax")}
+    config = transformer_config_from_args(args_for_model(old, use_cpu=True))
+    assert (config.qk_layernorm, config.moe_ffn_hidden_size, config.moe_router_pre_softmax) == (False, 128, False)
+
+
+def test_expert_ffn_size_is_checked_against_the_expert_tensor_parallel_size(data):
+    with pytest.raises(UsageError, match="--moe-ffn-hidden-size 30 \\(each expert's\\) does not divide by "
+                                         "--expert-tensor-parallel-size 4"):
+        check(data + MOE + ["--moe-ffn-hidden-size", "30", "--tensor-model-parallel-size", "4",
+                            "--sequence-parallel", "--disable-bias-linear"], world=4)
+    check(data + MOE + ["--moe-ffn-hidden-size", "30", "--tensor-model-parallel-size", "4", "--sequence-parallel",
+                        "--disable-bias-linear", "--expert-tensor-parallel-size", "2"], world=4)
+
+
 def test_expert_tensor_parallel_size_defaults_to_tp_and_a_dense_config_has_no_experts(data):
     from megatron_lora.training.pretrain_args import transformer_config_from_args
 
@@ -168,7 +208,8 @@ def test_scoped_targets_the_model_lacks_are_refused_before_building(data, flags,
 
 
 @pytest.mark.parametrize("flags", [["--expert-model-parallel-size", "2"], ["--moe-grouped-gemm"],
-                                   ["--moe-shared-expert-intermediate-size", "64"]])
+                                   ["--moe-shared-expert-intermediate-size", "64"],
+                                   ["--moe-ffn-hidden-size", "64"], ["--moe-router-pre-softmax"]])
 def test_expert_flags_on_a_dense_model_are_refused(data, flags):
     with pytest.raises(UsageError, match=f"{flags[0]} apply to mixture-of-experts models.*add --num-experts"):
         check(data + flags, world=2)
@@ -195,6 +236,9 @@ def _adapter_checkpoint(root, run_flags, world):
 @pytest.mark.parametrize("change, needle", [
     (["--num-experts", "8"], "--num-experts: checkpoint 4, this run 8"),
     (["--moe-router-topk", "1"], "--moe-router-topk: checkpoint 2, this run 1"),
+    (["--moe-ffn-hidden-size", "32"], "--moe-ffn-hidden-size: checkpoint 128, this run 32"),
+    (["--moe-router-pre-softmax"], "--moe-router-pre-softmax: checkpoint False, this run True"),
+    (["--qk-layernorm"], "--qk-layernorm: checkpoint False, this run True"),
 ])
 def test_resume_of_another_moe_architecture_names_the_flag(data, tmp_path, change, needle):
     lora = ["--lora-rank", "4", "--expert-model-parallel-size", "2"]

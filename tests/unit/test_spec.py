@@ -78,3 +78,17 @@ def test_router_target_swaps_the_router_where_the_spec_names_it():
         pytest.skip("this megatron-core's MoE spec builds its router inside MoELayer (apply_lora swaps it)")
     assert _module(moe.router) is LoRATopKRouter and moe.router.params["lora_config"].target_modules[1] == "router"
     assert TopKRouter in LoRATopKRouter.__mro__
+
+
+def test_qk_layernorm_spec_has_sp_capable_torch_norms_on_queries_and_keys():
+    """Megatron's local spec puts WrappedTorchNorm there, which refuses sequence parallelism."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_lora.core.norms import LayerNorm, RMSNorm
+    from megatron_lora.training.gpt import gpt_layer_spec
+
+    for normalization, norm in (("RMSNorm", RMSNorm), ("LayerNorm", LayerNorm)):
+        attention = _submodules(gpt_layer_spec(normalization, qk_layernorm=True).submodules.self_attention)
+        assert attention.q_layernorm is norm and attention.k_layernorm is norm
+    attention = _submodules(gpt_layer_spec("RMSNorm").submodules.self_attention)
+    assert attention.q_layernorm is IdentityOp and attention.k_layernorm is IdentityOp
