@@ -34,7 +34,9 @@ bias at -1e4, which needs sigmoid scores: the router then scores by sigmoid) to 
 
 Each LoRA row once per entry of ``VARIANTS`` (LoRAConfig overrides: adding a variant is one line;
 an entry naming a field the installed ``LoRAConfig`` lacks is skipped and listed as skipped, so
-the script also measures code from before that field). Base weights are frozen, the layer's
+the script also measures code from before that field; a variant the package refuses at a row, by
+a ``ValueError`` when it is built, is listed under the row's ``refused`` with the message: DoRA on
+the moe row at TP=2 SP, whose expert linear_fc2 at expert-TP 2 is reduced by the dispatcher). Base weights are frozen, the layer's
 input requires grad (so the base's backward computes dX only), the LoRA factors are trainable,
 dropout is 0 and ``branch_kernels`` keeps its default (on the CPU "auto" is plain torch). Each
 variant is built, runs one warm-up call, and then one call is measured: forward, then backward
@@ -80,7 +82,7 @@ bytes_by_name, param_shaped_bytes, saved_bytes, saved_input_bytes, param_split_a
 ``extra`` / ``base_vs_base`` are differences ``{aten_ops, aten_ops_by_name, collectives,
 collectives_by_name, no_data_ops, bytes_touched, param_shaped_bytes, saved_bytes,
 saved_input_bytes, bytes_touched_x_activations, activation_shaped_bytes_x_activations,
-saved_x_input}``.
+saved_x_input}``; a row whose build of a variant was refused has ``refused: {name: message}``.
 
 Caveats. These are CPU aten ops, not GPU kernels: a fused or Triton kernel is one launch for
 several aten ops, cuBLAS / Transformer Engine may pick other GEMM forms, and the CPU has no
@@ -127,6 +129,7 @@ DEFAULT_SHAPE = dict(seq=64, batch=3, hidden=256, out_features=512, ffn=512, hea
 VARIANTS = [
     ("lora", {}),
     ("lora recompute_branch_input", {"recompute_branch_input": True}),
+    ("dora", {"use_dora": True}),
 ]
 # (name, TP size, sequence parallel)
 LAYOUTS = [("TP=1", 1, False), ("TP=2", 2, False), ("TP=2 SP", 2, True)]
@@ -443,7 +446,11 @@ def _rank_worker(layouts, targets, shape):
                 row["tokens_per_expert"] = tokens
             routed = [control_tokens]
             for name, overrides in variants:
-                lora, _, _, _, lora_tokens = _one(target, _lora_config(shape, overrides), tp, sp, shape, x0, dy)
+                try:
+                    lora, _, _, _, lora_tokens = _one(target, _lora_config(shape, overrides), tp, sp, shape, x0, dy)
+                except ValueError as err:  # the package refuses this variant here (its message says why)
+                    row.setdefault("refused", {})[name] = str(err)
+                    continue
                 row["variants"][name] = dict(lora=lora, extra=extra(lora, base, act_in, act_out))
                 routed.append(lora_tokens)
             if any(t != tokens for t in routed):
@@ -560,6 +567,10 @@ def format_table(result) -> str:
                 f"| {row['layout']} | {row['target']} | {name} | {sum(row['base']['ops'].values())} | "
                 f"{e['aten_ops']} | {_breakdown(e['aten_ops_by_name'])} | {coll} | "
                 f"{e['bytes_touched_x_activations']:.2f} | {act_shaped} | {e['saved_x_input']:.2f} | {own_input} |")
+    refused = [f"{name} at {r['layout']} {r['target']} ({message})" for r in result["rows"]
+               for name, message in r.get("refused", {}).items()]
+    if refused:
+        lines += ["", "Refused by the package, so not measured: " + "; ".join(refused)]
     routing = [f"{r['layout']}: {r['tokens_per_expert']}" for r in result["rows"] if "tokens_per_expert" in r]
     if routing:
         lines += ["", "moe tokens per expert (rank 0; the same in every build): " + "; ".join(routing)]

@@ -10,7 +10,8 @@ Layers never call ``torch.distributed`` directly. Per forward / backward of one 
 | row, SP                      | 1 reduce-scatter of ``[Y | X_i A_i^T]`` | 1 all-gather of dY (as base) |
 
 That is exactly the base layer's count: the rank-r term the replicated factor's gradient needs
-rides in the base layer's own message (docs/design.md §3). Expert layers with explicit expert
+rides in the base layer's own message (docs/design.md §3), and so do a DoRA row layer's partial
+weight norms (the ``tail``, §18). Expert layers with explicit expert
 communication issue no TP collective of their own: the token dispatcher all-gathers their input
 and reduce-scatters their output over the expert-TP group, as sequence parallelism does. There,
 under SP with the expert-TP group equal to the TP group (Megatron's default), the layer issues
@@ -24,6 +25,7 @@ layer issues with ``tests/collective_count.py``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -106,9 +108,10 @@ def comm_mode(tp_size: int, sequence_parallel: bool, base_reduces: bool = True,
     return "partial" if partial_grads_summed else "rider_only"
 
 
-def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The base layer's ONE collective over ``[main | rider]``, split afterwards.
+def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str,
+                      tail: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The base layer's ONE collective over ``[main | rider]`` (and ``tail``), split afterwards.
 
     ``mode`` (see ``comm_mode``): ``"all_reduce"``; ``"reduce_scatter"`` along dim 0 (sequence
     parallel); ``"rider_only"``: the caller reduces ``main``, the rank-r rider gets its own small
@@ -116,13 +119,44 @@ def reduce_with_rider(main: torch.Tensor, rider: torch.Tensor, group, mode: str
     (the factor gradient made from it is summed per step); ``"none"`` at TP = 1. The rider is the rank-r activation whose TP sum completes
     the gradient of a replicated LoRA factor; it costs ``r / hidden`` more bytes and no extra
     message (docs/design.md §3).
+
+    ``tail``: a vector every rank needs the WHOLE group sum of (DoRA's partial squared weight norms
+    of a row layer, docs/design.md §18), appended to the same message: once to an all-reduce, t
+    copies to a reduce-scatter (one at the end of each rank's chunk). Only with ``"all_reduce"``,
+    ``"reduce_scatter"`` or ``"none"``. Returns ``(main, rider, tail)`` reduced (tail None if not given).
     """
+    if tail is not None and mode not in ("all_reduce", "reduce_scatter", "none"):
+        raise ValueError(f"a tail rides only in the layer's own reduction; mode {mode!r} has none.")
     if mode in ("none", "partial"):
-        return main, rider
+        return main, rider, tail
     if mode == "rider_only":
-        return main, all_reduce(rider.clone(), group)
+        return main, all_reduce(rider.clone(), group), None
+    if tail is not None:
+        return _reduce_with_tail(main, rider, tail, group, mode)
     message = reduce(torch.cat([main, rider.to(main.dtype)], dim=-1), group, mode)
-    return message.split([main.shape[-1], rider.shape[-1]], dim=-1)
+    main, rider = message.split([main.shape[-1], rider.shape[-1]], dim=-1)
+    return main, rider, None
+
+
+def _reduce_with_tail(main, rider, tail, group, mode):
+    """``reduce_with_rider`` with a tail: the message is ``[copies, body | tail]`` flat, where body is
+    one rank's chunk of ``[main | rider]`` (the whole tensor when all-reducing, copies = 1)."""
+    copies = group_size(group) if mode == "reduce_scatter" else 1
+    if main.shape[0] % copies:
+        raise ValueError(
+            f"sequence-parallel reduce-scatter needs dim 0 ({main.shape[0]}) divisible by the "
+            f"TP size {copies}; make --seq-length a multiple of the TP size.")
+    width, r = main.shape[-1], rider.shape[-1]
+    chunk = (main.shape[0] // copies,) + tuple(main.shape[1:-1])
+    body_numel = math.prod(chunk) * (width + r)
+    message = main.new_empty(copies, body_numel + tail.numel())
+    body = message[:, :body_numel].view(copies, *chunk, width + r)
+    body[..., :width].copy_(main.reshape(copies, *chunk, width))
+    body[..., width:].copy_(rider.reshape(copies, *chunk, r))
+    message[:, body_numel:].copy_(tail)
+    out = reduce(message, group, mode)[0]  # this rank's row: its chunk and the whole tail sum
+    main, rider = out[:body_numel].view(*chunk, width + r).split([width, r], dim=-1)
+    return main, rider, out[body_numel:]
 
 
 def reduce(x: torch.Tensor, group, mode: str) -> torch.Tensor:

@@ -74,6 +74,14 @@ class LoRAConfig:
                           "experts; saved under every expert's name, identical copies). Not Megatron's "
                           "shared_experts, whose MLP has one adapter either way."},
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA (weight-decomposed LoRA, Liu et al. 2024): a trainable magnitude m per output "
+                          "feature, initialised to the base weight's row norm, scales the adapted layer: "
+                          "y = m / ||W + s B A|| * (X (W + s B A)^T) + bias, the norm per output feature and "
+                          "detached. Column layers compute the norm locally; row layers send its partial sums "
+                          "in the base layer's one reduction: no extra collective (docs/design.md §18)."},
+    )
 
     def __post_init__(self):
         # Accept any iterable of names (argparse gives a list) but store an immutable tuple.
@@ -95,6 +103,10 @@ class LoRAConfig:
         if self.expert_adapters not in EXPERT_ADAPTER_CHOICES:
             raise ValueError(
                 f"LoRAConfig.expert_adapters must be one of {EXPERT_ADAPTER_CHOICES}, got {self.expert_adapters!r}.")
+        if self.use_dora and self.expert_adapters == "shared":
+            raise ValueError(
+                "LoRAConfig.use_dora with expert_adapters='shared' is not supported: each expert's magnitude "
+                "is the norm of its own weight. Use expert_adapters='per_expert' (--lora-expert-adapters).")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(
                 "LoRAConfig.target_modules must be a non-empty list of module names such as "

@@ -115,6 +115,9 @@ class ExpertAdapter:
     def lora_logical_shape(self, factor: str):
         return self.layer.lora_logical_shape(factor)
 
+    def lora_tensor_names(self) -> tuple:
+        return LORA_FACTORS  # grouped experts refuse DoRA
+
 
 class GroupedLoRAMixin(LoRALayerMixin):
     """Shared by the grouped LoRA layers. Class attributes: ``_te_base`` (Megatron's wrapper, also
@@ -170,6 +173,9 @@ class GroupedLoRAMixin(LoRALayerMixin):
         if lora_config.per_projection:
             raise ValueError(f"{name}: per-projection LoRA (--lora-per-projection) is not supported on "
                              "grouped experts; drop it or build the experts without moe_grouped_gemm.")
+        if lora_config.use_dora:
+            raise ValueError(f"{name}: DoRA (--lora-use-dora) is not supported on grouped experts; drop it, "
+                             "or build the experts without moe_grouped_gemm (SequentialMLP at expert-TP 1).")
         if getattr(self.weight0, "gtp_remat_size", 1) > 1:
             raise ValueError(f"{name}: the expert weights are GTP-sharded (gtp_remat_size > 1), which "
                              "LoRA layers do not support; build the model without a gtp_remat group.")

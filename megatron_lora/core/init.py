@@ -5,7 +5,8 @@ The logical ``lora_A`` is drawn ONCE, on the TP group's source rank, from a gene
 is replicated (column layers) or scattered when A is sharded (row layers). Non-source ranks only
 ever hold their own shard. Hence A depends on the seed and the layer only: not on TP size, PP
 size, construction order or rank. ``lora_B`` starts at zero, so the adapted model starts exactly
-at the base model.
+at the base model; so does DoRA's magnitude, ``‖W‖`` of the base weight it is initialised with
+(``dora.init_magnitude``: the base must be loaded before ``apply_lora``).
 
 The kaiming bound uses the LOGICAL fan-in (``in``, not ``in/t``): computing it from a row shard
 inflates A by sqrt(t) (docs/design.md §10, trap 1).
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 
 from megatron_lora.core import collectives as C
+from megatron_lora.core import dora
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -65,4 +67,6 @@ def init_lora_factors(layer, name: str) -> None:
             chunks = [layout.shard("lora_A", full, r, world) for r in range(world)]
         C.scatter_from_group_source(a, chunks, group)
     layer.lora_B.zero_()
+    if cfg.use_dora:  # m = ‖W‖ of the frozen base (core/dora.py); load the base before apply_lora
+        dora.init_magnitude(layer, name)
     layer.lora_init_name = name

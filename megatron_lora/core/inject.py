@@ -24,7 +24,7 @@ from megatron_lora.core import expert_sharing, recompute
 from megatron_lora.core.config import LoRAConfig, target_names
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layers import (
-    LORA_FACTORS, LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1, is_qkv,
+    LoRAColumnParallelLinear, LoRALayerMixin, LoRARowParallelLinear, is_gated_fc1, is_qkv,
 )
 from megatron_lora.core.router import LoRATopKRouter
 
@@ -279,8 +279,8 @@ def lora_modules(model) -> Iterator[torch.nn.Module]:
 
 
 def lora_parameters(model) -> List[torch.nn.Parameter]:
-    """Every LoRA factor once (experts sharing one adapter hold the same objects)."""
-    params = {id(p): p for p in (getattr(m, f) for m in lora_modules(model) for f in LORA_FACTORS)}
+    """Every LoRA factor (and DoRA magnitude) once (experts sharing one adapter hold the same objects)."""
+    params = {id(p): p for p in (getattr(m, f) for m in lora_modules(model) for f in m.lora_tensor_names())}
     return list(params.values())
 
 

@@ -11,8 +11,12 @@ What stays in a layer: its own bias and output conventions (skip_bias_add, gathe
 input_is_parallel), and whether an inactive layer runs the base layer's own forward (local) or
 still needs these operators for its collectives (external GEMM).
 
+DoRA (``LoRAConfig.use_dora``, ``core/dora.py``): the operators' output is scaled by ``m / n`` and
+the bias added after the scale; a column layer's norm is computed here, a row layer's partial
+norms go into RowJoin's message.
+
 ``layer``: a ``LoRALayerMixin`` (``lora_A``, ``lora_b_for_gemm``, ``lora_group``, ``input_size``,
-``_lora_branch``, ``_lora_dropout_mask``).
+``_lora_branch``, ``_lora_dropout_mask``; ``weight`` and ``lora_magnitude`` with DoRA).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from megatron_lora.core import collectives as C
+from megatron_lora.core import dora
 from megatron_lora.core.ops import Call, Recipe, Rider, column_entry, column_join, row_join
 
 # A foreign GEMM: this rank's shard, no TP communication; returns (out, bias not yet added or
@@ -60,8 +65,12 @@ def column_forward(layer, x: torch.Tensor, active: bool, *, weight: Optional[tor
     if branch.mode == "reduce_scatter":  # dA needs only this rank's sequence chunk of the branch input
         chunk = x if x_in is x_total else \
             x_in.detach().narrow(0, C.group_rank(branch.group) * x.shape[0], x.shape[0]).clone()
-    y = column_join(x_in, layer.lora_A, layer.lora_b_for_gemm(), call, weight=weight, out=out, bias=bias, mask=mask,
-                    chunk=chunk)
+    use_dora = layer.lora_config.use_dora
+    y = column_join(x_in, layer.lora_A, layer.lora_b_for_gemm(), call, weight=weight, out=out,
+                    bias=None if use_dora else bias, mask=mask, chunk=chunk)
+    if use_dora:  # whole rows: the norm is local (docs/design.md §18)
+        norm = dora.local_norm_sq(layer, weight).sqrt_()
+        y = dora.scale(y, layer.lora_magnitude, norm, bias=bias, grad_accum_fusion=branch.grad_accum_fusion)
     return y, gemm_bias
 
 
@@ -85,7 +94,13 @@ def row_forward(layer, x: torch.Tensor, active: bool, *, weight: Optional[torch.
                                         (C.group_rank(branch.group) * width, width))
     lora_a, lora_b = (layer.lora_A, layer.lora_b_for_gemm()) if active else (None, None)
     call = Call(branch, lora_on=active, owns_gemm=weight is not None, recipe=recipe)
-    return row_join(x, lora_a, lora_b, call, weight=weight, out=out, mask=mask), gemm_bias
+    if not (active and layer.lora_config.use_dora):
+        return row_join(x, lora_a, lora_b, call, weight=weight, out=out, mask=mask), gemm_bias
+    # DoRA: this rank's columns give partial squared norms; their TP sum rides in the one reduction.
+    y, norm_sq = row_join(x, lora_a, lora_b, call, weight=weight, out=out, mask=mask,
+                          norm_sq=dora.local_norm_sq(layer, weight))
+    norm = norm_sq.float().sqrt_()
+    return dora.scale(y, layer.lora_magnitude, norm, grad_accum_fusion=branch.grad_accum_fusion), gemm_bias
 
 
 def lora_repr(layer, base: str) -> str:
@@ -93,5 +108,6 @@ def lora_repr(layer, base: str) -> str:
     c = layer.lora_config
     per_projection = f", per_projection={layer.lora_layout.projections}" \
         if layer.lora_row_projections is not None else ""
-    return (f"{base[:-1]}, lora_rank={c.rank}, lora_alpha={c.alpha}{per_projection}, "
+    dora = ", use_dora=True" if c.use_dora else ""
+    return (f"{base[:-1]}, lora_rank={c.rank}, lora_alpha={c.alpha}{per_projection}{dora}, "
             f"lora_dropout={c.dropout}, merged={layer.lora_merged}, enabled={layer.lora_enabled})")

@@ -13,6 +13,10 @@ layer's own ``tp_group`` (expert layers get the expert-TP group from the base cl
 | column | [r, in] replicated           | [out/t, r] sharded on dim 0  | lora_B only           |
 | row    | [r, in/t] sharded on dim 1   | [out, r] replicated          | lora_A only           |
 
+DoRA (``LoRAConfig.use_dora``, ``core/dora.py``) adds ``lora_magnitude [out]``, laid out like the
+output: sharded on dim 0 (with TP attributes) in a column layer, replicated in a row layer (marked
+``sequence_parallel`` under SP, like the replicated factor).
+
 With ``LoRAConfig.per_projection`` a fused column layer of P projections (``linear_qkv``, gated
 ``linear_fc1``) has ``lora_A [P*r, in]`` and the operators get B in block form (``lora_b_for_gemm``,
 ``core/projections.py``); shapes of B, sharding and collectives are the table's.
@@ -58,12 +62,13 @@ from megatron_lora.core.layout import AdapterLayout
 from megatron_lora.core.ops import Branch
 # fp32_lora_delta is re-exported: hf/export.py imports it from here.
 from megatron_lora.core.shard_merge import fp32_lora_delta  # noqa: F401
-from megatron_lora.core.sharded_state import LORA_FACTORS, lora_sharded_state_dict
+from megatron_lora.core.sharded_state import LORA_FACTORS, LORA_TENSORS, lora_sharded_state_dict
 
 
 def is_lora_key(key: str) -> bool:
-    """True for a LoRA factor's parameter / state-dict / checkpoint key (``...linear_qkv.lora_A``)."""
-    return key.rsplit(".", 1)[-1] in LORA_FACTORS
+    """True for a LoRA tensor's parameter / state-dict / checkpoint key (``...linear_qkv.lora_A``,
+    DoRA's ``...lora_magnitude``)."""
+    return key.rsplit(".", 1)[-1] in LORA_TENSORS
 
 
 def is_gated_fc1(config, name: Optional[str]) -> bool:
@@ -148,7 +153,7 @@ class LoRALayerMixin:
         allreduce = False if self.is_expert else base_allreduce
         self._lora_partial_grads_summed = _finalize_sums_over(self.config, self.tp_group) \
             if self.is_expert else False
-        for factor in LORA_FACTORS:
+        for factor in self.lora_tensor_names():
             shape = self.lora_layout.local_shape(factor, self.lora_logical_shape(factor), world)
             param = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
             dim = self.lora_layout.partition_dim(factor)
@@ -163,6 +168,10 @@ class LoRALayerMixin:
             self._lora_b_columns = projections.column_index(local, lora_config.rank).to(device)
         if lora_init_name is not None:
             init_lora_factors(self, lora_init_name)
+
+    def lora_tensor_names(self) -> tuple:
+        """The adapter's parameters: the two factors, and DoRA's magnitude (``core/dora.py``)."""
+        return LORA_TENSORS if self.lora_config.use_dora else LORA_FACTORS
 
     def _lora_grad_is_partial(self) -> bool:
         """Whether the replicated factor's gradient is a partial sum to be summed per step: when
@@ -210,12 +219,15 @@ class LoRALayerMixin:
         return dropout_mask(logical_shape, p, self.lora_A.device, columns)
 
     def lora_delta(self) -> torch.Tensor:
-        """``s * B @ A`` for this rank's base shard (local by construction, docs/design.md §1)."""
+        """``s * B @ A`` for this rank's base shard (local by construction, docs/design.md §1). With
+        DoRA the merged weight is not ``W + delta``: see ``merge``."""
         return shard_merge.lora_delta(self)
 
     def merge(self) -> None:
         """Fold the adapter into the local base shard; forward then runs the plain base path
-        (``shard_merge.merge``: the unmerged shard is kept on the CPU until ``unmerge``)."""
+        (``shard_merge.merge``: the unmerged shard is kept on the CPU until ``unmerge``). With DoRA
+        the shard becomes ``(m / n) ⊙ (W_i + s·B·A)``; a row layer's merge is then collective over
+        its TP group (one all-reduce of the norm's partial squares)."""
         shard_merge.merge(self)
 
     def unmerge(self) -> None:

@@ -16,6 +16,10 @@ is built).
 Per-projection LoRA (``LoRAConfig.per_projection``, ``core/projections.py``) gives a fused column
 layer of P projections P stacked A's, ``lora_A [P*r, in]``, and keeps ``lora_B [out, r]``: B's rows
 shard exactly as above, so nothing else here changes.
+
+DoRA's magnitude ``lora_magnitude [out]`` (``core/dora.py``) has one entry per output feature, so it is
+laid out like the output: sharded on dim 0 like a column layer's ``lora_B`` (gated rows included),
+replicated in a row layer.
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ class AdapterLayout:
         return cls(a_dim=1, b_dim=None)
 
     def partition_dim(self, factor: str) -> Optional[int]:
-        return {"lora_A": self.a_dim, "lora_B": self.b_dim}[factor]
+        # The magnitude follows the output features, as lora_B's rows do.
+        return {"lora_A": self.a_dim, "lora_B": self.b_dim, "lora_magnitude": self.b_dim}[factor]
 
     def logical_shapes(self, in_features: int, out_features: int, rank: int):
-        return {"lora_A": (self.projections * rank, in_features), "lora_B": (out_features, rank)}
+        return {"lora_A": (self.projections * rank, in_features), "lora_B": (out_features, rank),
+                "lora_magnitude": (out_features,)}
 
     def local_shape(self, factor: str, logical: Sequence[int], world: int) -> Tuple[int, ...]:
         dim = self.partition_dim(factor)

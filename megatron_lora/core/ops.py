@@ -246,7 +246,7 @@ class ColumnEntry(torch.autograd.Function):
         rider, b = ctx.call.rider, ctx.call.branch
         if not ctx.call.lora_on or rider.g is None:  # branch off, or it received no gradient
             return collectives.reduce(dx_total.contiguous(), b.group, b.mode), None, None
-        dx, g_sum = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
+        dx, g_sum, _ = collectives.reduce_with_rider(dx_total.contiguous(), rider.g, b.group, b.mode)
         x_in = _dropped(rider.branch_input, rider.mask, b.dropout)
         d_a = kernels.select(b.kernel_choice, x_in, g_sum.shape[-1], b.group).up(g_sum, x_in, b.scaling, ctx.lora_a)
         [d_a] = deliver_factor_grads(ctx.main_grad_params, [d_a])
@@ -330,11 +330,13 @@ class RowJoin(torch.autograd.Function):
     ``dB = s dY^T (sum_i drop(X_i) A_i^T)`` is then complete and bitwise identical on every TP
     rank (no SP); under SP it covers this rank's sequence chunk, so lora_B carries
     ``sequence_parallel = True`` and ``finalize_model_grads`` sums it over TP. With
-    ``call.lora_on`` False only the foreign GEMM's output is reduced. Call with ``row_join``.
+    ``call.lora_on`` False only the foreign GEMM's output is reduced. ``norm_sq``: DoRA's [out]
+    partial squared weight norms of this rank's columns, appended to the same message; forward
+    then also returns their TP sum (no gradient; docs/design.md §18). Call with ``row_join``.
     """
 
     @staticmethod
-    def forward(ctx, x, out, weight, lora_a, lora_b, mask, call: Call):
+    def forward(ctx, x, out, weight, lora_a, lora_b, mask, norm_sq, call: Call):
         b = call.branch
         ctx.call = call
         if not call.lora_on:
@@ -344,22 +346,27 @@ class RowJoin(torch.autograd.Function):
         y = _join_branch(_base_gemm(x, weight, out), call.owns_gemm, h, lora_b, b.scaling)
         # "rider_only" / "partial": the base output stays partial, the expert dispatcher reduces
         # it; under "partial" h_sum is this rank's term and dB a partial sum (summed per step).
-        y, h_sum = collectives.reduce_with_rider(y, h, b.group, b.mode)
+        y, h_sum, norm_sq = collectives.reduce_with_rider(y, h, b.group, b.mode, tail=norm_sq)
         ctx.kept = _kept(call.owns_gemm and ctx.needs_input_grad[2], None, call.recipe)
         sources = call.recipe.tensors if ctx.kept == KEEP_RECIPE else ()
         # A view would keep the whole reduced message alive until backward: copy the r columns.
         ctx.save_for_backward(x if ctx.kept == KEEP_INPUT else None, weight, lora_a, lora_b, h_sum.contiguous(),
                               mask, *sources)
         ctx.main_grad_params = main_grads_for((lora_a, lora_b), b.grad_accum_fusion)
-        return y
+        if norm_sq is None:
+            return y
+        norm_sq = norm_sq.clone()  # a tensor of its own (at TP = 1 it is the input itself)
+        ctx.mark_non_differentiable(norm_sq)
+        ctx.set_materialize_grads(False)  # no zeros for the norm's absent gradient
+        return y, norm_sq
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):  # no gradient flows to the norm (DoRA's is detached)
         call, b = ctx.call, ctx.call.branch
         dy_total = collectives.all_gather_first_dim(dy, b.group) if b.mode == "reduce_scatter" else dy
         d_out = None if call.owns_gemm else dy_total
         if not call.lora_on:
-            return None, d_out, None, None, None, None, None
+            return None, d_out, None, None, None, None, None, None
         x, weight, lora_a, lora_b, h_sum, mask, *sources = ctx.saved_tensors
         saved = _RowSaved(x, weight, lora_a, lora_b, h_sum, mask, tuple(sources))
         if ctx.kept == KEEP_RECIPE:
@@ -377,8 +384,8 @@ class RowJoin(torch.autograd.Function):
         d_a = k.up(g, _dropped(x, saved.mask, b.dropout), s, saved.lora_a)
         d_w = flat(dy_total).t().matmul(flat(x)) if ctx.needs_input_grad[2] else None
         d_a, d_b = deliver_factor_grads(ctx.main_grad_params, [d_a, d_b])
-        # One gradient per forward input: x, out, weight, lora_a, lora_b, mask, call.
-        return d_x, d_out, d_w, d_a, d_b, None, None
+        # One gradient per forward input: x, out, weight, lora_a, lora_b, mask, norm_sq, call.
+        return d_x, d_out, d_w, d_a, d_b, None, None, None
 
 
 def column_entry(x: torch.Tensor, lora_a: Optional[torch.Tensor], call: Call) -> torch.Tensor:
@@ -398,10 +405,13 @@ def column_join(x_in: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
 
 def row_join(x: torch.Tensor, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], call: Call, *,
              weight: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A row layer's reduced output, bias not added (``RowJoin``)."""
+             mask: Optional[torch.Tensor] = None, norm_sq: Optional[torch.Tensor] = None):
+    """A row layer's reduced output, bias not added (``RowJoin``); with ``norm_sq`` (DoRA's partial
+    squared norms, branch on) the pair (output, their TP sum)."""
     _check(call, lora_a, column=False, gemm=(weight, out))
-    return RowJoin.apply(x, out, weight, lora_a, lora_b, mask, call)
+    if norm_sq is not None and not call.lora_on:
+        raise ValueError("row_join: norm_sq (DoRA) needs the branch on (Call.lora_on).")
+    return RowJoin.apply(x, out, weight, lora_a, lora_b, mask, norm_sq, call)
 
 
 def _check(call: Call, lora_a, column: bool, gemm=None) -> None:

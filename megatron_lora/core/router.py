@@ -58,6 +58,9 @@ class LoRATopKRouter(TopKRouter, LoRALayerMixin):
         if lora_config.per_projection:
             raise ValueError("LoRA on the router: per_projection applies to fused linear_qkv / linear_fc1 only; "
                              "drop 'router' from the targets or per_projection.")
+        if lora_config.use_dora:
+            raise ValueError("DoRA on the router (--lora-use-dora) is not supported: drop 'router' from "
+                             "--lora-target-modules, or drop --lora-use-dora.")
         self._setup_lora(lora_config, False, lora_init_name)
 
     def _lora_layout(self, gated: bool, n_projections: int = 1) -> AdapterLayout:

@@ -1,5 +1,9 @@
 """Merge a LoRA layer's adapter into its local base shard and undo it exactly (``merge`` / ``unmerge``).
 
+With DoRA (``core/dora.py``) the merged shard is ``(m / n) ⊙ (W_i + s·B·A)`` row-wise, computed in
+fp32 (``dora.merged_weight``; a row layer all-reduces its [out] partial squares once), and
+``unmerge`` restores the kept shard just the same.
+
 Every merge in the package, this in-place one, the ``merge`` conversion and the in-memory export
 (``hf/export.py``), multiplies with ``fp32_lora_delta``, so their results agree bit for bit. The
 delta of a rank's shard is local by construction (docs/design.md §1): no communication.
@@ -13,6 +17,8 @@ train on.
 from __future__ import annotations
 
 import torch
+
+from megatron_lora.core import dora
 
 
 @torch.no_grad()
@@ -33,7 +39,10 @@ def merge(layer) -> None:
     """Fold the adapter into the local base shard, keeping the unmerged shard on the CPU."""
     if not layer.lora_merged:
         layer._lora_unmerged_weight = layer.weight.detach().to("cpu", copy=True)
-        layer.weight.add_(lora_delta(layer))
+        if layer.lora_config.use_dora:
+            layer.weight.copy_(dora.merged_weight(layer))
+        else:
+            layer.weight.add_(lora_delta(layer))
         layer.lora_merged = True
 
 

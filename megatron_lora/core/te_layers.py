@@ -81,16 +81,18 @@ class _TELoRA(ExternalGEMMLoRA):
         else:
             sizes = (self.in_features * world, self.out_features)
         skip_bias_add = bool(self.te_return_bias)  # Megatron: skip_bias_add and bias
-        self._make_te_local()
+        self._make_te_local(bias_after_gemm=self.lora_parallel_mode == "row" or lora_config.use_dora)
         self._init_external(*sizes, group, skip_bias_add)
         self._setup_lora(lora_config, gated, lora_init_name, qkv)
 
-    def _make_te_local(self) -> None:
+    def _make_te_local(self, bias_after_gemm: bool) -> None:
         """Turn the built TE module into a local GEMM of this rank's shard (no TP communication).
 
         Its parameters keep the shard shapes and the TP / sequence-parallel attributes TE and
         Megatron gave them, which is what our collectives need (a row bias added after the
-        reduce-scatter is partial per sequence chunk, as in TE).
+        reduce-scatter is partial per sequence chunk, as in TE). ``bias_after_gemm``: TE returns
+        its bias instead of adding it, and the layer adds it later: after a row layer's reduction,
+        after DoRA's magnitude scale (the bias is outside it, docs/design.md §18).
         """
         missing = [a for a in _TE_COMM_ATTRIBUTES if not hasattr(self, a)]
         if missing:
@@ -105,8 +107,8 @@ class _TELoRA(ExternalGEMMLoRA):
         self.tp_size = 1
         self._te_base.set_tensor_parallel_group(self, None)
         self.sequence_parallel = False
-        if self.lora_parallel_mode == "row" and self.use_bias:
-            # The bias must be added after our reduction, never once per rank before it.
+        if bias_after_gemm and self.use_bias:
+            # A row bias must be added after our reduction, never once per rank before it.
             self.return_bias, self.apply_bias = True, False
             if hasattr(self, "gemm_bias_unfused_add"):
                 self.gemm_bias_unfused_add = False

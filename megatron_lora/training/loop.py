@@ -399,11 +399,9 @@ def _replicated_factors_identical(model) -> tuple:
     """
     from megatron_lora import lora_modules
     from megatron_lora.core import collectives as C
-    from megatron_lora.core.layers import LORA_FACTORS
-
     same = total = 0
     for m in lora_modules(model):
-        for factor in LORA_FACTORS:
+        for factor in m.lora_tensor_names():
             if m.lora_layout.partition_dim(factor) is None and C.group_size(m.lora_group) > 1:
                 copies = C.all_gather_list(getattr(m, factor).detach(), m.lora_group)
                 same += all(torch.equal(c, copies[0]) for c in copies)

@@ -298,6 +298,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if args.lora.recompute_branch_input and args.transformer_impl == "transformer_engine":
             _fail("--lora-recompute-branch-input works with --transformer-impl local: the TE layers "
                   "run their norm inside the layer, so there is no input to recompute from.")
+        if args.lora.use_dora:  # where DoRA's norm has no reduction of its own (docs/design.md §18)
+            _check_dora_targets(args)
         kv_channels = args.kv_channels or args.hidden_size // heads
         smallest = min(args.hidden_size, heads * kv_channels, args.moe_ffn_hidden_size or args.ffn_hidden_size)
         if args.lora.rank > smallest:
@@ -409,6 +411,20 @@ def check_moe_args(args: argparse.Namespace, world_size: int) -> None:
         _fail("--moe-grouped-gemm needs --transformer-impl transformer_engine (grouped experts are TE's "
               "TEGroupedMLP; Megatron's local spec builds the legacy GroupedMLP, which LoRA cannot adapt, "
               "or none); with local layers drop the flag: the experts run as SequentialMLP.")
+
+
+def _check_dora_targets(args: argparse.Namespace) -> None:
+    if not args.num_experts:
+        return
+    targets, etp = set(args.lora.target_modules), args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    refused = None
+    if args.moe_grouped_gemm and targets & {"linear_fc1", "linear_fc2", "experts.linear_fc1", "experts.linear_fc2"}:
+        refused = "grouped experts (--moe-grouped-gemm)"
+    elif etp > 1 and targets & {"linear_fc2", "experts.linear_fc2"}:
+        refused = f"the experts' linear_fc2 at --expert-tensor-parallel-size {etp}"
+    if refused:
+        _fail(f"--lora-use-dora is not supported on {refused}; drop it from --lora-target-modules, use "
+              "--expert-tensor-parallel-size 1 (SequentialMLP experts), or drop --lora-use-dora.")
 
 
 def fill_model_defaults(args: argparse.Namespace) -> None:

@@ -34,14 +34,30 @@ def _patched(*replacements):
 def no_rider_sum():
     """Reduce the base message but leave the replicated factor's rank-r term unsummed."""
 
-    def broken(main, rider, group, mode):
+    def broken(main, rider, group, mode, tail=None):
         if mode == "reduce_scatter":
             main = collectives.reduce_scatter_first_dim(main, group)
             chunk = main.shape[0]
             rider = rider.narrow(0, collectives.group_rank(group) * chunk, chunk)
         elif mode == "all_reduce":
             main = collectives.all_reduce(main.clone(), group)
-        return main, rider
+        return main, rider, tail
+
+    with _patched((collectives, "reduce_with_rider", broken)):
+        yield
+
+
+@contextlib.contextmanager
+def dora_norm_own_all_reduce():
+    """DoRA's row-layer norm takes its own all-reduce instead of riding in the base message
+    (correct numbers, one collective more per row layer and forward: only a count catches it)."""
+    original = collectives.reduce_with_rider
+
+    def broken(main, rider, group, mode, tail=None):
+        main, rider, _ = original(main, rider, group, mode)
+        if tail is not None:
+            tail = collectives.all_reduce(tail.clone(), group)
+        return main, rider, tail
 
     with _patched((collectives, "reduce_with_rider", broken)):
         yield

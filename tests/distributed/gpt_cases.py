@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from megatron_lora.core.layers import LORA_FACTORS
+from megatron_lora.core.layers import LORA_FACTORS, is_lora_key
 from tests.distributed.models import build_tiny_gpt, tiny_gpt_config, tp_rank
 from tests.distributed.shapes import SEQ_LEN, TINY_GPT, VOCAB_SIZE
 
@@ -85,7 +85,7 @@ def load_base(model, full_state: dict, fc1_layout: str = "gated", qkv_layout: st
               for p_name, p in module.named_parameters(recurse=False)}
     with torch.no_grad():
         for name, param in params.items():
-            if name.endswith(LORA_FACTORS):
+            if is_lora_key(name):
                 continue
             full = full_state[_local_name(name)]
             dim, gated = _base_partition(name, param)
@@ -123,12 +123,12 @@ def _loss(model, inputs, labels, rows=slice(None)):
 
 
 def local_adapter(model):
-    """{qualified name: local tensor} of every LoRA factor on this rank."""
+    """{qualified name: local tensor} of every LoRA factor (and DoRA magnitude) on this rank."""
     from megatron_lora.core.inject import lora_modules
 
     out = {}
     for m in lora_modules(model):
-        for f in LORA_FACTORS:
+        for f in m.lora_tensor_names():
             out[f"{m.lora_init_name}.{f}"] = (getattr(m, f).detach().clone(),
                                               m.lora_layout.partition_dim(f), m.lora_layout.gated)
     return out
@@ -257,11 +257,11 @@ def assert_same_trajectory(got, ref):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
 
 
-def assert_same_logical_adapter(ranks: list, ref_ranks: list, rtol=1e-4, atol=1e-5):
+def assert_same_logical_adapter(ranks: list, ref_ranks: list, rtol=1e-4, atol=1e-5, tensors=ADAPTER_TENSORS):
     """The ranks' gathered logical adapter equals the reference run's, every factor of every
-    target of every layer present; returns the reference's."""
+    target of every layer present (``tensors`` of them); returns the reference's."""
     ref, got = logical_adapter(ref_ranks), logical_adapter(ranks)
-    assert got.keys() == ref.keys() and len(ref) == ADAPTER_TENSORS
+    assert got.keys() == ref.keys() and len(ref) == tensors
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
     return ref

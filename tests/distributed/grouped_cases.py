@@ -122,12 +122,13 @@ def layer_worker(t, lora_config, sp):
 
 
 def _refusals(lora_config, sp):
-    """The messages of what the grouped layers refuse: dropout, and at expert-TP > 1 a replicated
-    factor's gradient nobody would sum (no SP)."""
+    """The messages of what the grouped layers refuse: dropout, DoRA, and at expert-TP > 1 a
+    replicated factor's gradient nobody would sum (no SP)."""
     import dataclasses
 
     found = {}
     for name, cfg, layer_sp in (("dropout", dataclasses.replace(lora_config, dropout=0.1), sp),
+                                ("dora", dataclasses.replace(lora_config, use_dora=True), sp),
                                 ("no_sp", lora_config, False)):
         if name == "no_sp" and tp_rank()[0] == 1:
             continue

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from megatron_lora.core.init import name_seed
 from megatron_lora.core.layers import LORA_FACTORS
 from tests.distributed.models import tp_rank
 from tests.distributed.shapes import B, EPS, H_IN, H_OUT, RANK, S
@@ -93,6 +94,19 @@ def reference(case: Case, t: dict, scaling: float, mask: Optional[torch.Tensor] 
         y = y + t["bias"]
     (y * t["dy"]).sum().backward()
     return dict(y=y.detach(), dx=x.grad, dA=a.grad, dB=b.grad)
+
+
+def logical_mask(kind, p, seed):
+    """The documented mask, rebuilt here from its definition (docs/design.md §6). Column: one
+    ``torch.rand`` of the logical input. Row: one key drawn from the default generator, then eight
+    column blocks, block j ``torch.rand`` of a generator seeded with ``name_seed(key, "block j")``."""
+    torch.manual_seed(seed)  # the seed run_case uses right before the forward
+    if kind == "column":
+        return torch.rand(S, B, H_IN) >= p
+    key = int(torch.randint(0, 2 ** 62, ()))
+    blocks = [torch.rand(S, B, H_IN // 8, generator=torch.Generator().manual_seed(name_seed(key, f"block {j}")))
+              for j in range(8)]
+    return torch.cat(blocks, -1) >= p
 
 
 def assert_matches(got: dict, ref: dict, label: str = ""):

@@ -36,12 +36,13 @@ STARVED_STEP = 1
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
-def lora_cfg(shared=False):
-    """``shared``: one adapter per layer shared by its experts (``expert_adapters="shared"``)."""
+def lora_cfg(shared=False, dora=False):
+    """``shared``: one adapter per layer shared by its experts (``expert_adapters="shared"``);
+    ``dora``: DoRA (``use_dora``)."""
     from megatron_lora import LoRAConfig
 
     return LoRAConfig(rank=RANK, alpha=8, seed=99, target_modules=TARGETS,
-                      expert_adapters="shared" if shared else "per_expert")
+                      expert_adapters="shared" if shared else "per_expert", use_dora=dora)
 
 
 def moe_config(sp=False, dispatcher="alltoall", aux=True):
@@ -153,7 +154,7 @@ def local_adapter(model):
             continue
         key = logical_key(name, first)
         names[key] = m.lora_init_name
-        for f in LORA_FACTORS:
+        for f in m.lora_tensor_names():
             out[f"{key}.{f}"] = (getattr(m, f).detach().clone(), m.lora_layout.partition_dim(f),
                                  m.lora_layout.gated, C.group_rank(m.lora_group), C.group_size(m.lora_group))
     return out, names
@@ -242,7 +243,7 @@ def run_worker(base_dir, options):
     from megatron_lora import apply_lora
 
     opts = dict(sp=False, dispatcher="alltoall", aux=True, loop="plain", steps=4, lr=1e-2, save=None,
-                unmark_expert_sp=False, shared=False)
+                unmark_expert_sp=False, shared=False, dora=False)
     opts.update(options)
     model = build_tiny_gpt(moe_config(opts["sp"], opts["dispatcher"], opts["aux"]))
     load_base(model, base_dir)
@@ -251,7 +252,7 @@ def run_worker(base_dir, options):
     with torch.no_grad():
         frozen_loss = _loss(model, inputs, labels).item()
     frozen_logits = full_logits(model, inputs)
-    apply_lora(model, lora_cfg(opts["shared"]))
+    apply_lora(model, lora_cfg(opts["shared"], opts["dora"]))
     unmarked = 0
     if opts["unmark_expert_sp"]:  # the harness test: finalize_model_grads no longer sums them
         for name, p in model.named_parameters():

@@ -58,13 +58,24 @@ def test_json_has_the_documented_keys_and_every_row(census):
         assert ROW_KEYS <= set(row), row.keys()
         assert MEASURE_KEYS <= set(row["base"])
         assert EXTRA_KEYS <= set(row["base_vs_base"])
-        # every variant this LoRAConfig supports is measured ("lora" always is)
-        assert set(row["variants"]) == set(result["variants"]) - set(result["skipped_variants"])
+        # every variant this LoRAConfig supports is measured or refused by name ("lora" always is measured)
+        assert set(row["variants"]) | set(row.get("refused", {})) == \
+            set(result["variants"]) - set(result["skipped_variants"])
         assert "lora" in row["variants"]
         for v in row["variants"].values():
             assert MEASURE_KEYS <= set(v["lora"]) and EXTRA_KEYS <= set(v["extra"])
     for row, name, _ in _lora_rows(result):
         assert f"| {row['layout']} | {row['target']} | {name} |" in table, table
+
+
+def test_dora_is_refused_only_where_an_expert_row_layer_is_reduced_by_the_dispatcher(census):
+    """The moe row at TP=2 SP has expert-TP 2: its experts' linear_fc2 has no reduction of its own
+    for DoRA's norm (docs/design.md §18); every other row measures DoRA."""
+    result, table = census
+    refused = {(r["layout"], r["target"], name): message for r in result["rows"]
+               for name, message in r.get("refused", {}).items()}
+    assert list(refused) == [("TP=2 SP", "moe", "dora")], refused
+    assert "linear_fc2" in refused[("TP=2 SP", "moe", "dora")] and "Refused by the package" in table
 
 
 def test_counts_are_positive_integers_and_the_control_is_zero(census):
@@ -99,7 +110,8 @@ def test_gemm_counts(census):
     """The one pinned count. Per LoRA linear call the branch is six GEMM-class ops whatever the
     kernels: forward u = X A^T and Y += s u B^T; backward g = dY B, dX += s g A, dB = s dY^T u and
     dA = s g^T X. The frozen base runs two (Y = X W^T, dX = dY W): no weight-gradient GEMM.
-    Recomputing the branch input recomputes a norm / activation, never a GEMM.
+    Recomputing the branch input recomputes a norm / activation, never a GEMM. DoRA adds one per
+    call: W + s B A for the weight norm (forward).
 
     The MoE layer calls its adapted linears 2 + 2 x experts times: linear_qkv, linear_proj and
     every expert's linear_fc1 and linear_fc2, because Megatron's SequentialMLP runs every local
@@ -115,7 +127,8 @@ def test_gemm_counts(census):
             assert len(tokens) == EXPERTS and tokens[-EMPTY:] == [0] * EMPTY and min(tokens[:-EMPTY]) > 0, tokens
     for row, name, v in _lora_rows(result):
         gemms = sum(n for k, n in v["extra"]["aten_ops_by_name"].items() if k in GEMMS)
-        assert gemms == 6 * row["linear_calls"], (row["layout"], row["target"], name, v["extra"])
+        per_call = 7 if name == "dora" else 6
+        assert gemms == per_call * row["linear_calls"], (row["layout"], row["target"], name, v["extra"])
 
 
 def test_saved_for_backward(census):
@@ -136,6 +149,16 @@ def test_saved_for_backward(census):
         assert e["saved_input_bytes"] == row["input_bytes"], (row["layout"], row["target"], name, e)
         rank_r = sh["seq"] * sh["batch"] * sh["rank"] * FP32
         assert 0 <= e["saved_bytes"] - e["saved_input_bytes"] <= rank_r, (row["layout"], row["target"], name, e)
+    # DoRA keeps, beyond LoRA, the unscaled output Z for the magnitude's gradient (a row layer at TP > 1:
+    # the reduced message it is a view of, [Z | rank-r rider | norm tail]) and two fp32 [out] vectors.
+    for row in result["rows"]:
+        if row["target"] not in ("column", "row") or "dora" not in row["variants"]:
+            continue
+        more = row["variants"]["dora"]["extra"]["saved_bytes"] - row["variants"]["lora"]["extra"]["saved_bytes"]
+        out = sh["out_features"] // (row["tp"] if row["target"] == "column" else 1)
+        tokens = row["output_bytes"] // (out * FP32)
+        message = 0 if row["target"] == "column" or row["tp"] == 1 else (tokens * sh["rank"] + out) * FP32
+        assert more == row["output_bytes"] + message + 2 * out * FP32, (row["layout"], row["target"], more)
     # Recomputing the branch input never keeps more than keeping it.
     for row in result["rows"]:
         recompute = row["variants"].get("lora recompute_branch_input")

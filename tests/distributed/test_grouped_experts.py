@@ -39,8 +39,8 @@ def test_grouped_lora_layers_match_per_expert_reference(etp):
     """fc1 and fc2 of 4 local experts (one with no tokens): outputs and the gradients of the input
     and of both factors equal plain per-expert torch; A is the SequentialMLP experts'; the branch
     is two batched GEMMs forward (four backward) whatever the expert count; the replicated factor
-    is marked for finalize_model_grads' sum at expert-TP 2; dropout (and expert-TP 2 without SP)
-    are refused with a message."""
+    is marked for finalize_model_grads' sum at expert-TP 2; dropout, DoRA (and expert-TP 2 without
+    SP) are refused with a message."""
     t = GC.layer_tensors()
     ranks = run_distributed(GC.layer_worker, etp, t, LAYER_CFG, etp > 1, tp=etp,
                             expert_tensor_parallel_size=etp, te_double=True)
@@ -57,6 +57,7 @@ def test_grouped_lora_layers_match_per_expert_reference(etp):
         assert r["forward_gemms"] == {"bmm": 2}, r["forward_gemms"]
         assert r["backward_gemms"] == {"bmm": 4}, r["backward_gemms"]
         assert "dropout" in r["refusals"]["dropout"] and "SequentialMLP" in r["refusals"]["dropout"]
+        assert "DoRA" in r["refusals"]["dora"] and "SequentialMLP" in r["refusals"]["dora"]
         if etp > 1:
             assert "sequence_parallel=False" in r["refusals"]["no_sp"], r["refusals"]
 

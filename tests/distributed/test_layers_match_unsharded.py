@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from megatron_lora import LoRAConfig
-from megatron_lora.core.init import name_seed
 from tests.distributed import layer_cases as L
 from tests.distributed.launcher import run_distributed
-from tests.distributed.shapes import B, H_IN, RANK, S
+from tests.distributed.shapes import RANK
 
 CFG = LoRAConfig(rank=RANK, alpha=8)
 CASES = L.all_cases()
@@ -53,20 +52,7 @@ def test_layer_matches_unsharded(case, tp):
 def test_dropout_mask_is_the_logical_mask_at_any_tp(case, tp):
     """The branch mask equals the mask of the logical input as docs/design.md §6 defines it, so TP
     never changes dropout."""
-    assert_matches_reference(case, tp, logical_mask(case.kind, case.dropout, seed=7))
-
-
-def logical_mask(kind, p, seed):
-    """The documented mask, rebuilt here from its definition (docs/design.md §6). Column: one
-    ``torch.rand`` of the logical input. Row: one key drawn from the default generator, then eight
-    column blocks, block j ``torch.rand`` of a generator seeded with ``name_seed(key, "block j")``."""
-    torch.manual_seed(seed)  # the seed run_case uses right before the forward
-    if kind == "column":
-        return torch.rand(S, B, H_IN) >= p
-    key = int(torch.randint(0, 2 ** 62, ()))
-    blocks = [torch.rand(S, B, H_IN // 8, generator=torch.Generator().manual_seed(name_seed(key, f"block {j}")))
-              for j in range(8)]
-    return torch.cat(blocks, -1) >= p
+    assert_matches_reference(case, tp, L.logical_mask(case.kind, case.dropout, seed=7))
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -6,6 +6,7 @@ from megatron_lora.core import collectives, inject, layers
 from tests.distributed import breakages
 
 PATCHED = {breakages.no_rider_sum: [(collectives, "reduce_with_rider")],
+           breakages.dora_norm_own_all_reduce: [(collectives, "reduce_with_rider")],
            breakages.shard_fan_in_init: [(layers, "init_lora_factors"), (inject, "init_lora_factors")]}
 
 

@@ -63,3 +63,26 @@ def test_a_scoped_target_picks_one_kind_of_linear():
     every_fc1 = LoRAConfig(target_modules=("linear_fc1",))
     assert every_fc1.targets("decoder.layers.1.mlp.shared_experts.linear_fc1")
     assert every_fc1.targets("decoder.layers.1.mlp.experts.local_experts.0.linear_fc1")
+
+
+def test_use_dora_is_off_by_default_round_trips_and_old_configs_read_it_as_off():
+    from megatron_lora.core.checkpoint.files import CONFIG_FIELDS_THAT_MUST_MATCH, saved_config_value
+
+    assert LoRAConfig().use_dora is False
+    cfg = LoRAConfig(rank=4, use_dora=True)
+    assert cfg.to_dict()["use_dora"] is True and LoRAConfig.from_dict(cfg.to_dict()) == cfg
+    older = {k: v for k, v in LoRAConfig(rank=4).to_dict().items() if k != "use_dora"}
+    assert LoRAConfig.from_dict(older).use_dora is False
+    assert "use_dora" in CONFIG_FIELDS_THAT_MUST_MATCH and saved_config_value(older, "use_dora") is False
+
+
+def test_use_dora_with_shared_expert_adapters_is_refused():
+    with pytest.raises(ValueError, match="use_dora with expert_adapters='shared' is not supported.*per_expert"):
+        LoRAConfig(use_dora=True, expert_adapters="shared")
+
+
+def test_is_lora_key_names_the_dora_magnitude():
+    from megatron_lora.core.layers import is_lora_key
+
+    assert is_lora_key("decoder.layers.0.mlp.linear_fc2.lora_magnitude")
+    assert not is_lora_key("decoder.layers.0.mlp.linear_fc2.weight")

@@ -257,3 +257,22 @@ def test_resume_at_another_expert_layout_passes_the_checks(data, tmp_path):
                           (["--tensor-model-parallel-size", "2", "--sequence-parallel",
                             "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"], 4)):
         check(data + MOE + lora + ["--load", saved, "--save", saved] + layout, world)
+
+
+def test_lora_use_dora_is_a_switch_of_the_lora_config(data):
+    assert check(data + ["--lora-rank", "4", "--lora-use-dora"]).lora.use_dora
+    assert not check(data + ["--lora-rank", "4"]).lora.use_dora
+    tp2_etp1 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"]
+    assert check(data + MOE + tp2_etp1 + ["--lora-rank", "4", "--lora-use-dora"], 2).lora.use_dora
+
+
+@pytest.mark.parametrize("flags, world, needle", [
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--disable-bias-linear"], 2,
+     "--lora-use-dora is not supported on the experts' linear_fc2 at --expert-tensor-parallel-size 2"),
+    (["--moe-grouped-gemm", "--transformer-impl", "transformer_engine"], 1,
+     "--lora-use-dora is not supported on grouped experts"),
+])
+def test_dora_where_its_norm_has_no_reduction_is_refused(data, flags, world, needle):
+    with pytest.raises(UsageError, match=needle) as err:
+        check(data + MOE + ["--lora-rank", "4", "--lora-use-dora"] + flags, world)
+    assert "\n" not in str(err.value)

@@ -38,7 +38,7 @@ from megatron_lora.core.checkpoint.files import (
 )
 from megatron_lora.core.config import LoRAConfig
 from megatron_lora.core.inject import lora_modules, model_chunks
-from megatron_lora.core.layers import LORA_FACTORS, is_lora_key
+from megatron_lora.core.layers import is_lora_key
 
 def _model_config(model) -> LoRAConfig:
     configs = {m.lora_config for m in lora_modules(model)}
@@ -65,7 +65,7 @@ def _named_factors(model) -> Dict[str, tuple]:
         # A grouped-experts layer holds one adapter per local expert, each under its
         # SequentialMLP name (core/grouped_experts.py): adapters move between the two.
         for adapter in m.expert_adapters() if hasattr(m, "expert_adapters") else (m,):
-            for factor in LORA_FACTORS:
+            for factor in adapter.lora_tensor_names():
                 out[rename(f"{adapter.lora_init_name}.{factor}")] = (adapter, factor)
     return out
 
@@ -88,7 +88,7 @@ def _check_config(found: dict, cfg: LoRAConfig, where: str) -> None:
         raise CheckpointError(
             f"{where} was saved with another LoRA config ({detail}). Build the model with the "
             "checkpoint's LoRA settings (--lora-rank / --lora-alpha / --lora-target-modules / "
-            "--lora-per-projection).")
+            "--lora-per-projection / --lora-use-dora).")
 
 
 # ------------------------------------------------------------------- adapter-only dist checkpoint

@@ -31,10 +31,11 @@ KINDS = {ADAPTER_TRACKER: "adapter", MODEL_TRACKER: "model"}
 # A run resumes only with all of them equal (training/checkpoint_dirs.py). The library loaders
 # check ``expert_adapters`` by the values instead (FIELDS_CHECKED_BY_VALUE): per-expert keys hold a
 # shared adapter as identical copies, so it loads into either layout (docs/moe.md).
-CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules", "per_projection", "expert_adapters")
+CONFIG_FIELDS_THAT_MUST_MATCH = ("rank", "alpha", "use_rslora", "target_modules", "per_projection", "expert_adapters",
+                                 "use_dora")
 FIELDS_CHECKED_BY_VALUE = ("expert_adapters",)
 # What a descriptor written before a field existed meant by its absence.
-_FIELDS_ADDED_LATER = {"per_projection": False, "expert_adapters": "per_expert"}
+_FIELDS_ADDED_LATER = {"per_projection": False, "expert_adapters": "per_expert", "use_dora": False}
 
 
 def saved_config_value(saved: dict, field: str):
