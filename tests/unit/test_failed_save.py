@@ -13,7 +13,7 @@ from megatron_lora.training import loop
 
 def _args(save, lora=True):
     return argparse.Namespace(lora=LoRAConfig(rank=4) if lora else None, save=str(save), no_save_optim=False,
-                              no_save_rng=False, pretrained_checkpoint=None)
+                              no_save_rng=False, pretrained_checkpoint=None, lora_plus_ratio=None)
 
 
 def _full_disk(*args, **kwargs):
