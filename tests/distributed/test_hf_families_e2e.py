@@ -20,6 +20,7 @@ build the model with the script's ``build_model`` (``hf_e2e_cases.py``).
 """
 
 import copy
+import json
 import os
 import shlex
 import warnings
@@ -49,9 +50,9 @@ IMPORTED = [("qwen3", "tp2"), ("qwen3_moe", "ep2"), ("qwen3_moe", "tp2_sp_ep2"),
             ("mixtral", "tp2_sp_ep2")]
 TRAINED = ("qwen3_moe", "mixtral")
 ITERS = 3
+ROUTED = {"qwen3_moe": ["router"], "mixtral": []}  # the router adapted too
 TRAIN_LORA = {kind: ["--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7", "--lora-target-modules",
-                     "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *(["router"] if kind == "qwen3_moe" else [])]
-              for kind in TRAINED}
+                     "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *ROUTED[kind]] for kind in TRAINED}
 EXPORTS = ("fused", "per-expert")
 
 
@@ -230,12 +231,14 @@ def _peft_strict(model, path):
 @pytest.mark.parametrize("kind", TRAINED)
 def test_trained_adapter_exported_loads_in_peft_strictly_with_the_megatron_logits(exported, megatron, work, kind,
                                                                                    layout):
-    import json
-
     paths, _, models = work
     path = paths[f"export_{layout}_{kind}"]
     config = json.load(open(os.path.join(path, "adapter_config.json")))
-    assert ("target_parameters" in config) == (layout == "fused"), config
+    targets = config.get("target_parameters", []) + config["target_modules"]
+    if layout == "fused":
+        assert {*EXPERTS} <= {*targets} and ("mlp.gate.weight" in targets) == bool(ROUTED[kind]), config
+    else:  # per-expert: no target_parameters; Qwen3-MoE's router is the module mlp.gate
+        assert "target_parameters" not in config and ("gate" in targets) == bool(ROUTED[kind]), config
     loaded = _peft_strict(models[kind], path)
     got = _logits(loaded)
     assert _max_diff(got, megatron[(kind, "trained")], f"{kind} trained at EP=2, {layout} PEFT vs Megatron") <= TOL
@@ -243,11 +246,11 @@ def test_trained_adapter_exported_loads_in_peft_strictly_with_the_megatron_logit
 
 @pytest.mark.parametrize("kind", TRAINED)
 def test_merged_trained_adapter_loads_with_every_key_matched_and_the_megatron_logits(exported, megatron, work, kind):
-    paths, _, _ = work
+    paths, _, models = work
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         paths[f"merged_{kind}"], attn_implementation="eager", output_loading_info=True, dtype=torch.float32)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    assert type(model) is type(work[2][kind])
+    assert type(model) is type(models[kind])
     got = _logits(model.eval())
     assert _max_diff(got, megatron[(kind, "trained")], f"{kind} trained at EP=2, merged HF vs Megatron") <= TOL
 
