@@ -1,5 +1,6 @@
 """In-memory export for RL loops: the adapter as PEFT tensors, or the merged model as Hugging
-Face tensors streamed one at a time, straight from a training model at any TP / PP layout.
+Face tensors streamed one at a time, straight from a training model at any TP / PP / EP / ETP
+layout.
 
 An RL loop (verl, NeMo-RL, ...) hands the policy to a vLLM / SGLang engine after every update.
 Writing a checkpoint and converting it costs minutes of disk I/O; these functions give the
@@ -16,9 +17,12 @@ the training model (every result is a fresh tensor, no parameter is written).
   formula ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once,
   splits fused rows per shard into Hugging Face projections (``hf_from_megatron_tensor``, the
   converter's mapping), gathers each projection in the target dtype onto the one rank that sends
-  and sends it to the destination over the pipeline group. Peak extra memory is about one copy
-  of the largest single tensor (``linear_fc1`` or the embedding) in the target dtype, plus
-  shard-sized buffers (the bound is in its docstring), never the model.
+  and sends it to the destination over the pipeline group. A mixture-of-experts model's expert
+  tensors at EP > 1 (or an expert-TP group that is not the TP group) live outside ``dst``'s
+  pipeline group: each is merged by its EP rank's expert-TP group, gathered onto that position's
+  rank with ``dst``'s expert-TP rank and sent from there (:class:`_ExpertRoutes`). Peak extra
+  memory is about one copy of the largest single tensor (``linear_fc1`` or the embedding) in the
+  target dtype, plus shard-sized buffers (the bound is in its docstring), never the model.
   :func:`export_merged_to` hands the stream to a callback and keeps the collective schedule if
   the callback raises.
 
@@ -30,6 +34,7 @@ it, so a model the engine would load differently fails before anything is gather
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -37,6 +42,7 @@ import torch.distributed as dist
 
 from megatron_lora.core import collectives as C
 from megatron_lora.core.checkpoint import dist_ranks
+from megatron_lora.core.checkpoint.gather import expert_pass_needed, first_message
 from megatron_lora.core.checkpoint.adapter import (
     _check_loaded_factors, _model_config, gather_full_adapter,
 )
@@ -171,13 +177,20 @@ def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch
     Memory: each TP rank of the stage that holds a tensor merges ITS shard, ``W_i + s·B_i·A``
     (column) or ``W_i + s·B·A_i`` (row), in fp32 from its own factors (docs/design.md §1), casts
     once, splits fused rows into its share of each projection and gathers those onto the one
-    rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. With N the
-    elements of the largest logical tensor (``linear_fc1``, or the embedding of a large
-    vocabulary), S = N/t its shard and d the bytes per element of ``dtype``, the extra memory a
-    rank holds peaks at ``max((4 + d)·S, d·(N + 2·S))`` bytes plus the largest layer's local
-    factors in fp32: the fp32 shard delta and its cast, then the gathered projection, its shard
-    and (row layers) one row block of the gather. Ranks that only contribute a shard stay under
-    ``(4 + d)·S``; with ``dst`` set only the data-parallel replica of ``dst`` takes part.
+    rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. An expert tensor
+    at EP > 1 (or an expert-TP group other than the TP group) is merged the same way by the
+    expert-TP group of the EP rank that holds it, gathered onto that group's rank with ``dst``'s
+    expert-TP rank (expert-TP rank 0 with ``dst=None``, which then broadcasts it over the expert
+    tensor-model-pipeline group); with ``dst`` set only ``dst``'s expert-data-parallel replica
+    takes part in those. With N the elements of a logical tensor, S this rank's shard of it
+    (N/t over TP; N/ETP for an expert on its EP rank; N when replicated; 0 where the rank holds
+    none) and d the bytes per element of ``dtype``, the extra memory a rank holds while the
+    stream makes that tensor peaks at ``max((4 + d)·S, d·(N + 2·S))`` bytes plus the largest
+    layer's local factors in fp32 (so at most that bound for the largest tensor, ``linear_fc1``
+    or the embedding of a large vocabulary): the fp32 shard delta and its cast, then the
+    gathered or received projection, its shard and (row layers) one row block of the gather.
+    Ranks that only contribute a shard stay under ``(4 + d)·S``; with ``dst`` set only the
+    data-parallel replica of ``dst`` (for experts: its expert-data-parallel replica) takes part.
     """
     _check_dst(dst)
     if bucket_bytes is not None and not (isinstance(bucket_bytes, int) and bucket_bytes > 0):
@@ -191,8 +204,8 @@ def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch
     first = next(p for chunk in model_chunks(model) for p in chunk.parameters())
     _check_loaded_factors(model, WHERE)  # each rank its shards, so that every rank raises
     held = _held_tensors(model)
-    routes = _Routes(held, megatron_names(arch), dst, first.device)
-    stream = _stream(held, routes, arch, dtype or first.dtype, first.device, dst)
+    routes, expert_routes = _routes(held, arch, dst, first.device)
+    stream = _stream(held, routes, expert_routes, arch, dtype or first.dtype, first.device, dst)
     return stream if bucket_bytes is None else _buckets(stream, bucket_bytes)
 
 
@@ -240,21 +253,24 @@ def _held_tensors(model) -> Dict[str, Tuple[torch.nn.Module, str]]:
 
 
 class _Routes:
-    """Which pipeline stage holds each tensor, and which rank sends it.
+    """Which pipeline stage holds each dense tensor, and which rank sends it.
 
     Built with two tensor collectives of a few bytes per tensor name and no ``*_object`` call:
     a 0/1 row per stage over the pipeline group (which names this stage holds; the names
     themselves are ``megatron_names(arch)``, the same list on every rank), and with ``dst`` set
-    the global ranks of ``dst``'s pipeline group, broadcast from ``dst``.
+    the global ranks of ``dst``'s pipeline group, broadcast from ``dst``. The shards of a tensor
+    are gathered over the TP group; with ``dst`` None every TP rank of the stage gathers them all
+    and broadcasts them to its own pipeline group.
     """
 
     def __init__(self, held: dict, names: List[str], dst: Optional[int], device):
         from megatron.core import parallel_state as ps
 
+        self.dst = dst
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.shard_group = ps.get_tensor_model_parallel_group()
         self.my_stage = ps.get_pipeline_model_parallel_rank()
-        self.tp_ranks = dist.get_process_group_ranks(self.tp_group)
+        self.tp_ranks = dist.get_process_group_ranks(self.shard_group)
         self.pp_ranks = dist.get_process_group_ranks(self.pp_group)
         mine = torch.tensor([name in held for name in names], dtype=torch.int32, device=device)
         holders = torch.stack(C.all_gather_list(mine, self.pp_group)).cpu()  # [stages, names]
@@ -262,8 +278,7 @@ class _Routes:
         if missing:
             raise ConversionError(
                 f"no rank holds {missing[:3]}{' ...' if len(missing) > 3 else ''}: the export reads Megatron's "
-                "local GPT spec (separate input_layernorm / pre_mlp_layernorm modules); Transformer Engine "
-                "specs with norms fused into linear_qkv / linear_fc1 are not supported.")
+                f"local GPT spec ({_LOCAL_SPEC}); {_NOT_LOCAL_SPEC} are not supported.")
         self.stage = dict(zip(names, holders.argmax(0).tolist()))  # the first stage that holds it
         self.dst_pp_ranks = self.pp_ranks
         if dst is not None and dist.get_world_size() > 1:
@@ -279,29 +294,127 @@ class _Routes:
         """Whether this rank merges a shard of ``name`` (the source's TP group does)."""
         return self.my_stage == self.stage[name] and self.source(name) in self.tp_ranks
 
+    def gather_to(self, name: str) -> Optional[int]:
+        """The rank the shards are gathered onto; None: every rank of the TP group."""
+        return None if self.dst is None else self.source(name)
 
-def _stream(held, routes: _Routes, arch: Arch, dtype, device, dst) -> Iterator[Tuple[str, torch.Tensor]]:
+    def fanout(self, name: str):
+        """With ``dst`` None, the group the source broadcasts ``name`` to (None: nobody else needs it)."""
+        return self.pp_group if self.dst is None and len(self.pp_ranks) > 1 else None
+
+
+_LOCAL_SPEC = "separate input_layernorm / pre_mlp_layernorm modules, SequentialMLP experts"
+_NOT_LOCAL_SPEC = ("Transformer Engine specs with norms fused into linear_qkv / linear_fc1, and grouped experts "
+                   "(TEGroupedMLP)")
+_EXPERT_NAME = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.linear_fc[12]\.weight$")
+
+
+class _ExpertRoutes:
+    """Which rank merges and sends each expert tensor, where experts need a pass of their own
+    (expert parallelism, or an expert-TP group that is not the TP group: ``dst``'s data-parallel
+    replica then does not hold every expert, docs/design.md §16).
+
+    The expert group (Megatron's expert tensor-model-pipeline group: the expert-TP x EP x PP
+    ranks of one expert-data-parallel rank) holds every expert once. Global expert ``e`` of layer
+    ``N`` lives on EP rank ``e // local experts`` (Megatron's even, ordered split, as
+    ``inject.global_module_names`` numbers it) at layer ``N``'s stage, sharded over that
+    position's expert-TP group. Its source is the rank of that position with ``dst``'s expert-TP
+    rank (expert-TP rank 0 when ``dst`` is None, one source per expert group): the position's
+    expert-TP ranks ``gather`` their merged shards onto it, and it sends the tensor to ``dst``, or
+    broadcasts it over its expert group, so that each expert-data-parallel replica serves its own
+    ranks. With ``dst`` set, the ranks of the other replicas take no part.
+
+    Built with one all-gather of each rank's (EP rank, stage, expert-TP rank), 3 int32, over the
+    expert group (the coordinates of every source, whatever Megatron's rank order), after each
+    rank checks that it holds exactly the experts that numbering gives it (``first_message``: one
+    int64 all-reduce, so every rank raises alike).
+    """
+
+    def __init__(self, held: dict, arch: Arch, layer_stage: Dict[int, int], dst: Optional[int], device):
+        from megatron.core import parallel_state as ps
+
+        self.dst, self.layer_stage = dst, layer_stage
+        self.shard_group = ps.get_expert_tensor_parallel_group()
+        self.group = ps.get_expert_tensor_model_pipeline_parallel_group()
+        ranks = dist.get_process_group_ranks(self.group)
+        self.local = arch.num_experts // ps.get_expert_model_parallel_world_size()
+        self.me = (ps.get_expert_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+        experts = [name for name in megatron_names(arch) if _EXPERT_NAME.match(name)]
+        found = first_message(next(filter(None, (self._misplaced(name, held) for name in experts)), None))
+        if found is not None:
+            raise ConversionError(found)
+        row = torch.tensor([*self.me, ps.get_expert_tensor_parallel_rank()], dtype=torch.int32, device=device)
+        table = [tuple(r.tolist()) for r in C.all_gather_list(row, self.group)]
+        self.rank_at = {coords: rank for coords, rank in zip(table, ranks)}  # (EP rank, stage, ETP rank) -> rank
+        self.takes_part = dst is None or dst in ranks
+        self.etp = table[ranks.index(dst)][2] if dst is not None and self.takes_part else 0
+
+    def covers(self, name: str) -> bool:
+        return _EXPERT_NAME.match(name) is not None
+
+    def _position(self, name: str) -> Tuple[int, int]:
+        """(owner EP rank, stage) of an expert tensor."""
+        layer, expert = map(int, _EXPERT_NAME.match(name).groups())
+        return expert // self.local, self.layer_stage[layer]
+
+    def _misplaced(self, name: str, held: dict) -> Optional[str]:
+        mine = self._position(name) == self.me
+        if mine == (name in held):
+            return None
+        return (f"rank {dist_ranks.rank()} (EP rank {self.me[0]}, stage {self.me[1]}) {'lacks' if mine else 'holds'} "
+                f"{name}: the export expects Megatron's local spec ({_LOCAL_SPEC}, split evenly and in order over "
+                f"the EP ranks); {_NOT_LOCAL_SPEC} are not supported.")
+
+    def source(self, name: str) -> Optional[int]:
+        """The global rank that sends ``name`` (None on ranks of another expert-data-parallel replica)."""
+        return self.rank_at[(*self._position(name), self.etp)] if self.takes_part else None
+
+    def computes(self, name: str) -> bool:
+        """Whether this rank merges a shard of ``name`` (the owner position's expert-TP group does)."""
+        return self.takes_part and self._position(name) == self.me
+
+    def gather_to(self, name: str) -> Optional[int]:
+        return self.source(name)
+
+    def fanout(self, name: str):
+        return self.group if self.dst is None and C.group_size(self.group) > 1 else None
+
+
+def _routes(held, arch: Arch, dst: Optional[int], device):
+    """(dense routes, expert routes or None): experts take their own routes where the adapter
+    gather's expert pass does (``gather.expert_pass_needed``)."""
+    names = megatron_names(arch)
+    experts = bool(arch.num_experts) and expert_pass_needed()
+    dense = _Routes(held, [n for n in names if not (experts and _EXPERT_NAME.match(n))], dst, device)
+    if not experts:
+        return dense, None
+    stages = {layer: dense.stage[f"decoder.layers.{layer}.input_layernorm.weight"] for layer in range(arch.num_layers)}
+    return dense, _ExpertRoutes(held, arch, stages, dst, device)
+
+
+def _stream(held, routes: _Routes, expert_routes: Optional[_ExpertRoutes], arch: Arch, dtype, device,
+            dst) -> Iterator[Tuple[str, torch.Tensor]]:
     shapes, rank = hf_shapes(arch), dist_ranks.rank()
-    multi_stage = len(routes.pp_ranks) > 1
     for name in megatron_names(arch):
-        src = routes.source(name)
+        route = expert_routes if expert_routes is not None and expert_routes.covers(name) else routes
+        src, to, fanout = route.source(name), route.gather_to(name), route.fanout(name)
         shards, dim = [], None
-        if routes.computes(name):
+        if route.computes(name):
             module, pname = held[name]
-            dim = _partition_dim(getattr(module, pname), routes.tp_group)
-            if dim is not None or dst is None or rank == src:  # a replicated tensor: the source's copy only
-                t = dist.get_world_size(routes.tp_group)
+            dim = _partition_dim(getattr(module, pname), route.shard_group)
+            if dim is not None or to is None or rank == to:  # a replicated tensor: the gathering rank's copy only
+                t = dist.get_world_size(route.shard_group)
                 shards = [piece for _, piece in _merged_shard_pieces(name, module, pname, dtype, arch, dim, t)]
-        for hf_name in hf_names_of(name):
+        for hf_name in hf_names_of(name, arch):
             piece = None
             if shards:
                 shard = shards.pop(0)  # keep no reference to what is handed out
-                piece = _gather_pieces(shard, dim, routes.tp_group, None if dst is None else src, shapes[hf_name])
+                piece = _gather_pieces(shard, dim, route.shard_group, to, shapes[hf_name])
                 del shard
-            if dst is None and multi_stage:
+            if fanout is not None:  # dst None: the source's copy to every rank of its group
                 if piece is None:
                     piece = torch.empty(shapes[hf_name], dtype=dtype, device=device)
-                dist.broadcast(piece, src=src, group=routes.pp_group)
+                dist.broadcast(piece, src=src, group=fanout)
             elif dst is not None and src != dst and rank == dst:
                 piece = torch.empty(shapes[hf_name], dtype=dtype, device=device)
                 dist.recv(piece, src=src)

@@ -267,13 +267,15 @@ def bucket_worker(bucket_bytes):
                 buckets=list(export_merged(model, dtype=torch.bfloat16, bucket_bytes=bucket_bytes)))
 
 
-def failing_consumer_worker(dst, raising_rank):
+def failing_consumer_worker(dst, raising_rank, moe=False):
     """``export_merged_to`` with a consumer that raises on its 2nd tensor on ``raising_rank``;
     then a plain ``export_merged`` run, which only completes if every rank left the first with
-    the collective schedule intact. Returns (names consumed, the error or None, names after)."""
+    the collective schedule intact. Returns (names consumed, the error or None, names after).
+    ``moe``: the tiny MoE GPT of ``moe_adapter_cases`` at this rank's expert layout."""
     from megatron_lora.hf.export import export_merged, export_merged_to
+    from tests.distributed.moe_adapter_cases import moe_model
 
-    model, seen = _tiny_lora_gpt(), []
+    model, seen = moe_model() if moe else _tiny_lora_gpt(), []
 
     def consume(name, tensor):
         seen.append(name)

@@ -110,7 +110,7 @@ def _is_expert(m) -> bool:
     return bool(getattr(m, "is_expert", False))
 
 
-def _expert_layout_differs() -> bool:
+def expert_pass_needed() -> bool:
     """Whether expert layers need their own pass: with expert parallelism, or an expert-TP group
     that is not the TP group, ``dst``'s dense replica does not hold every expert, sharded the way
     the dense pass gathers. The answer depends on the layout only, so every rank agrees."""
@@ -126,7 +126,7 @@ def _expert_layout_differs() -> bool:
 
 def _split_experts(named: Dict[str, tuple]) -> Tuple[Dict[str, tuple], Optional[Dict[str, tuple]]]:
     """(dense layers, expert layers), or (all layers, None) when experts need no pass of their own."""
-    if not _expert_layout_differs():
+    if not expert_pass_needed():
         return named, None
     dense = {n: v for n, v in named.items() if not _is_expert(v[0])}
     return dense, {n: v for n, v in named.items() if _is_expert(v[0])}
