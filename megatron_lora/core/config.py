@@ -35,7 +35,7 @@ class LoRAConfig:
         metadata={"help": "Names of the Megatron parallel linears that get an adapter: a name "
                           "(linear_fc1: every one, dense MLP, routed and shared experts) or a scoped "
                           "name (experts.linear_fc1, shared_experts.linear_fc1, mlp.linear_fc1, "
-                          "self_attention.linear_qkv)."},
+                          "self_attention.linear_qkv); 'router': a mixture of experts' router gating."},
     )
     init: str = field(
         default="kaiming",

@@ -189,6 +189,11 @@ def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Lo
                               f"{files.ADAPTER_TRACKER} and no PEFT {PEFT_CONFIG}; pass a full adapter "
                               "file, a LoRA --save directory or a PEFT directory.")
     ckpt_dir = atomic_save.iteration_dir(root, iteration)
+    if not os.path.isdir(ckpt_dir):
+        saved = sorted(int(n[len("iter_"):]) for n in os.listdir(root) if n.startswith("iter_")
+                       and n[len("iter_"):].isdigit() and files.descriptor_path(os.path.join(root, n)))
+        raise ConversionError(f"--iteration {iteration}: {root} has no {os.path.basename(ckpt_dir)}; its adapter "
+                              f"checkpoints are at iterations {', '.join(map(str, saved)) or '(none)'}.")
     cfg = LoRAConfig.from_dict(files.read_descriptor(ckpt_dir)["lora_config"])
     log(f"reading the adapter dist checkpoint {ckpt_dir}")
     with megatron_session():

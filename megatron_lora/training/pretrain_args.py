@@ -22,6 +22,8 @@ from megatron_lora.training.checkpoint_dirs import check_checkpoint_dirs
 from megatron_lora.core.config import DEFAULT_TARGET_MODULES, TARGET_SCOPES
 from megatron_lora.training.preemption import EXIT_SIGNALS
 
+ROUTER_TARGET = "router"  # LoRA on a MoE router's gating, opt-in (core/router.py)
+
 # The architecture flags a checkpoint records (``model_args.json``) and a run must match.
 MODEL_ARG_NAMES = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -202,9 +204,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _known_target(target: str) -> bool:
-    """A target of a GPT layer: one of the four linears, or one scoped (``experts.linear_fc1``)."""
+    """A target of a GPT layer: one of the four linears, one scoped (``experts.linear_fc1``), or
+    a mixture of experts' ``router`` (``core/router.py``; PEFT imports with a router name it)."""
     scope, _, leaf = target.rpartition(".")
-    return leaf in DEFAULT_TARGET_MODULES and scope in ("", *TARGET_SCOPES)
+    return target == ROUTER_TARGET or (leaf in DEFAULT_TARGET_MODULES and scope in ("", *TARGET_SCOPES))
 
 
 def _fail(message: str) -> None:
@@ -284,7 +287,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if unknown:
             _fail(f"--lora-target-modules {' '.join(unknown)}: no such module in a GPT layer; "
                   f"choose from {' '.join(DEFAULT_TARGET_MODULES)}, each optionally scoped by one "
-                  f"of {' '.join(TARGET_SCOPES)} (experts.linear_fc1).")
+                  f"of {' '.join(TARGET_SCOPES)} (experts.linear_fc1), or {ROUTER_TARGET} (a MoE router).")
+        if ROUTER_TARGET in args.lora.target_modules and args.num_experts is None:
+            _fail(f"--lora-target-modules {ROUTER_TARGET} matches no module: this model is dense (no "
+                  "--num-experts); drop it.")
         absent = {"experts": args.num_experts is None and "this model is dense (no --num-experts)",
                   "shared_experts": args.moe_shared_expert_intermediate_size is None
                   and "it has no shared expert (--moe-shared-expert-intermediate-size)",
@@ -301,11 +307,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if args.lora.use_dora:  # where DoRA's norm has no reduction of its own (docs/design.md §18)
             _check_dora_targets(args)
         kv_channels = args.kv_channels or args.hidden_size // heads
-        smallest = min(args.hidden_size, heads * kv_channels, args.moe_ffn_hidden_size or args.ffn_hidden_size)
+        sides = [args.hidden_size, heads * kv_channels, args.moe_ffn_hidden_size or args.ffn_hidden_size]
+        if ROUTER_TARGET in args.lora.target_modules:
+            sides.append(args.num_experts)
+        smallest = min(sides)
         if args.lora.rank > smallest:
             _fail(f"--lora-rank {args.lora.rank} exceeds the smallest side of the adapted layers ({smallest}: "
-                  "hidden size, heads x kv channels, (expert) ffn hidden size); a rank above it adds nothing. "
-                  f"Choose --lora-rank <= {smallest}.")
+                  "hidden size, heads x kv channels, (expert) ffn hidden size, experts of a router target); a "
+                  f"rank above it adds nothing. Choose --lora-rank <= {smallest}.")
     elif args.lora_load or args.lora_save_merged or args.lora_plus_ratio is not None:
         _fail("--lora-load / --lora-save-merged / --lora-plus-ratio need --lora-rank (the adapter's rank).")
     if args.lora_plus_ratio is not None and not args.lora_plus_ratio > 0:

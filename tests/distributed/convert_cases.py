@@ -80,13 +80,14 @@ def _script_args(paths, base, extra=()):
     return validate_args(parse_args([str(f) for f in flags]), torch.distributed.get_world_size())
 
 
-def _megatron_logits(model):
-    """Logits of the fixed batch, gathered over TP: [b, s, vocab]."""
+def _megatron_logits(model, ids=None):
+    """Logits of ``ids`` (default: the fixed batch), gathered over TP: [b, s, vocab]."""
     from megatron.core import parallel_state as ps
 
+    ids = tokens() if ids is None else ids
     model.eval()
     with torch.no_grad():
-        logits = model(tokens(), torch.arange(SEQ).expand(BATCH, -1), None)
+        logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     shards = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
     torch.distributed.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(shards, dim=-1)

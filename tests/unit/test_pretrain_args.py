@@ -200,11 +200,14 @@ def test_bad_moe_combinations_name_the_flag(data, flags, world, needle):
     (MOE + ["--lora-target-modules", "linear_qkv", "shared_experts.linear_fc2"],
      "shared_experts.linear_fc2 matches no module: it has no shared expert"),
     (MOE + ["--lora-target-modules", "mlp.linear_fc1"], "mlp.linear_fc1 matches no module: its MLPs are experts"),
+    (["--lora-target-modules", "linear_qkv", "router"], "router matches no module: this model is dense"),
+    (MOE + ["--lora-rank", "5", "--lora-target-modules", "router"], "--lora-rank 5 exceeds .* Choose --lora-rank <= 4"),
 ])
 def test_scoped_targets_the_model_lacks_are_refused_before_building(data, flags, needle):
     with pytest.raises(UsageError, match=needle):
         check(data + ["--lora-rank", "4"] + flags)
     check(data + MOE + ["--lora-rank", "4", "--lora-target-modules", "experts.linear_fc1", "linear_qkv"])
+    assert "router" in check(data + MOE + ["--lora-rank", "4", "--lora-target-modules", "router"]).lora.target_modules
 
 
 @pytest.mark.parametrize("flags", [["--expert-model-parallel-size", "2"], ["--moe-grouped-gemm"],
