@@ -48,8 +48,10 @@ FROZEN_RTOL = 1e-6
 LOSS_RTOL = 1e-6
 LOGITS_RTOL = 1e-5
 # Adam's normalised step amplifies gradient rounding where a gradient is near zero (the starved
-# expert's factors): measured up to 2.8e-5 absolute on factors of size ~4e-2 (lr 1e-2, 4 steps).
-ADAPTER_RTOL, ADAPTER_ATOL = 1e-5, 1e-4
+# expert's factors): measured up to 1.1e-4 absolute at the TP=2+SP layouts on factors of size
+# ~4e-2 (lr 1e-2, 4 steps; 2.8e-5 on another CPU: the rounding depends on the machine's kernels).
+# Switching the aux loss off moves the adapter by 2e-2, 40x this bound.
+ADAPTER_RTOL, ADAPTER_ATOL = 1e-5, 5e-4
 ADAPTER_TENSORS = 2 * (2 + 2 * M.EXPERTS) * 2  # layers x (qkv, proj, experts x (fc1, fc2)) x factors
 _runs = {}
 

@@ -29,8 +29,9 @@ LAYOUTS = {
 # Adam turns reduction-order noise in a near-zero gradient entry into visible noise in its
 # factor (the update is lr * g / (|g| + eps)). On the TE double under SP, one qkv lora_B entry,
 # gradient 1.8e-7 at step 1 (the gradients agree to 5e-9), ends 1.2e-5 from TP=1 after 6 steps:
-# that layout is held to the script-level adapter tolerance of docs/design.md §11.
-ADAPTER_TOLERANCE = {"te-tp2-sp-ddp-fused": dict(rtol=1e-3, atol=1e-4)}
+# that layout is held to the script-level adapter tolerance of docs/design.md §11. The TE double
+# without SP ends up to 1.6e-5 off on some CPUs (the rounding depends on the machine's kernels).
+ADAPTER_TOLERANCE = {"te-tp2-sp-ddp-fused": dict(rtol=1e-3, atol=1e-4), "te-tp2-apply": dict(rtol=1e-3, atol=1e-4)}
 _runs = {}
 
 
