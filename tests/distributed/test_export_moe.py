@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers", reason="needs the hf extra: p
 peft = pytest.importorskip("peft", reason="needs the hf extra: pip install -e '.[hf]'")
 
 from tests.distributed.test_convert_families import _cls, _config, _logits, _random_model  # noqa: E402
+from tests.distributed.test_export import _bitwise_equal, _load  # noqa: E402
 
 KIND = "qwen3_moe"
 TOL = 1e-4  # fp32
@@ -49,18 +50,6 @@ def work(tmp_path_factory):
                                      expert_tensor_parallel_size=lay["etp"])
     run_distributed(E.offline_worker, 1, paths, saved["ep2"])
     return paths, runs, saved, hf
-
-
-def _load(directory, file):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(directory, file))
-
-
-def _bitwise_equal(got, want):
-    assert sorted(got) == sorted(want)
-    different = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def _megatron_logits(ranks):
