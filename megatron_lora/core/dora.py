@@ -120,15 +120,26 @@ def init_magnitude(layer, name: str) -> None:
     layer.lora_magnitude.copy_(squares.sqrt_())
 
 
+_NORM_BLOCKS = 16  # merge-time norms sum a sixteenth of the rows at a time in fp64
+
+
 @torch.no_grad()
-def merged_weight(layer) -> torch.Tensor:
-    """``(m / n) ⊙ (W_i + s·B·A)`` row-wise, this rank's shard in the weight's dtype, the norm in fp32:
-    what ``merge`` writes. Collective over the layer's TP group for a row layer (one all-reduce of
-    the [out] partial squares)."""
-    adapted = torch.addmm(layer.weight.float(), layer.lora_b_for_gemm().float(), layer.lora_A.float(),
-                          alpha=layer.lora_scaling)
-    squares = adapted.square().sum(dim=1)
+def row_squares_fp64(x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j x_ij²`` per row in fp64, a sixteenth of the rows at a time (at most half the bytes of
+    an fp32 ``x`` more, never a weight-sized fp64 copy). Each fp32 square is exact in fp64, so a
+    row layer's sum of per-rank partial sums and the TP=1 sum differ by fp64 rounding only, far
+    below what an fp32 result can show: the merged weight is the same at every TP size."""
+    rows = max(1, -(-x.shape[0] // _NORM_BLOCKS))
+    return torch.cat([block.double().square_().sum(dim=1) for block in x.split(rows)])
+
+
+@torch.no_grad()
+def rescale_merged(layer, merged: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged shard from the LoRA one: ``merged`` (this rank's fp32 ``W_i + s·B·A``) scaled
+    row-wise by ``m / n`` in place, n summed in fp64 (``row_squares_fp64``). Collective over the
+    layer's TP group for a row layer: one all-reduce of the fp64 [out] partial squares."""
+    squares = row_squares_fp64(merged)
     if is_row(layer):
         C.all_reduce(squares, layer.lora_group)
-    factor = layer.lora_magnitude.float() / squares.sqrt_()
-    return adapted.mul_(factor.unsqueeze(1)).to(layer.weight.dtype)
+    factor = layer.lora_magnitude.double().div_(squares.sqrt_()).float()
+    return merged.mul_(factor.unsqueeze(1))

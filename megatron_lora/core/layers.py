@@ -60,8 +60,6 @@ from megatron_lora.core.dropout import dropout_mask
 from megatron_lora.core.init import init_lora_factors
 from megatron_lora.core.layout import AdapterLayout
 from megatron_lora.core.ops import Branch
-# fp32_lora_delta is re-exported: hf/export.py imports it from here.
-from megatron_lora.core.shard_merge import fp32_lora_delta  # noqa: F401
 from megatron_lora.core.sharded_state import LORA_FACTORS, LORA_TENSORS, lora_sharded_state_dict
 
 

@@ -31,7 +31,7 @@ def peft_to_megatron(peft_dir: str, output: str, base: str, log: Log = silent,
     model_args, _ = read_base(base)
     if os.path.exists(output):
         raise ConversionError(f"--output {output} already exists; choose a new path or delete it.")
-    tensors, cfg = checked(*read_peft(peft_dir, arch_from_model_args(model_args, base), per_projection),
+    tensors, cfg = checked(*read_peft(peft_dir, arch_from_model_args(model_args, base), per_projection, base),
                            where=peft_dir)
     write_full_adapter(tensors, cfg, output, converted_from=f"peft:{os.path.abspath(peft_dir)}")
     kind = " per projection" if cfg.per_projection else ""
@@ -61,7 +61,7 @@ def megatron_to_peft(adapter: str, output: str, base: str, iteration: Optional[i
     model_args, hf_dir = read_base(base)
     arch = arch_from_model_args(model_args, base)
     check_new_output(output)
-    tensors, cfg = read_adapter(adapter, model_args, iteration, log)
+    tensors, cfg = read_adapter(adapter, model_args, iteration, log, base)
     peft_tensors, config = peft_from_megatron(tensors, cfg, arch, compact, base_model_name_or_path or hf_dir, adapter,
                                               expert_layout)
     os.makedirs(output, exist_ok=True)

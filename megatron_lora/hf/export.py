@@ -47,7 +47,8 @@ from megatron_lora.core.checkpoint.adapter import (
     _check_loaded_factors, _model_config, gather_full_adapter,
 )
 from megatron_lora.core.inject import global_module_names, lora_modules, model_chunks
-from megatron_lora.core.layers import LoRALayerMixin, fp32_lora_delta, is_lora_key
+from megatron_lora.core.layers import LoRALayerMixin, is_lora_key
+from megatron_lora.core.shard_merge import merged_shard
 from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_model_args, check_hf_config_matches, hf_from_megatron_tensor, hf_names_of,
     hf_shapes, megatron_names,
@@ -446,8 +447,7 @@ def _merged_shard_pieces(name: str, module, pname: str, dtype, arch: Arch, dim: 
     param = getattr(module, pname).detach()
     with torch.no_grad():
         if isinstance(module, LoRALayerMixin) and pname == "weight" and module.lora_enabled:
-            merged = fp32_lora_delta(module.lora_A, module.lora_b_for_gemm(), module.lora_scaling)
-            merged = merged.add_(param).to(dtype)  # one cast; the fp32 delta is freed on return
+            merged = merged_shard(module, dtype)  # one cast; the fp32 merge is freed on return
         else:
             merged = param.to(dtype, copy=True)  # never a parameter
     local = arch

@@ -35,7 +35,7 @@ def merge(base: str, adapter: Optional[str], output: str, to: str = "megatron", 
         check_hf_config_matches(read_json(os.path.join(hf_config_dir, "config.json"), "pass the HF model dir"),
                                 arch, os.path.join(hf_config_dir, "config.json"))
     check_new_output(output)
-    tensors, cfg = read_adapter(adapter, model_args, iteration, log) if adapter else (None, None)
+    tensors, cfg = read_adapter(adapter, model_args, iteration, log, base) if adapter else (None, None)
     from megatron_lora import merge_lora
     from megatron_lora.core.checkpoint.adapter import load_full_adapter
     from megatron_lora.training.model_checkpoint import load_model, save_model

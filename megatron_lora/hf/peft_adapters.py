@@ -49,6 +49,10 @@ carries PEFT's own factors: ``A = [A_q; A_k; A_v]`` (``[A_gate; A_up]``) and the
 lora_alpha and use_rslora, and export cuts A into its blocks and B into its rows: rank r per
 projection however the adapter was trained (``compact`` then only drops unused components as
 above). An absent projection gets a zero A block and zero B rows, which stay zero in training.
+
+**DoRA** (``use_dora=True``): each projection's ``lora_magnitude_vector`` is fused into the layer's
+``lora_magnitude`` with B's row mapping and split back on export (``peft_dora``); a projection the
+adapter leaves out keeps its base rows' norm, read from the base (``base_norms``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_lora.core.config import DEFAULT_TARGET_MODULES, LoRAConfig, target_names
-from megatron_lora.hf import peft_experts
+from megatron_lora.core.sharded_state import LORA_MAGNITUDE
+from megatron_lora.hf import peft_dora, peft_experts
 from megatron_lora.hf.mapping import MODULES, Arch, ConversionError
 
 PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
@@ -71,7 +76,6 @@ QKV = "self_attention.linear_qkv"
 
 # adapter_config.json fields whose non-default value changes what the factors mean: (field, default, why)
 _UNSUPPORTED = (
-    ("use_dora", False, "DoRA adds a magnitude vector Megatron LoRA layers do not have"),
     ("bias", "none", "LoRA bias terms are not part of megatron_lora adapters"),
     ("lora_bias", False, "LoRA bias terms are not part of megatron_lora adapters"),
     ("modules_to_save", None, "fully trained extra modules (modules_to_save) are not adapters"),
@@ -148,6 +152,7 @@ def check_peft_config(cfg: dict, where: str = "adapter_config.json", arch: Optio
         if value in (default, None) or (isinstance(value, (list, tuple, dict)) and not value):
             continue
         raise ConversionError(f"{where}: {field}={value!r}: {why}.")
+    peft_dora.check_config(cfg, where)
     if peft_experts.targeted_parameters(cfg, where) and arch is not None and not arch.num_experts:
         raise ConversionError(f"{where}: target_parameters {cfg['target_parameters']!r} adapt experts, but the "
                               f"model ({arch.model_type}) has none; check --base.")
@@ -177,8 +182,8 @@ def _peft_factors(tensors: Dict[str, torch.Tensor], config: dict, r: int, arch: 
         if not m or m.group(3) not in shapes or PARENT_OF_PART.get(m.group(3)) != m.group(2):
             raise ConversionError(
                 f"{where}: tensor {key!r} is not a LoRA factor of a {arch.model_type} projection "
-                f"({', '.join(sorted(_known_target_modules(arch)))}); embeddings, lm_head, biases and DoRA "
-                "magnitudes cannot be converted.")
+                f"({', '.join(sorted(_known_target_modules(arch)))}); embeddings, lm_head and biases "
+                "cannot be converted.")
         layer, part, factor = int(m.group(1)), m.group(3), m.group(4)
         if layer >= arch.num_layers:
             raise ConversionError(f"{where}: {key} is for layer {layer}, the model has {arch.num_layers} layers; "
@@ -200,13 +205,18 @@ def _peft_factors(tensors: Dict[str, torch.Tensor], config: dict, r: int, arch: 
 
 
 def megatron_from_peft(tensors: Dict[str, torch.Tensor], peft_config: dict, arch: Arch,
-                       where: str = "the PEFT adapter",
-                       per_projection: bool = False) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+                       where: str = "the PEFT adapter", per_projection: bool = False,
+                       base_norms: Optional[peft_dora.BaseNorms] = None) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
     """A full adapter and its LoRAConfig whose update equals the PEFT adapter's (module docstring);
-    ``per_projection``: for a per-projection model, at PEFT's rank."""
+    ``per_projection``: for a per-projection model, at PEFT's rank. ``base_norms``: the base's row
+    norms, for DoRA projections the adapter leaves out (``peft_dora``)."""
     scale = check_peft_config(peft_config, where, arch)
     r = peft_config["r"]
+    dora = bool(peft_config.get("use_dora"))
+    tensors, magnitudes = peft_dora.read(tensors, peft_config, arch, where)
     factors = _peft_factors(tensors, peft_config, r, arch, where)
+    if dora:
+        peft_dora.check_pairs(factors, magnitudes, where)
     present = {part for _, part in factors}
     modules = adapter_modules(arch)
     targets = [t for t in TARGET_ORDER if any(m.target == t and present & set(m.parts) for m in modules)]
@@ -236,12 +246,20 @@ def megatron_from_peft(tensors: Dict[str, torch.Tensor], peft_config: dict, arch
         pad = rank - b.shape[1]
         out[full_key(layer, module, "lora_A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
         out[full_key(layer, module, "lora_B")] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
+    if dora:
+        parts = {m.name: m for m in modules}
+        needed = [(layer, p) for layer, module in module_factors for p in parts[module].parts]
+        magnitudes = peft_dora.with_base_norms(needed, magnitudes, base_norms, where)
+        for layer, module in module_factors:
+            blocks = [magnitudes[(layer, p)] for p in parts[module].parts]
+            out[full_key(layer, module, LORA_MAGNITUDE)] = _fuse(arch, parts[module], blocks).contiguous()
     if rank == r:
         alpha, rslora = peft_config["lora_alpha"], bool(peft_config.get("use_rslora"))
     else:
         alpha, rslora = scale * rank, False
     cfg = LoRAConfig(rank=rank, alpha=alpha, use_rslora=rslora, target_modules=tuple(targets),
-                     dropout=float(peft_config.get("lora_dropout") or 0.0), per_projection=per_projection)
+                     dropout=float(peft_config.get("lora_dropout") or 0.0), per_projection=per_projection,
+                     use_dora=dora)
     return out, cfg
 
 
@@ -309,6 +327,9 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
         raise ConversionError(f"{where}: LoRA targets {unknown} have no {arch.model_type} projection; "
                               f"exportable targets: {exportable}.")
     rows = [m for m in modules if any(t in names[m.name] for t in cfg.target_modules)]
+    experts = [m.name for m in rows if any(p not in PARENT_OF_PART for p in m.parts)]
+    if cfg.use_dora and experts:
+        raise ConversionError(f"{where}: DoRA on {experts[0]}: {peft_dora.NO_EXPERTS}.")
     shapes = part_shapes(arch)
     expected = {}
     for layer in range(arch.num_layers):
@@ -317,6 +338,8 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
             out_features = sum(shapes[p][0] for p in m.parts)
             expected[full_key(layer, m.name, "lora_A")] = (_projections(cfg, m) * cfg.rank, in_features)
             expected[full_key(layer, m.name, "lora_B")] = (out_features, cfg.rank)
+            if cfg.use_dora:
+                expected[full_key(layer, m.name, LORA_MAGNITUDE)] = (out_features,)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {v})" for k, v in expected.items()
              if k in tensors and tuple(tensors[k].shape) != v]
@@ -324,12 +347,17 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
         raise ConversionError(f"{where} does not fit the base model (check --base): "
                               f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shapes {wrong[:3]}.")
     per_part = {}  # (layer, part) -> (A [R, in], B [out, R])
+    out = {}
     for layer in range(arch.num_layers):
         for m in rows:
             a, b = tensors[full_key(layer, m.name, "lora_A")], tensors[full_key(layer, m.name, "lora_B")]
             a_parts = a.chunk(_projections(cfg, m)) if cfg.per_projection else None
             for i, (part, b_part) in enumerate(zip(m.parts, _split(arch, m, b))):
                 per_part[(layer, part)] = (a_parts[i] if a_parts else a, b_part)
+            if cfg.use_dora:  # compaction below changes no B·A, so no norm: the magnitudes copy as they are
+                magnitude = tensors[full_key(layer, m.name, LORA_MAGNITUDE)]
+                for part, m_part in zip(m.parts, _split(arch, m, magnitude)):
+                    out[peft_dora.peft_key(layer, part)] = m_part.contiguous()
     fused = bool(arch.num_experts) and expert_layout == "fused"
     units = _units(per_part, arch, shapes, fused)
     keep = {k: (b.ne(0).any(0) & a.ne(0).any(1)).nonzero().flatten() for k, (a, b) in units.items()}
@@ -337,7 +365,7 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
     r_out = max(len(idx) for idx in keep.values()) if compact else width
     if r_out == 0:  # an untrained adapter (B = 0): keep its A's for further training
         r_out, compact = width, False
-    out, fused_experts = {}, {}
+    fused_experts = {}
     for k, (a, b) in units.items():
         if compact:
             a, b = a[keep[k]], b[:, keep[k]]
@@ -369,7 +397,7 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r_out,
                   lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
                   lora_dropout=dropout, use_rslora=rslora, target_modules=dense_parts + modules_more, bias="none",
-                  fan_in_fan_out=False, use_dora=False, modules_to_save=None, init_lora_weights=True,
+                  fan_in_fan_out=False, use_dora=cfg.use_dora, modules_to_save=None, init_lora_weights=True,
                   rank_pattern={}, alpha_pattern={}, layers_to_transform=None, layers_pattern=None,
                   inference_mode=True, base_model_name_or_path=base_model_name_or_path)
     if parameters:

@@ -122,15 +122,21 @@ def read_base(path: str) -> Tuple[dict, Optional[str]]:
                           "model_args.json, or the Hugging Face model directory.")
 
 
-def read_peft(peft_dir: str, arch: Arch, per_projection: bool = False) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
-    """A PEFT adapter directory as a full adapter (see ``peft_adapters``), per-projection or not."""
+def read_peft(peft_dir: str, arch: Arch, per_projection: bool = False,
+              base: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+    """A PEFT adapter directory as a full adapter (see ``peft_adapters``), per-projection or not;
+    ``base`` (``--base``): where a DoRA adapter's left-out projections find their norms."""
+    from megatron_lora.hf import base_norms
+
     config = read_json(os.path.join(peft_dir, PEFT_CONFIG), "pass a PEFT adapter directory (save_pretrained)")
     check_peft_config(config, os.path.join(peft_dir, PEFT_CONFIG))
     weights = os.path.join(peft_dir, PEFT_WEIGHTS)
     if not os.path.exists(weights):
         raise ConversionError(f"{peft_dir}: no {PEFT_WEIGHTS} (a .bin adapter would be unpickled; re-save "
                               "it with safe_serialization=True).")
-    return megatron_from_peft(adapter_checkpoint.read_full_adapter(weights)[0], config, arch, weights, per_projection)
+    norms = base_norms.reader(base, arch) if base is not None and config.get("use_dora") else None
+    return megatron_from_peft(adapter_checkpoint.read_full_adapter(weights)[0], config, arch, weights, per_projection,
+                              norms)
 
 
 def _is_peft_dir(path: str) -> bool:
@@ -139,12 +145,13 @@ def _is_peft_dir(path: str) -> bool:
 
 
 def read_adapter(path: str, model_args: dict, iteration: Optional[int] = None,
-                 log: Log = silent) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
-    """Logical adapter tensors and config from: a full adapter .safetensors; a PEFT directory; a
-    pretrain_gpt_lora.py --save directory (its full adapter file, else the latest dist
-    checkpoint; ``iteration`` picks one); or one iter_XXXXXXX directory. Every tensor is checked
-    to be a finite float (an export must not write NaN weights and exit 0)."""
-    return checked(*_read_adapter(path, model_args, iteration, log), where=path)
+                 log: Log = silent, base: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
+    """Logical adapter tensors and config from: a full adapter .safetensors; a PEFT directory
+    (``base``: its ``--base``, for DoRA, see ``read_peft``); a pretrain_gpt_lora.py --save
+    directory (its full adapter file, else the latest dist checkpoint; ``iteration`` picks one);
+    or one iter_XXXXXXX directory. Every tensor is checked to be a finite float (an export must
+    not write NaN weights and exit 0)."""
+    return checked(*_read_adapter(path, model_args, iteration, log, base), where=path)
 
 
 def checked(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, where: str):
@@ -154,7 +161,7 @@ def checked(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, where: str):
     return tensors, cfg
 
 
-def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Log):
+def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Log, base: Optional[str] = None):
     from megatron_lora.hf.session import build_stage, megatron_session
 
     if os.path.isfile(path):
@@ -166,7 +173,7 @@ def _read_adapter(path: str, model_args: dict, iteration: Optional[int], log: Lo
     if not os.path.isdir(path):
         raise ConversionError(f"--adapter {path}: no such file or directory.")
     if _is_peft_dir(path):
-        return read_peft(path, arch_from_model_args(model_args))
+        return read_peft(path, arch_from_model_args(model_args), base=base)
     full = os.path.join(path, files.FULL_ADAPTER_FILE)
     if iteration is None and os.path.exists(full):
         return _read_adapter(full, model_args, None, log)

@@ -273,7 +273,7 @@ def test_megatron_export_shares_a_and_deinterleaves_b():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(use_dora=True), "use_dora=True: DoRA"),
+    (dict(use_dora=True, lora_bias=True), "lora_bias=True"),
     (dict(bias="lora_only"), "bias='lora_only'"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(fan_in_fan_out=True), "fan_in_fan_out"),
