@@ -11,7 +11,8 @@ import torch.distributed as dist
 from tests.distributed import convert_cases as C
 
 LAYOUTS = {"tp2": dict(tp=2, pp=1, dp=1), "pp2": dict(tp=1, pp=2, dp=1), "tp2pp2": dict(tp=2, pp=2, dp=1),
-           "tp2pp2dp2": dict(tp=2, pp=2, dp=2), "tp2_per_projection": dict(tp=2, pp=1, dp=1, per_projection=True)}
+           "tp2pp2dp2": dict(tp=2, pp=2, dp=2), "tp2_per_projection": dict(tp=2, pp=1, dp=1, per_projection=True),
+           "tp2pp2_dora": dict(tp=2, pp=2, dp=1, dora=True)}
 ITERATION = 1
 
 
@@ -21,7 +22,8 @@ def convert_worker(paths, hf="llama", megatron="mg_llama"):
 
 
 def _randomize_lora_b(model, seed=3):
-    """Non-zero B's (A keeps its init) through the logical adapter, so every layout gets the same."""
+    """Non-zero B's (A keeps its init) and DoRA magnitudes off the norm (x [0.5, 1.5)) through the
+    logical adapter, so every layout gets the same."""
     from megatron_lora.core.checkpoint.adapter import gather_full_adapter, load_full_adapter
 
     g = torch.Generator().manual_seed(seed)
@@ -29,6 +31,8 @@ def _randomize_lora_b(model, seed=3):
     for name in sorted(full):
         if name.endswith("lora_B"):
             full[name] = torch.randn(full[name].shape, generator=g, dtype=full[name].dtype) * 0.05
+        elif name.endswith("lora_magnitude"):
+            full[name] = full[name] * (0.5 + torch.rand(full[name].shape, generator=g, dtype=full[name].dtype))
     load_full_adapter(model, full)
 
 
@@ -73,7 +77,8 @@ def export_worker(paths, layout):
     args = C._script_args(paths, "mg_llama", [
         "--lora-rank", "4", "--lora-alpha", "8", "--lora-seed", "7",
         "--tensor-model-parallel-size", sizes["tp"], "--pipeline-model-parallel-size", sizes["pp"],
-        *(["--lora-per-projection"] if sizes.get("per_projection") else [])])
+        *(["--lora-per-projection"] if sizes.get("per_projection") else []),
+        *(["--lora-use-dora"] if sizes.get("dora") else [])])
     model = gpt_stage_from_args(args, args.lora)
     load_model(model, paths["mg_llama"])
     apply_lora(model, args.lora)

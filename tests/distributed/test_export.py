@@ -76,10 +76,11 @@ def _megatron_logits(ranks, layout):
 
 
 def test_peft_export_equals_megatron_to_peft_bit_for_bit(exported):
-    _, ranks, offline = exported
+    layout, ranks, offline = exported
     tensors, config = ranks[0]["peft"]
     assert all(rank["peft"] is None for rank in ranks[1:])  # dst=0
-    assert len(tensors) == 2 * 7 * 2  # layers x projections x factors
+    assert len(tensors) == 2 * 7 * (3 if "dora" in layout else 2)  # layers x projections x (factors, DoRA's m)
+    assert config["use_dora"] == ("dora" in layout)
     for saved in ("peft_dist", "peft_full"):  # from the dist checkpoint and from the full file
         _bitwise_equal(tensors, _load(os.path.join(offline, saved), "adapter_model.safetensors"))
         assert json.loads(json.dumps(config)) == json.load(open(os.path.join(offline, saved, "adapter_config.json")))
