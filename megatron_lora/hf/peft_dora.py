@@ -87,7 +87,7 @@ def check_pairs(factors: Iterable[Key], magnitudes: Dict[Key, torch.Tensor], whe
     for what, keys in (("LoRA factors but no lora_magnitude_vector", factors - set(magnitudes)),
                        ("a lora_magnitude_vector but no LoRA factors", set(magnitudes) - factors)):
         if keys:
-            layer, part = min(keys)
+            layer, part = min(keys, key=lambda k: (k[0], list(_PARENT_OF_PART).index(k[1])))  # the first in layer order
             raise ConversionError(f"{where}: use_dora: layer {layer} {part} has {what}; pass the adapter "
                                   "as save_pretrained wrote it.")
 
