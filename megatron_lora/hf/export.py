@@ -53,7 +53,7 @@ from megatron_lora.hf.mapping import (
     Arch, ConversionError, arch_from_model_args, check_hf_config_matches, hf_from_megatron_tensor, hf_names_of,
     hf_shapes, megatron_names,
 )
-from megatron_lora.hf.peft_adapters import peft_from_megatron
+from megatron_lora.hf.peft_adapters import exported_modules, peft_from_megatron
 from megatron_lora.hf.peft_experts import LAYOUTS
 
 WHERE = "the model's adapter"
@@ -146,6 +146,7 @@ def export_peft(model, hf_config: Optional[dict] = None, dst: Optional[int] = 0,
         raise ValueError(f"expert_layout must be one of {LAYOUTS}, got {expert_layout!r}.")
     arch = arch_from_model(model, hf_config)
     cfg = _model_config(model)
+    exported_modules(cfg, arch, WHERE)  # what PEFT cannot hold (DoRA experts), refused on every rank
     _check_loaded_factors(model, WHERE)  # each rank its shards, so that every rank raises
     tensors = gather_full_adapter(model, dst=dst)
     if not _receives(dst):

@@ -311,14 +311,9 @@ def _stacked_layer(module: AdapterModule, parts: List[Optional[Tuple[torch.Tenso
     return a, _fuse(arch, module, b_parts)
 
 
-def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: Arch, compact: bool = True,
-                       base_model_name_or_path: Optional[str] = None, where: str = "the adapter",
-                       expert_layout: str = "fused"):
-    """(PEFT tensors, adapter_config dict) with the same update as the full adapter (module docstring).
-    ``expert_layout`` (MoE models): "fused", transformers 5 / peft's ``target_parameters``, or
-    "per_expert", one LoRA per expert projection (``peft_experts``); dense models ignore it."""
-    if expert_layout not in peft_experts.LAYOUTS:
-        raise ValueError(f"expert_layout must be one of {peft_experts.LAYOUTS}, got {expert_layout!r}.")
+def exported_modules(cfg: LoRAConfig, arch: Arch, where: str = "the adapter") -> List[AdapterModule]:
+    """The LoRA layers of one decoder layer an adapter of ``cfg`` holds, refusing what PEFT cannot
+    hold (checked from the config alone, so the in-memory export refuses on every rank)."""
     modules = adapter_modules(arch)
     names = {m.name: target_names(f"decoder.layers.0.{m.name}") for m in modules}
     unknown = [t for t in cfg.target_modules if not any(t in n for n in names.values())]
@@ -330,6 +325,18 @@ def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: 
     experts = [m.name for m in rows if any(p not in PARENT_OF_PART for p in m.parts)]
     if cfg.use_dora and experts:
         raise ConversionError(f"{where}: DoRA on {experts[0]}: {peft_dora.NO_EXPERTS}.")
+    return rows
+
+
+def peft_from_megatron(tensors: Dict[str, torch.Tensor], cfg: LoRAConfig, arch: Arch, compact: bool = True,
+                       base_model_name_or_path: Optional[str] = None, where: str = "the adapter",
+                       expert_layout: str = "fused"):
+    """(PEFT tensors, adapter_config dict) with the same update as the full adapter (module docstring).
+    ``expert_layout`` (MoE models): "fused", transformers 5 / peft's ``target_parameters``, or
+    "per_expert", one LoRA per expert projection (``peft_experts``); dense models ignore it."""
+    if expert_layout not in peft_experts.LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {peft_experts.LAYOUTS}, got {expert_layout!r}.")
+    rows = exported_modules(cfg, arch, where)
     shapes = part_shapes(arch)
     expected = {}
     for layer in range(arch.num_layers):

@@ -172,3 +172,39 @@ def misplaced_experts_worker():
     except ValueError as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def dora_experts_worker():
+    """EP=2, the tiny MoE GPT with DoRA on attention and both (SequentialMLP) expert linears:
+    ``export_peft``'s error on this rank, and ``export_merged(dst=None)``'s expert tensors next to
+    DoRA's formula in fp64 from this rank's own experts (mapped by the converter's names)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import LoRAConfig, apply_lora, lora_modules
+    from megatron_lora.hf.export import arch_from_model, export_merged, export_peft
+    from megatron_lora.hf.mapping import ConversionError, hf_from_megatron_tensor
+    from tests.distributed.models import build_tiny_gpt
+    from tests.distributed.moe_adapter_cases import moe_config
+
+    model = build_tiny_gpt(moe_config(1, ps.get_expert_model_parallel_world_size(), 1))
+    lora = LoRAConfig(rank=4, alpha=8, use_dora=True, target_modules=("linear_qkv", "linear_fc1", "linear_fc2"))
+    apply_lora(model, lora)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    with torch.no_grad():
+        for m in lora_modules(model):
+            m.lora_B.normal_(0, 0.05, generator=g)
+            m.lora_magnitude.mul_(0.5 + torch.rand(m.lora_magnitude.shape, generator=g))
+    try:
+        export_peft(model, dst=0)
+        error = None
+    except ConversionError as err:
+        error = str(err)
+    merged = dict(export_merged(model, dtype=torch.float32, dst=None))
+    arch, want = arch_from_model(model), {}
+    for m in lora_modules(model):
+        if ".experts." in m.lora_init_name:
+            adapted = m.weight.double() + m.lora_scaling * m.lora_B.double() @ m.lora_A.double()
+            dora = (m.lora_magnitude.double() / adapted.norm(dim=1)).unsqueeze(1) * adapted
+            want.update(hf_from_megatron_tensor(m.lora_init_name + ".weight", dora, arch))
+    diff = max((merged[k].double() - t).abs().max().item() for k, t in want.items())
+    return dict(error=error, experts=len(want), streamed=len(merged), diff=diff)

@@ -281,3 +281,17 @@ def test_a_consumer_raising_leaves_every_rank_with_the_schedule_intact(dst, rais
             assert len(seen) == 2 and error == f"the engine refused {seen[1]}"
         else:
             assert error is None and len(seen) == (everything if receives else 0)
+
+
+def test_dora_experts_merge_and_refuse_peft_on_every_rank():
+    """EP=2, DoRA on attention and the SequentialMLP experts: ``export_peft`` refuses on every rank
+    alike, naming the expert layer and the way out (PEFT has no DoRA on experts); ``export_merged``
+    streams every tensor and folds each expert's magnitude as DoRA's formula does."""
+    ranks = run_distributed(E.dora_experts_worker, 2, expert_model_parallel_size=2)
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert ranks[0]["error"].startswith("the model's adapter: DoRA on mlp.experts.local_experts.0.linear_fc1: PEFT "
+                                        "has no DoRA on experts or the router"), ranks[0]["error"]
+    assert "merge the adapter instead (merge --to hf, or export_merged)" in ranks[0]["error"]
+    for r in ranks:
+        print(f"DoRA experts merged (EP=2), max |difference| to the formula: {r['diff']:.3g}")
+        assert r["experts"] > 0 and r["streamed"] == ranks[0]["streamed"] and r["diff"] < 1e-6
