@@ -11,10 +11,12 @@ the training model (every result is a fresh tensor, no parameter is written).
   ``gather_full_adapter`` (what ``save_full_adapter`` writes) and maps with
   ``peft_from_megatron`` (what the converter runs), so tensors and ``adapter_config.json`` are
   the converter's, bit for bit.
-* :func:`export_merged`: ``W + s·B·A`` per base tensor, as ``merge --to hf`` writes it. For each
-  logical Megatron tensor in pipeline order, every TP rank of the stage that holds it merges its
-  own shard out of place in fp32 with ``fp32_lora_delta`` from its local factors (shard i of the
-  formula ``merge_lora`` applies on the fp32 model the ``merge`` conversion builds), casts once,
+* :func:`export_merged`: ``W + s·B·A`` per base tensor (DoRA: ``(m/n) ⊙ (W + s·B·A)`` row-wise), as
+  ``merge --to hf`` writes it. For each logical Megatron tensor in pipeline order, every TP rank of
+  the stage that holds it merges its own shard out of place in fp32 with ``shard_merge.merged_shard``
+  from its local factors (shard i of the formula ``merge_lora`` applies on the fp32 model the
+  ``merge`` conversion builds; a DoRA row layer's norm takes one all-reduce of its [out] partial
+  squares over the layer's TP group, on every rank of that group alike), casts once,
   splits fused rows per shard into Hugging Face projections (``hf_from_megatron_tensor``, the
   converter's mapping), gathers each projection in the target dtype onto the one rank that sends
   and sends it to the destination over the pipeline group. A mixture-of-experts model's expert
@@ -177,8 +179,10 @@ def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch
     that never completes. :func:`export_merged_to` keeps the schedule whatever the consumer does.
 
     Memory: each TP rank of the stage that holds a tensor merges ITS shard, ``W_i + s·B_i·A``
-    (column) or ``W_i + s·B·A_i`` (row), in fp32 from its own factors (docs/design.md §1), casts
-    once, splits fused rows into its share of each projection and gathers those onto the one
+    (column) or ``W_i + s·B·A_i`` (row), in fp32 from its own factors (docs/design.md §1; DoRA
+    scales its rows in place by ``m / n``, summing n in fp64 a sixteenth of the rows at a time:
+    at most S/2 bytes and [out]-sized vectors more while the fp32 shard lives, inside the bound
+    below; docs/design.md §18), casts once, splits fused rows into its share of each projection and gathers those onto the one
     rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. An expert tensor
     at EP > 1 (or an expert-TP group other than the TP group) is merged the same way by the
     expert-TP group of the EP rank that holds it, gathered onto that group's rank with ``dst``'s
@@ -441,7 +445,9 @@ def _merged_shard_pieces(name: str, module, pname: str, dtype, arch: Arch, dim: 
     Merging is local and exact (docs/design.md §1): rows i of ``s·B·A`` are ``s·B_i·A`` (column),
     columns i are ``s·B·A_i`` (row), so the fp32 sum here is, element for element, ``merge_lora``'s
     on the fp32 TP=1 model of the ``merge`` conversion (IEEE addition commutes), and the cast of a
-    shard is the shard of the cast. Fused rows split per shard too: a ``linear_fc1`` shard is
+    shard is the shard of the cast. A DoRA layer's norm is summed in fp64 (``dora.rescale_merged``;
+    a row layer all-reduces its partial squares, collective over its TP group), so its scale is
+    the TP=1 one too. Fused rows split per shard too: a ``linear_fc1`` shard is
     ``[gate_i; up_i]`` (§7) and a ``linear_qkv`` shard holds whole query groups, ``[q; k; v]`` of
     heads/t heads in groups/t groups, so each HF projection's shards are rows i of it.
     """

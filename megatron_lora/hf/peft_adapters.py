@@ -52,7 +52,7 @@ above). An absent projection gets a zero A block and zero B rows, which stay zer
 
 **DoRA** (``use_dora=True``): each projection's ``lora_magnitude_vector`` is fused into the layer's
 ``lora_magnitude`` with B's row mapping and split back on export (``peft_dora``); a projection the
-adapter leaves out keeps its base rows' norm, read from the base (``base_norms``).
+adapter leaves out keeps its base rows' norm, read from the base (``sources.base_norms``).
 """
 
 from __future__ import annotations

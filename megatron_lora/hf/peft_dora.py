@@ -15,7 +15,7 @@ A projection the PEFT adapter leaves out (q and v adapted, k not; a layer outsid
 ``layers_to_transform``) has no magnitude; PEFT runs it as the base. Its rows get B = 0 and
 ``m = ‖W_o‖``, the base weight's norm (in fp64, as ``dora.init_magnitude`` computes it), so its
 scale ``m / n`` is 1: those norms come from the base weights (``BaseNorms``, read from ``--base``
-by ``base_norms``); a base given only as its sizes (``model_args.json``) is refused naming the
+by ``sources.base_norms``); a base given only as its sizes (``model_args.json``) is refused naming the
 projection.
 
 Experts and the router: PEFT refuses ``use_dora`` on parameter targets (``target_parameters``),

@@ -1,5 +1,6 @@
 """Reading what a conversion is given: Hugging Face model directories, ``--base`` in any of its
-forms, and adapters (full adapter files, PEFT directories, training ``--save`` directories).
+forms (its row norms too, for DoRA imports), and adapters (full adapter files, PEFT directories,
+training ``--save`` directories).
 
 Every input is checked before a model is built or a file written; expected problems raise
 ``ConversionError`` or ``CheckpointError`` with a one-line message.
@@ -19,8 +20,11 @@ from megatron_lora.core.checkpoint import files
 from megatron_lora.core.checkpoint import atomic_save
 from megatron_lora.training import model_checkpoint
 from megatron_lora.core.config import LoRAConfig
-from megatron_lora.hf.mapping import Arch, ConversionError, arch_from_model_args, check_hf_config, megatron_flags
-from megatron_lora.hf.peft_adapters import check_peft_config, megatron_from_peft
+from megatron_lora.hf.mapping import (
+    MODULES, Arch, ConversionError, arch_from_model_args, check_hf_config, megatron_flags,
+)
+from megatron_lora.hf.peft_adapters import PARENT_OF_PART, check_peft_config, megatron_from_peft
+from megatron_lora.hf.peft_dora import BaseNorms, row_norms
 from megatron_lora.training.pretrain_args import model_args_from_flags
 
 Log = Callable[[str], None]
@@ -122,19 +126,54 @@ def read_base(path: str) -> Tuple[dict, Optional[str]]:
                           "model_args.json, or the Hugging Face model directory.")
 
 
+def base_norms(base: str, arch: Arch) -> Optional[BaseNorms]:
+    """The row norms of ``base``'s projections on demand, for the projections a DoRA adapter
+    leaves out (``peft_dora``): read from a Hugging Face directory (those tensors only) or a
+    Megatron checkpoint (built at TP=1 and loaded, as ``merge`` does); None for a
+    ``model_args.json``, which holds no weights (the import then names the projection)."""
+    model_args, hf_dir = read_base(base)
+    if hf_dir is not None:
+        return lambda needed: _hf_norms(hf_dir or ".", needed)
+    if os.path.isfile(base):
+        return None
+    return lambda needed: _megatron_norms(base, model_args, arch, needed)
+
+
+def _hf_norms(hf_dir: str, needed):
+    ckpt = HFCheckpoint(hf_dir)
+    try:
+        return {(layer, part): row_norms(ckpt.get(f"model.layers.{layer}.{PARENT_OF_PART[part]}.{part}.weight"))
+                for layer, part in needed}
+    finally:
+        ckpt.close()
+
+
+def _megatron_norms(base: str, model_args: dict, arch: Arch, needed):
+    from megatron_lora.hf.session import base_tensors, build_stage, megatron_session
+
+    module_of = {part: (module, parts.index(part)) for module, (_, parts) in MODULES.items() for part in parts}
+    with megatron_session():
+        model = build_stage(model_args)
+        model_checkpoint.load_model(model, base)
+        weights, out = base_tensors(model), {}
+        for layer, part in needed:
+            module, index = module_of[part]
+            fused = weights[f"decoder.layers.{layer}.{module}.weight"].detach()
+            out[(layer, part)] = row_norms(arch.split(module, fused)[index])
+        return out
+
+
 def read_peft(peft_dir: str, arch: Arch, per_projection: bool = False,
               base: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], LoRAConfig]:
     """A PEFT adapter directory as a full adapter (see ``peft_adapters``), per-projection or not;
     ``base`` (``--base``): where a DoRA adapter's left-out projections find their norms."""
-    from megatron_lora.hf import base_norms
-
     config = read_json(os.path.join(peft_dir, PEFT_CONFIG), "pass a PEFT adapter directory (save_pretrained)")
     check_peft_config(config, os.path.join(peft_dir, PEFT_CONFIG))
     weights = os.path.join(peft_dir, PEFT_WEIGHTS)
     if not os.path.exists(weights):
         raise ConversionError(f"{peft_dir}: no {PEFT_WEIGHTS} (a .bin adapter would be unpickled; re-save "
                               "it with safe_serialization=True).")
-    norms = base_norms.reader(base, arch) if base is not None and config.get("use_dora") else None
+    norms = base_norms(base, arch) if base is not None and config.get("use_dora") else None
     return megatron_from_peft(adapter_checkpoint.read_full_adapter(weights)[0], config, arch, weights, per_projection,
                               norms)
 

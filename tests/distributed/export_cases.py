@@ -183,13 +183,13 @@ def vpp_offline_worker(paths):
 
 # ------------------------------------------------------------------------------------ memory
 
-def memory_worker(num_layers, keep_all, dtype_name, dst=None):
+def memory_worker(num_layers, keep_all, dtype_name, dst=None, dora=False):
     """Peak bytes the merged stream allocates on this rank, in all and per logical Megatron
     tensor (while it makes that tensor's Hugging Face pieces), with the model and the export in
     ``dtype_name``; the sizes of the documented bound (``export_merged``'s docstring): each
     tensor's elements N and this rank's shard S (N/t, or N for a replicated norm), the largest
     layer's local factors in fp32; the logical bytes of one layer and of the model. ``keep_all``
-    keeps every yielded tensor inside the meter (the meter must see them)."""
+    keeps every yielded tensor inside the meter (the meter must see them); ``dora``: the adapter is DoRA."""
     from megatron_lora import LoRAConfig, apply_lora, lora_modules
     from megatron_lora.hf.export import arch_from_model, export_merged
     from megatron_lora.hf.mapping import hf_names_of, hf_shapes, megatron_names
@@ -199,7 +199,7 @@ def memory_worker(num_layers, keep_all, dtype_name, dst=None):
     dtype = getattr(torch, dtype_name)
     tp, _ = tp_rank()
     config = tiny_gpt_config(tp=tp, num_layers=num_layers, params_dtype=dtype)
-    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8))
+    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8, use_dora=dora))
     _randomize_lora_b(model)
     arch = arch_from_model(model)
     shapes = hf_shapes(arch)
@@ -238,7 +238,7 @@ def _settle_collectives(seconds=0.01):
     pause the meter sees the previous tensor alive a little longer or not, by thread timing."""
     import time
 
-    for name in ("all_gather", "gather", "broadcast", "send", "recv"):
+    for name in ("all_gather", "gather", "broadcast", "send", "recv", "all_reduce"):
         def settled(*args, _original=getattr(dist, name), **kwargs):
             out = _original(*args, **kwargs)
             time.sleep(seconds)
@@ -258,7 +258,7 @@ def _tiny_lora_gpt():
 
     config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(),
                              pp=ps.get_pipeline_model_parallel_world_size())
-    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8))
+    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8, use_dora=dora))
     _randomize_lora_b(model)
     return model
 

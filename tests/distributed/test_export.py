@@ -1,6 +1,6 @@
 """In-memory export for RL loops (issue 18): ``export_peft`` and ``export_merged`` at TP=2, PP=2,
-TP=2 x PP=2, TP=2 x PP=2 x DP=2 and TP=2 with per-projection LoRA against the file conversions and
-against transformers + peft; the merged stream also at virtual pipeline 2, its memory, the bytes
+TP=2 x PP=2, TP=2 x PP=2 x DP=2, TP=2 with per-projection LoRA and TP=2 x PP=2 with DoRA (issue 27)
+against the file conversions and against transformers + peft; the merged stream also at virtual pipeline 2, its memory, the bytes
 each rank receives, buckets and a failing consumer (issue 23).
 
 The base is a tiny random Llama built with transformers (``test_convert``'s, random norms, GQA)
@@ -247,6 +247,20 @@ def test_merged_stream_peak_memory_is_the_documented_bound(keep_all, dtype):
             over = {name: (t["peak"], _documented_bound(r, t["N"], t["S"])) for name, t in r["per_tensor"].items()
                     if t["peak"] > _documented_bound(r, t["N"], t["S"])}
             assert not over, over  # each tensor within the bound of its own N and S (row layers, qkv)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_dora_merged_stream_peak_memory_is_the_documented_bound(dtype):
+    """The same 8 layers at TP=2 with DoRA: the norm's fp64 row blocks (a sixteenth of a shard's
+    rows, S/2 bytes) and [out] vectors stay inside the bound, per tensor too (the row layers, whose
+    norm is all-reduced, included)."""
+    for r in run_distributed(E.memory_worker, 2, 8, False, dtype, None, True, tp=2):
+        bound = _documented_bound(r)
+        print(f"DoRA {dtype} merged stream peak {r['peak']} B; bound {bound} B (N={r['N']}, S={r['S']}, d={r['d']})")
+        assert r["tensors"] == 3 + 8 * 9 and r["peak"] <= bound
+        over = {name: (t["peak"], _documented_bound(r, t["N"], t["S"])) for name, t in r["per_tensor"].items()
+                if t["peak"] > _documented_bound(r, t["N"], t["S"])}
+        assert not over, over
 
 
 def test_merged_stream_ranks_that_only_contribute_a_shard_hold_a_shard():

@@ -2,7 +2,8 @@
 ``export_merged`` and ``export_peft`` of a Qwen3-MoE model at EP=2, EP=4, TP=2 + SP with
 expert-TP=2 and EP=2, TP=1 with expert-TP=2 and EP=2, PP=2 with EP=2 and TP=2 + SP with
 expert-TP=1 (every rank holds every expert), against the file conversions, transformers and peft:
-bit for bit, the logits, the bytes each rank receives and the peak memory.
+bit for bit, the logits, the bytes each rank receives and the peak memory; and DoRA experts (issue
+27), which export merged only.
 
 A tiny random Qwen3-MoE (q/k norms, 4 experts top-2, ``test_convert_families``' model) is
 converted with ``hf-to-megatron``; each layout builds it from the written flags with LoRA r=4 on
