@@ -258,7 +258,7 @@ def _tiny_lora_gpt():
 
     config = tiny_gpt_config(tp=ps.get_tensor_model_parallel_world_size(),
                              pp=ps.get_pipeline_model_parallel_world_size())
-    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8, use_dora=dora))
+    model = apply_lora(build_tiny_gpt(config), LoRAConfig(rank=4, alpha=8))
     _randomize_lora_b(model)
     return model
 
