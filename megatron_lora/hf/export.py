@@ -182,13 +182,13 @@ def export_merged(model, hf_config: Optional[dict] = None, dtype: Optional[torch
     (column) or ``W_i + s·B·A_i`` (row), in fp32 from its own factors (docs/design.md §1; DoRA
     scales its rows in place by ``m / n``, summing n in fp64 a sixteenth of the rows at a time:
     at most S/2 bytes and [out]-sized vectors more while the fp32 shard lives, inside the bound
-    below; docs/design.md §18), casts once, splits fused rows into its share of each projection and gathers those onto the one
-    rank that sends (every rank of the stage with ``dst=None``), in ``dtype``. An expert tensor
-    at EP > 1 (or an expert-TP group other than the TP group) is merged the same way by the
-    expert-TP group of the EP rank that holds it, gathered onto that group's rank with ``dst``'s
-    expert-TP rank (expert-TP rank 0 with ``dst=None``, which then broadcasts it over the expert
-    tensor-model-pipeline group); with ``dst`` set only ``dst``'s expert-data-parallel replica
-    takes part in those. With N the elements of a logical tensor, S this rank's shard of it
+    below; docs/design.md §18), casts once, splits fused rows into its share of each projection
+    and gathers those onto the one rank that sends (every rank of the stage with ``dst=None``),
+    in ``dtype``. An expert tensor at EP > 1 (or an expert-TP group other than the TP group) is
+    merged the same way by the expert-TP group of the EP rank that holds it, gathered onto that
+    group's rank with ``dst``'s expert-TP rank (expert-TP rank 0 with ``dst=None``, which then
+    broadcasts it over the expert tensor-model-pipeline group); with ``dst`` set only ``dst``'s
+    expert-data-parallel replica takes part in those. With N the elements of a logical tensor, S this rank's shard of it
     (N/t over TP; N/ETP for an expert on its EP rank; N when replicated; 0 where the rank holds
     none) and d the bytes per element of ``dtype``, the extra memory a rank holds while the
     stream makes that tensor peaks at ``max((4 + d)·S, d·(N + 2·S))`` bytes plus the largest

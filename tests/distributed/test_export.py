@@ -1,7 +1,7 @@
 """In-memory export for RL loops (issue 18): ``export_peft`` and ``export_merged`` at TP=2, PP=2,
 TP=2 x PP=2, TP=2 x PP=2 x DP=2, TP=2 with per-projection LoRA and TP=2 x PP=2 with DoRA (issue 27)
-against the file conversions and against transformers + peft; the merged stream also at virtual pipeline 2, its memory, the bytes
-each rank receives, buckets and a failing consumer (issue 23).
+against the file conversions and against transformers + peft; the merged stream also at virtual
+pipeline 2, its memory, the bytes each rank receives, buckets and a failing consumer (issue 23).
 
 The base is a tiny random Llama built with transformers (``test_convert``'s, random norms, GQA)
 converted with ``hf-to-megatron``; LoRA (r=4 on all four targets) gets random non-zero B's.

@@ -115,7 +115,8 @@ def test_left_out_projections_keep_their_base_norm_read_from_the_base():
     _assert_weights_equal(_megatron_weights(tensors, cfg, base), _peft_weights(peft, base), tolerance=1e-6)
     with pytest.raises(ConversionError) as err:
         megatron_from_peft(peft, config, ARCH)
-    assert "no magnitude for layer 0 q_proj" in str(err.value) and "pass --base as the Megatron checkpoint" in str(err.value)
+    message = str(err.value)
+    assert "no magnitude for layer 0 q_proj" in message and "pass --base as the Megatron checkpoint" in message
 
 
 @pytest.mark.parametrize("per_projection", [False, True], ids=["stacked", "per-projection"])
