@@ -22,6 +22,8 @@ def convert_worker(p):
         ["merge", "--base", p["mg_llama"], "--adapter", p["peft_llama"], "--to", "hf", "--hf-config-dir", p["llama"],
          "--output", p["merged_llama"]],
         ["merge", "--base", p["mg_qwen"], "--adapter", p["peft_qwen"], "--to", "hf", "--output", p["merged_qwen"]],
+        ["merge", "--base", p["mg_qwen"], "--adapter", p["peft_qwen"], "--to", "megatron", "--output",
+         p["merged_mg_qwen"]],
         ["megatron-to-peft", "--adapter", p["llama_dora"], "--base", p["mg_llama"], "--output", p["rt_llama"]],
         ["megatron-to-peft", "--adapter", p["llama_dora"], "--base", p["mg_llama"], "--output", p["rt_llama_keep"],
          "--keep-rank"],
@@ -52,14 +54,20 @@ def _script_model(paths, base, adapter):
 
 
 def parity_worker(paths):
-    """At this run's TP: the script's model from each imported adapter, its logits; then the
-    stacked Llama import trained a few steps and exported in memory."""
+    """At this run's TP: the script's model from each imported adapter, its logits; the merged
+    Megatron checkpoint's; then the stacked Llama import trained a few steps and exported in memory."""
     from megatron_lora.hf.export import export_peft
 
     out = {}
     for name, base in (("llama_dora", "mg_llama"), ("llama_dora_pp", "mg_llama"), ("qwen_dora", "mg_qwen")):
         model, flags = _script_model(paths, base, name)
         out[name] = dict(logits=C._megatron_logits(model), flags=flags)
+    from megatron_lora.training.loop import gpt_stage_from_args
+    from megatron_lora.training.model_checkpoint import load_model
+
+    merged = gpt_stage_from_args(C._script_args(paths, "mg_qwen"))  # merge --to megatron: a plain model
+    load_model(merged, paths["merged_mg_qwen"])
+    out["merged_mg_qwen"] = dict(logits=C._megatron_logits(merged))
     model, _ = _script_model(paths, "mg_llama", "llama_dora")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_magnitude")}
     C.train_steps(model)

@@ -51,7 +51,7 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert_dora")
     paths = {name: str(root / name) for name in (
         "llama", "qwen", "peft_llama", "peft_qwen", "mg_llama", "mg_qwen", "merged_llama", "merged_qwen",
-        "rt_llama", "rt_llama_keep", "rt_llama_pp", "rt_qwen")}
+        "merged_mg_qwen", "rt_llama", "rt_llama_keep", "rt_llama_pp", "rt_qwen")}
     paths.update({name: str(root / f"{name}.safetensors")
                   for name in ("llama_dora", "llama_dora_pp", "qwen_dora", "qwen_dora_hf")})
     refs = {}
@@ -139,6 +139,12 @@ def test_merged_dora_checkpoint_loads_strictly_with_the_peft_logits(converted, w
     model = _hf_model("auto", paths[kind])
     model.load_state_dict(merged, strict=kind == "llama")  # tied Qwen2: lm_head is the embedding
     assert _max_diff(_logits(model), refs[ref], f"merged {kind} (DoRA folded) vs PEFT") < TOLERANCE
+
+
+def test_merged_dora_megatron_checkpoint_loads_at_tp2_with_the_peft_logits(parity, work):
+    """merge --to megatron of the partial Qwen2 adapter (straight from the PEFT directory)."""
+    _, refs = work
+    assert _max_diff(parity["merged_mg_qwen"]["logits"], refs["peft_qwen"], "merged Megatron qwen, TP=2") < TOLERANCE
 
 
 # ------------------------------------------------------------------------------------- export
