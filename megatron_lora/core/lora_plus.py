@@ -65,7 +65,8 @@ def megatron_optimizer_kwargs(config, ratio: float) -> dict:
 
     Releases with ``config_overrides`` (0.16 and later): Megatron's standard overrides (no weight
     decay on biases and 1-D parameters) plus ``max_lr`` / ``min_lr`` times ``ratio`` for B, which
-    the scheduler reads per group, so warmup from 0 and every decay style scale exactly. Older
+    the scheduler reads per group, so warmup from 0 and every decay style scale exactly (and
+    ``lr_mult``, which tells the groups apart when a checkpoint is loaded). Older
     releases (0.13): ``scale_lr_cond`` with ``lr_mult=ratio``, which the scheduler multiplies in."""
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -78,5 +79,8 @@ def megatron_optimizer_kwargs(config, ratio: float) -> dict:
     overrides = get_standard_config_overrides(config=config)
     key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="lora_plus_B",
                                                               fn=lambda p, n: takes_plus_rate(n, p)))
-    overrides[key] = {"max_lr": config.lr * ratio, "min_lr": config.min_lr * ratio}
+    # lr_mult: these releases' scheduler ignores it, but it is one of the keys that match saved
+    # parameter groups to the optimizer's on load; without it A's and B's groups look alike and a
+    # resumed run gives both one group's rates (0.16.1 did: caught by the resume test).
+    overrides[key] = {"max_lr": config.lr * ratio, "min_lr": config.min_lr * ratio, "lr_mult": float(ratio)}
     return dict(config_overrides=overrides)
