@@ -124,13 +124,13 @@ def test_qk_norm_and_expert_size_flags_reach_the_config_and_the_checkpoint_recor
     from megatron_lora.training.pretrain_args import model_args, transformer_config_from_args
 
     args = check(data + MOE + ["--qk-layernorm", "--moe-ffn-hidden-size", "48", "--moe-router-pre-softmax",
-                               "--norm-epsilon", "1e-6", "--device", "cpu"])
+                               "--norm-epsilon", "1e-6", "--device", "cpu", "--disable-bias-linear"])
     config = transformer_config_from_args(args)
     assert (config.qk_layernorm, config.moe_ffn_hidden_size, config.moe_router_pre_softmax) == (True, 48, True)
     assert (config.ffn_hidden_size, config.layernorm_epsilon) == (128, 1e-6)  # q/k norms use --norm-epsilon
     record = model_args(args)
     assert (record["qk_layernorm"], record["moe_ffn_hidden_size"], record["moe_router_pre_softmax"]) == (True, 48, True)
-    default = check(data + MOE + ["--device", "cpu"])  # an expert's FFN defaults to --ffn-hidden-size
+    default = check(data + MOE + ["--device", "cpu", "--disable-bias-linear"])  # experts' FFN: --ffn-hidden-size
     assert default.moe_ffn_hidden_size == 128 and transformer_config_from_args(default).moe_router_pre_softmax is False
     dense = check(data + ["--device", "cpu"])
     assert (dense.qk_layernorm, dense.moe_ffn_hidden_size, dense.moe_router_pre_softmax) == (False, None, False)
@@ -141,7 +141,7 @@ def test_a_record_written_before_the_qk_norm_and_expert_size_fields_reads_as_off
     flags' defaults (no q/k norm, experts of --ffn-hidden-size, renormalised top-k)."""
     from megatron_lora.training.pretrain_args import args_for_model, model_args, transformer_config_from_args
 
-    record = model_args(check(data + MOE + ["--device", "cpu"]))
+    record = model_args(check(data + MOE + ["--device", "cpu", "--disable-bias-linear"]))  # 0.13: no MoE biases
     old = {k: v for k, v in record.items() if k not in ("qk_layernorm", "moe_ffn_hidden_size", "moe_router_pre_softmax")}
     config = transformer_config_from_args(args_for_model(old, use_cpu=True))
     assert (config.qk_layernorm, config.moe_ffn_hidden_size, config.moe_router_pre_softmax) == (False, 128, False)
