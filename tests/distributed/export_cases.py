@@ -349,3 +349,16 @@ def errors_worker():
     merge_lora(llama)
     out["merged"] = message(lambda: export_merged(llama))
     return out
+
+
+def assert_schedule_kept(ranks, dst, raising_rank, everything: int) -> None:
+    """``failing_consumer_worker``'s results: only ``raising_rank`` re-raised (after its 2nd tensor),
+    every other receiving rank consumed all ``everything`` tensors, and the plain export after it
+    reached every receiving rank in full."""
+    for rank, (seen, error, after) in enumerate(ranks):
+        receives = dst is None or rank == dst
+        assert len(after) == (everything if receives else 0)
+        if rank == raising_rank:
+            assert len(seen) == 2 and error == f"the engine refused {seen[1]}"
+        else:
+            assert error is None and len(seen) == (everything if receives else 0)

@@ -198,13 +198,7 @@ def test_a_consumer_raising_on_dst_leaves_every_rank_with_the_schedule_intact(ds
     plain export then runs to the end on every rank (nothing was left half-sent)."""
     ranks = run_distributed(E.failing_consumer_worker, 4, dst, raising_rank, tp=2, pp=2, timeout=120)
     everything = 3 + 2 * 9
-    for rank, (seen, error, after) in enumerate(ranks):
-        receives = dst is None or rank == dst
-        assert len(after) == (everything if receives else 0)
-        if rank == raising_rank:
-            assert len(seen) == 2 and error == f"the engine refused {seen[1]}"
-        else:
-            assert error is None and len(seen) == (everything if receives else 0)
+    E.assert_schedule_kept(ranks, dst, raising_rank, everything)
 
 
 def test_a_non_finite_factor_on_one_rank_fails_the_merged_export_on_every_rank():

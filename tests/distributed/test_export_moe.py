@@ -270,18 +270,12 @@ def test_a_consumer_raising_leaves_every_rank_with_the_schedule_intact(dst, rais
     """TP=2 + SP, expert-TP=2, EP=2 (the tiny MoE GPT, 41 tensors): ``export_merged_to``'s consumer
     raises on its 2nd tensor on ``raising_rank``; every rank returns, only that rank re-raises,
     and a plain export then runs to the end everywhere (``test_export``'s dense case, with experts)."""
-    from tests.distributed.export_cases import failing_consumer_worker
+    from tests.distributed.export_cases import assert_schedule_kept, failing_consumer_worker
 
     ranks = run_distributed(failing_consumer_worker, 4, dst, raising_rank, True, tp=2, expert_model_parallel_size=2,
                             expert_tensor_parallel_size=2, timeout=120)
     everything = 3 + 2 * (2 + 4 + 1 + 4 * 3)  # embedding, norm, output; per layer 2 norms, q/k/v/o, router, experts
-    for rank, (seen, error, after) in enumerate(ranks):
-        receives = dst is None or rank == dst
-        assert len(after) == (everything if receives else 0)
-        if rank == raising_rank:
-            assert len(seen) == 2 and error == f"the engine refused {seen[1]}"
-        else:
-            assert error is None and len(seen) == (everything if receives else 0)
+    assert_schedule_kept(ranks, dst, raising_rank, everything)
 
 
 def test_dora_experts_merge_and_refuse_peft_on_every_rank():
